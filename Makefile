@@ -1,0 +1,43 @@
+# One virtualenv per dependency spec (hash of pyproject.toml), kept outside the clone so that CI runs
+# and later checkouts reuse it. The venv holds only the dependencies; imgmw and apps run from this
+# checkout through PYTHONPATH.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+SPEC_HASH := $(shell sha256sum pyproject.toml | cut -c1-12)
+VENV ?= $(HOME)/.cache/imgmw/venv-$(SPEC_HASH)
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
+
+.PHONY: demo test test-fast bench venv
+
+# $(1): stamp name, $(2): extras
+define install_step
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PYTHON) .ci/requirements.py $(2) > $(VENV)/requirements-$(1).txt
+	$(PY) -m pip install --quiet -r $(VENV)/requirements-$(1).txt
+	@touch $(VENV)/.installed-$(1)
+endef
+
+$(VENV)/.installed-base:
+	$(call install_step,base,plots)
+
+$(VENV)/.installed-test: $(VENV)/.installed-base
+	$(call install_step,test,plots test)
+
+$(VENV)/.installed-bench: $(VENV)/.installed-test
+	$(call install_step,bench,plots test bench)
+
+venv: $(VENV)/.installed-base
+
+demo: $(VENV)/.installed-base
+	$(PY) -m apps.texture_synth
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(VENV)/.installed-test
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed-bench
+	$(PY) benchmarks/bench_em.py

@@ -1,0 +1,207 @@
+"""A scikit-learn-compatible Gaussian-mixture estimator on top of the batched EM core.
+
+Accepts NumPy arrays or tensors ``[N, D]``; fitted attributes are NumPy arrays named as in
+``sklearn.mixture.GaussianMixture`` (full covariances).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .em import fit_gmm
+from .gmm import GMM
+from .linalg import cholesky_inverse_transpose, safe_cholesky
+
+__all__ = ["GaussianMixture"]
+
+
+def _seed_generator(random_state, device: torch.device) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    if random_state is None:
+        gen.seed()
+    elif isinstance(random_state, (int, np.integer)):
+        gen.manual_seed(int(random_state))
+    elif isinstance(random_state, np.random.RandomState):
+        gen.manual_seed(int(random_state.randint(0, 2**31 - 1)))
+    else:
+        raise ValueError(f"random_state must be None, an int or a numpy RandomState, got {random_state!r}")
+    return gen
+
+
+class GaussianMixture:
+    """Full-covariance Gaussian mixture fitted by EM, with scikit-learn's estimator contract.
+
+    Parameters follow ``sklearn.mixture.GaussianMixture`` (``n_components``, ``tol``, ``reg_covar``,
+    ``max_iter``, ``n_init``, ``init_params`` in ``{"kmeans", "k-means++", "random",
+    "random_from_data"}``, ``weights_init``, ``means_init``, ``precisions_init``, ``random_state``,
+    ``warm_start``) plus ``device`` and ``dtype`` for the torch computation and ``fixed_weights``.
+
+    Attributes after ``fit``: ``weights_ [K]``, ``means_ [K, D]``, ``covariances_ [K, D, D]``,
+    ``precisions_cholesky_``, ``precisions_``, ``converged_``, ``n_iter_``, ``lower_bound_``.
+
+    Example:
+        >>> gm = GaussianMixture(2, random_state=0).fit(np.random.randn(100, 2))
+        >>> gm.predict(np.zeros((3, 2))).shape
+        (3,)
+    """
+
+    _INIT = {"kmeans": "kmeans", "k-means++": "kmeans++", "kmeans++": "kmeans++", "random": "random",
+             "random_from_data": "random_from_data"}
+
+    def __init__(self, n_components: int = 1, *, covariance_type: str = "full", tol: float = 1e-3,
+                 reg_covar: float = 1e-6, max_iter: int = 100, n_init: int = 1, init_params: str = "kmeans",
+                 weights_init=None, means_init=None, precisions_init=None, random_state=None,
+                 warm_start: bool = False, fixed_weights: bool = False, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float64) -> None:
+        self.n_components = n_components
+        self.covariance_type = covariance_type
+        self.tol = tol
+        self.reg_covar = reg_covar
+        self.max_iter = max_iter
+        self.n_init = n_init
+        self.init_params = init_params
+        self.weights_init = weights_init
+        self.means_init = means_init
+        self.precisions_init = precisions_init
+        self.random_state = random_state
+        self.warm_start = warm_start
+        self.fixed_weights = fixed_weights
+        self.device = device
+        self.dtype = dtype
+
+    # ----------------------------------------------------------------- helpers
+    def _validate_params(self) -> None:
+        if self.covariance_type != "full":
+            raise ValueError(f"covariance_type must be 'full' (the only one implemented), got {self.covariance_type!r}")
+        if not isinstance(self.n_components, (int, np.integer)) or self.n_components < 1:
+            raise ValueError(f"n_components must be an integer >= 1, got {self.n_components!r}")
+        if not isinstance(self.n_init, (int, np.integer)) or self.n_init < 1:
+            raise ValueError(f"n_init must be an integer >= 1, got {self.n_init!r}")
+        if not isinstance(self.max_iter, (int, np.integer)) or self.max_iter < 1:
+            raise ValueError(f"max_iter must be an integer >= 1, got {self.max_iter!r}")
+        if self.init_params not in self._INIT:
+            raise ValueError(f"init_params must be one of {sorted(self._INIT)}, got {self.init_params!r}")
+        if self.tol < 0:
+            raise ValueError(f"tol must be >= 0, got {self.tol!r}")
+
+    def _tensor(self, x, name: str = "X") -> Tensor:
+        t = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x)
+        t = t.to(device=self.device, dtype=self.dtype)
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D array [n_samples, n_features], got shape {tuple(t.shape)}")
+        if hasattr(self, "means_") and t.shape[1] != self.means_.shape[1]:
+            raise ValueError(f"{name} has {t.shape[1]} features, the model was fitted with {self.means_.shape[1]}")
+        return t
+
+    def _user_init(self, d: int) -> GMM | None:
+        if self.means_init is None:
+            if self.weights_init is not None or self.precisions_init is not None:
+                raise ValueError("weights_init/precisions_init need means_init too in this implementation")
+            return None
+        k = self.n_components
+        means = torch.as_tensor(np.asarray(self.means_init), dtype=self.dtype, device=self.device)
+        if means.shape != (k, d):
+            raise ValueError(f"means_init must have shape ({k}, {d}), got {tuple(means.shape)}")
+        weights = (torch.full((k,), 1.0 / k, dtype=self.dtype, device=self.device) if self.weights_init is None
+                   else torch.as_tensor(np.asarray(self.weights_init), dtype=self.dtype, device=self.device))
+        if self.precisions_init is None:
+            cov = torch.eye(d, dtype=self.dtype, device=self.device).expand(k, d, d).clone()
+        else:
+            prec = torch.as_tensor(np.asarray(self.precisions_init), dtype=self.dtype, device=self.device)
+            if prec.shape != (k, d, d):
+                raise ValueError(f"precisions_init must have shape ({k}, {d}, {d}), got {tuple(prec.shape)}")
+            cov = torch.linalg.inv(prec)
+            cov = 0.5 * (cov + cov.mT)
+        return GMM(weights, means, cov)
+
+    def _model(self) -> GMM:
+        self._check_fitted()
+        t = lambda a: torch.as_tensor(a, dtype=self.dtype, device=self.device)  # noqa: E731
+        return GMM(t(self.weights_), t(self.means_), t(self.covariances_))
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "means_"):
+            raise RuntimeError("This GaussianMixture instance is not fitted yet; call fit(X) first")
+
+    def _store(self, gmm: GMM) -> None:
+        self.weights_ = gmm.weights.cpu().numpy()
+        self.means_ = gmm.means.cpu().numpy()
+        self.covariances_ = gmm.covariances.cpu().numpy()
+        chol = safe_cholesky(gmm.covariances)
+        prec_chol = cholesky_inverse_transpose(chol)
+        self.precisions_cholesky_ = prec_chol.cpu().numpy()
+        self.precisions_ = (prec_chol @ prec_chol.mT).cpu().numpy()
+
+    # ----------------------------------------------------------------- fitting
+    def fit(self, X, y=None) -> "GaussianMixture":
+        """Fit by EM (``n_init`` restarts run as one batched fit; the best lower bound is kept)."""
+        self.fit_predict(X, y)
+        return self
+
+    def fit_predict(self, X, y=None) -> np.ndarray:
+        """Fit and return the labels of ``X`` under the final parameters (equals ``fit(X).predict(X)``)."""
+        self._validate_params()
+        x = self._tensor(X)
+        n, d = x.shape
+        if n < self.n_components:
+            raise ValueError(f"n_samples={n} must be >= n_components={self.n_components}")
+        if self.warm_start and hasattr(self, "means_"):
+            init, n_init = self._model(), 1
+        else:
+            user = self._user_init(d)
+            init, n_init = (user, 1) if user is not None else (self._INIT[self.init_params], self.n_init)
+        if isinstance(init, GMM):  # a batch of one: the given parameters
+            init = GMM(init.weights[None], init.means[None], init.covariances[None])
+        result = fit_gmm(x.expand(n_init, n, d), self.n_components, n_iter=self.max_iter, tol=self.tol,
+                         init=init, fixed_weights=self.fixed_weights, reg_covar=self.reg_covar, grad="none",
+                         generator=_seed_generator(self.random_state, x.device))
+        best = int(torch.argmax(result.lower_bound))
+        self._store(result.gmm[best])
+        self.converged_ = bool(result.converged[best])
+        self.n_iter_ = int(result.n_iter[best])
+        self.lower_bound_ = float(result.lower_bound[best])
+        self.n_features_in_ = d
+        return result.log_resp[best].argmax(-1).cpu().numpy()
+
+    # ----------------------------------------------------------------- inference
+    def score_samples(self, X) -> np.ndarray:
+        """Per-sample log-likelihood ``log p(x_n)``, shape ``[N]``."""
+        return self._model().log_prob(self._tensor(X)).cpu().numpy()
+
+    def score(self, X, y=None) -> float:
+        """Mean per-sample log-likelihood (scikit-learn's sign: higher is better)."""
+        return float(self.score_samples(X).mean())
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Responsibilities ``[N, K]``."""
+        lp = self._model().component_log_prob(self._tensor(X))
+        return torch.softmax(lp, dim=-1).cpu().numpy()
+
+    def predict(self, X) -> np.ndarray:
+        """Most probable component per sample, ``[N]``."""
+        return self._model().component_log_prob(self._tensor(X)).argmax(-1).cpu().numpy()
+
+    def sample(self, n_samples: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """``(X [n, D], labels [n])`` drawn from the fitted mixture, seeded by ``random_state``."""
+        if n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+        x, labels = self._model().sample(n_samples, generator=_seed_generator(self.random_state, torch.device(self.device)))
+        return x.cpu().numpy(), labels.cpu().numpy()
+
+    # ----------------------------------------------------------------- model selection
+    def _n_parameters(self) -> int:
+        k, d = self.means_.shape
+        return k * d * (d + 1) // 2 + k * d + (0 if self.fixed_weights else k - 1)
+
+    def bic(self, X) -> float:
+        """Bayesian information criterion ``−2 log L + p log N`` (lower is better)."""
+        n = np.asarray(X).shape[0]
+        return -2.0 * self.score(X) * n + self._n_parameters() * math.log(n)
+
+    def aic(self, X) -> float:
+        """Akaike information criterion ``−2 log L + 2p`` (lower is better)."""
+        n = np.asarray(X).shape[0]
+        return -2.0 * self.score(X) * n + 2 * self._n_parameters()

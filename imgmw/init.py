@@ -1,0 +1,150 @@
+"""Batched, seeded initialisations of Gaussian mixtures.
+
+All methods produce a :class:`~imgmw.gmm.GMM` through the same M-step as EM, from responsibilities
+that are either hard assignments to chosen centres or random:
+
+- ``"kmeans++"``: k-means++ seeding (D² sampling, weighted by the point weights), then points are
+  assigned to their nearest centre.
+- ``"kmeans"``: the same seeding followed by Lloyd iterations (scikit-learn's default ``"kmeans"``).
+- ``"random_from_data"``: ``K`` distinct points drawn with probability ∝ weight as centres, then hard
+  assignment. (scikit-learn uses one point per component, which gives ``reg_covar·I`` covariances; the
+  nearest-centre assignment gives usable covariances instead.)
+- ``"random"``: responsibilities drawn uniformly at random and normalised (scikit-learn's ``"random"``).
+
+A component that receives no point keeps its centre as mean and the data covariance.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .gmm import GMM
+from .linalg import add_to_diagonal, symmetrize
+from .stats import SuffStats, chunk_bounds, stats_from_resp
+
+__all__ = ["INIT_METHODS", "init_gmm", "kmeans_plus_plus", "data_moments"]
+
+INIT_METHODS = ("kmeans++", "kmeans", "random", "random_from_data")
+
+
+def _weights_or_ones(x: Tensor, weight: Tensor | None) -> Tensor:
+    return torch.ones(x.shape[:-1], dtype=x.dtype, device=x.device) if weight is None else weight
+
+
+def data_moments(x: Tensor, weight: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Weighted mean ``[*B, D]`` and covariance ``[*B, D, D]`` of ``x [*B, N, D]``."""
+    w = _weights_or_ones(x, weight)
+    w = w / w.sum(-1, keepdim=True)
+    mean = (w.unsqueeze(-2) @ x).squeeze(-2)
+    xc = x - mean.unsqueeze(-2)
+    cov = (xc * w.unsqueeze(-1)).mT @ xc
+    return mean, symmetrize(cov)
+
+
+def _sample_rows(p: Tensor, n: int, generator: torch.Generator | None, replacement: bool) -> Tensor:
+    """Indices ``[*B, n]`` drawn from unnormalised probabilities ``p [*B, N]``."""
+    flat = p.reshape(-1, p.shape[-1])
+    idx = torch.multinomial(flat, n, replacement=replacement, generator=generator)
+    return idx.reshape(*p.shape[:-1], n)
+
+
+def _gather_points(x: Tensor, idx: Tensor) -> Tensor:
+    """``x [*B, N, D]`` at ``idx [*B, k]`` → ``[*B, k, D]``."""
+    return torch.take_along_dim(x, idx.unsqueeze(-1), dim=-2)
+
+
+def kmeans_plus_plus(x: Tensor, n_components: int, weight: Tensor | None = None,
+                     generator: torch.Generator | None = None) -> Tensor:
+    """k-means++ seeding (Arthur & Vassilvitskii 2007), batched: centres ``[*B, K, D]``.
+
+    The first centre is drawn ∝ ``ω_n``; each next one ∝ ``ω_n · min_j ‖x_n − c_j‖²``. When all
+    weighted distances vanish (duplicated data) the draw falls back to ∝ ``ω_n``.
+    """
+    w = _weights_or_ones(x, weight)
+    centres = [_gather_points(x, _sample_rows(w, 1, generator, True))]
+    min_d2 = (x - centres[0]).square().sum(-1)
+    for _ in range(1, n_components):
+        p = w * min_d2
+        dead = p.sum(-1, keepdim=True) <= 0
+        p = torch.where(dead, w, p)
+        c = _gather_points(x, _sample_rows(p, 1, generator, True))
+        centres.append(c)
+        min_d2 = torch.minimum(min_d2, (x - c).square().sum(-1))
+    return torch.cat(centres, dim=-2)
+
+
+def _hard_stats(x: Tensor, weight: Tensor | None, centres: Tensor,
+                chunk_size: int | None) -> SuffStats:
+    """Statistics of the nearest-centre assignment, shifted by the centres (chunked over points)."""
+    k, d = centres.shape[-2], centres.shape[-1]
+    out: SuffStats | None = None
+    for lo, hi in chunk_bounds(x.shape[-2], math.prod(x.shape[:-2]), k, d, chunk_size):
+        xc = x[..., lo:hi, :]
+        wc = _weights_or_ones(xc, None if weight is None else weight[..., lo:hi])
+        diff = xc.unsqueeze(-3) - centres.unsqueeze(-2)  # [*B, K, n, D]
+        labels = diff.square().sum(-1).argmin(-2)  # [*B, n]
+        onehot = torch.nn.functional.one_hot(labels, k).to(x.dtype).transpose(-1, -2)
+        s0, s1, s2 = stats_from_resp(diff, onehot * wc.unsqueeze(-2))
+        zero = s0.new_zeros(s0.shape[:-1])
+        part = SuffStats(s0, s1, s2, zero, wc.sum(-1), centres)
+        out = part if out is None else out + part
+    assert out is not None
+    return out
+
+
+def _random_stats(x: Tensor, weight: Tensor | None, k: int, shift: Tensor,
+                  generator: torch.Generator | None, chunk_size: int | None) -> SuffStats:
+    d = x.shape[-1]
+    out: SuffStats | None = None
+    for lo, hi in chunk_bounds(x.shape[-2], math.prod(x.shape[:-2]), k, d, chunk_size):
+        xc = x[..., lo:hi, :]
+        wc = _weights_or_ones(xc, None if weight is None else weight[..., lo:hi])
+        r = torch.rand(*xc.shape[:-2], k, xc.shape[-2], dtype=x.dtype, device=x.device, generator=generator)
+        r = r / r.sum(-2, keepdim=True)
+        diff = xc.unsqueeze(-3) - shift.unsqueeze(-2)
+        s0, s1, s2 = stats_from_resp(diff, r * wc.unsqueeze(-2))
+        part = SuffStats(s0, s1, s2, s0.new_zeros(s0.shape[:-1]), wc.sum(-1), shift)
+        out = part if out is None else out + part
+    assert out is not None
+    return out
+
+
+def init_gmm(x: Tensor, n_components: int, method: str = "kmeans++", *, weight: Tensor | None = None,
+             reg_covar: float = 1e-6, generator: torch.Generator | None = None, kmeans_iter: int = 10,
+             chunk_size: int | None = None) -> GMM:
+    """Initial GMM for ``x [*B, N, D]`` with point weights ``weight [*B, N]`` (runs without autograd).
+
+    See the module docstring for the methods. Weights are the assigned masses (use
+    ``fixed_weights`` in :func:`imgmw.fit_gmm` for uniform ones).
+    """
+    from .em import m_step  # local import: em imports this module
+
+    with torch.no_grad():
+        x = x.detach()
+        mean, cov = data_moments(x, weight)
+        k = n_components
+        bshape, d = x.shape[:-2], x.shape[-1]
+        cov_k = add_to_diagonal(cov, reg_covar).unsqueeze(-3).expand(*bshape, k, d, d)
+        uniform = torch.full((*bshape, k), 1.0 / k, dtype=x.dtype, device=x.device)
+        if method == "random":
+            shift = mean.unsqueeze(-2).expand(*bshape, k, d)
+            prev = GMM(uniform, shift, cov_k)
+            stats = _random_stats(x, weight, k, shift, generator, chunk_size)
+            return m_step(stats, prev, reg_covar=reg_covar)
+        if method == "random_from_data":
+            idx = _sample_rows(_weights_or_ones(x, weight), k, generator, False)
+            centres = _gather_points(x, idx)
+        elif method in ("kmeans++", "kmeans"):
+            centres = kmeans_plus_plus(x, k, weight, generator)
+        else:
+            raise ValueError(f"init must be a GMM or one of {', '.join(map(repr, INIT_METHODS))}; got {method!r}")
+        n_lloyd = kmeans_iter if method == "kmeans" else 0
+        for _ in range(n_lloyd):
+            stats = _hard_stats(x, weight, centres, chunk_size)
+            filled = stats.s0 > 0
+            centres = torch.where(filled.unsqueeze(-1),
+                                  centres + stats.s1 / stats.s0.clamp_min(torch.finfo(x.dtype).tiny).unsqueeze(-1), centres)
+        stats = _hard_stats(x, weight, centres, chunk_size)
+        return m_step(stats, GMM(uniform, centres, cov_k), reg_covar=reg_covar)

@@ -1,0 +1,68 @@
+"""Input checks shared by the EM entry points. Each failure is a ``ValueError`` naming the argument."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["check_points", "point_weights", "check_reg_covar", "check_choice"]
+
+
+def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+    return value
+
+
+def check_reg_covar(reg_covar: float) -> float:
+    if not (reg_covar >= 0.0) or reg_covar != reg_covar or reg_covar == float("inf"):
+        raise ValueError(f"reg_covar must be a finite number >= 0, got {reg_covar!r}")
+    return float(reg_covar)
+
+
+def check_points(x: Tensor) -> Tensor:
+    """``x`` must be a floating tensor ``[*B, N, D]`` with ``N, D >= 1``."""
+    if not isinstance(x, Tensor):
+        raise ValueError(f"x must be a torch.Tensor of shape [*B, N, D], got {type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(f"x must have shape [*B, N, D] (at least 2 dims), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor (float32/float64), got {x.dtype}; use x.float()")
+    if x.shape[-1] < 1 or x.shape[-2] < 1:
+        raise ValueError(f"x must have at least one point and one feature, got shape {tuple(x.shape)}")
+    return x
+
+
+def point_weights(x: Tensor, mask: Tensor | None, sample_weight: Tensor | None,
+                  n_components: int) -> tuple[Tensor, Tensor | None]:
+    """Combine ``mask [*B, N]`` and ``sample_weight [*B, N]`` into point weights ``ω [*B, N]`` (or None).
+
+    Returns ``(x_clean, ω)`` where masked-out entries of ``x`` are replaced by zeros so that garbage
+    (even NaN) there cannot leak into the fit. Checks finiteness of the valid points, that every batch
+    element keeps at least ``n_components`` valid points and that weights are finite and non-negative.
+    """
+    bn = x.shape[:-1]
+    weight: Tensor | None = None
+    if mask is not None:
+        if mask.shape != bn:
+            raise ValueError(f"mask must have shape [*B, N] = {tuple(bn)}, got {tuple(mask.shape)}")
+        mask = mask.to(device=x.device, dtype=torch.bool)
+        x = torch.where(mask.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
+        weight = mask.to(x.dtype)
+    if sample_weight is not None:
+        if sample_weight.shape != bn:
+            raise ValueError(
+                f"sample_weight must have shape [*B, N] = {tuple(bn)}, got {tuple(sample_weight.shape)}")
+        sw = sample_weight.to(device=x.device, dtype=x.dtype)
+        if not bool(torch.isfinite(sw).all()) or bool((sw < 0).any()):
+            raise ValueError("sample_weight must be finite and >= 0")
+        weight = sw if weight is None else weight * sw
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("x contains NaN or inf at valid (unmasked) points; clean or mask them")
+    n_valid = (x.shape[-2] * torch.ones(bn[:-1], device=x.device)) if weight is None else (weight > 0).sum(-1)
+    if bool((n_valid == 0).any()):
+        raise ValueError("mask/sample_weight leave a batch element with no valid point (all-false row)")
+    if bool((n_valid < n_components).any()):
+        raise ValueError(
+            f"n_components={n_components} exceeds the number of valid points ({int(n_valid.min())}) "
+            "of some batch element; use fewer components or more points")
+    return x, weight
