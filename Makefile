@@ -33,8 +33,10 @@ venv: $(VENV)/.installed-base
 demo: $(VENV)/.installed-base
 	$(PY) -m apps.texture_synth
 
+# pytest exits 5 when it collected nothing: that must never pass.
 test: $(VENV)/.installed-test
-	$(PY) -m pytest $(PYTEST_ARGS)
+	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 test-fast: $(VENV)/.installed-test
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

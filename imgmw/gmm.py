@@ -21,17 +21,18 @@ LOG_2PI = math.log(2.0 * math.pi)
 
 
 def centred_log_prob(x: Tensor, means: Tensor, prec_chol: Tensor, log_det_cov: Tensor) -> tuple[Tensor, Tensor]:
-    """Centred data and Gaussian log-densities for ``x [*B, N, D]`` against ``K`` components.
+    """Whitened centred data and Gaussian log-densities for ``x [*B, N, D]`` against ``K`` components.
 
     ``means [*B, K, D]``, ``prec_chol [*B, K, D, D]`` (``P_k = L_k⁻ᵀ``), ``log_det_cov [*B, K]``.
-    Returns ``(diff [*B, K, N, D], logp [*B, K, N])`` with ``diff = x_n − m_k`` and
-    ``logp = −½ (D log 2π + log|Σ_k| + ‖(x_n − m_k)ᵀ P_k‖²)``. Working on centred data avoids the
-    cancellation of the expanded quadratic form. Temporaries are ``[*B, K, N, D]``: callers chunk over N.
+    Returns ``(y [*B, K, N, D], logp [*B, K, N])`` with ``y_nk = (x_n − m_k)ᵀ P_k`` (so that
+    ``x_n − m_k = L_k y_nk``) and ``logp = −½ (D log 2π + log|Σ_k| + ‖y_nk‖²)``. Working on centred data
+    avoids the cancellation of the expanded quadratic form. Temporaries are ``[*B, K, N, D]``: callers
+    chunk over N.
     """
-    diff = x.unsqueeze(-3) - means.unsqueeze(-2)
-    maha = (diff @ prec_chol).square().sum(-1)
+    y = (x.unsqueeze(-3) - means.unsqueeze(-2)) @ prec_chol
+    maha = torch.linalg.vector_norm(y, dim=-1).square()
     logp = -0.5 * (maha + (x.shape[-1] * LOG_2PI) + log_det_cov.unsqueeze(-1))
-    return diff, logp
+    return y, logp
 
 
 def gaussian_log_prob(x: Tensor, means: Tensor, prec_chol: Tensor, log_det_cov: Tensor) -> Tensor:
@@ -145,7 +146,8 @@ class GMM:
             raise ValueError(f"n must be >= 0, got {n}")
         bshape = self.batch_shape
         w = self.weights.detach().reshape(-1, self.n_components)
-        labels = torch.multinomial(w, n, replacement=True, generator=generator).reshape(*bshape, n)
+        labels = (torch.multinomial(w, n, replacement=True, generator=generator) if n > 0  # multinomial rejects n=0
+                  else torch.zeros(w.shape[0], 0, dtype=torch.long, device=w.device)).reshape(*bshape, n)
         z = torch.randn(*bshape, n, self.n_features, dtype=self.dtype, device=self.device, generator=generator)
         idx = labels.unsqueeze(-1)
         mu = torch.take_along_dim(self.means, idx, dim=-2)  # [*B, n, D]

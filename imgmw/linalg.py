@@ -38,14 +38,20 @@ def safe_cholesky(a: Tensor, *, what: str = "covariance") -> Tensor:
     diagonal magnitude of that matrix and ``ε`` grows tenfold from the dtype's machine epsilon (at most
     eight steps, i.e. up to ``1e8·eps·s``). Only the failing matrices are touched, so well-conditioned
     inputs give exactly ``torch.linalg.cholesky``'s result. Raises ``ValueError`` naming ``what`` if a
-    matrix is still not positive definite (non-finite entries, or strongly indefinite input).
+    matrix is still not positive definite (non-finite entries, or strongly indefinite input) or is
+    numerically zero (no scale to make a jitter relative to).
     """
     chol, info = torch.linalg.cholesky_ex(a)
     if not bool((info > 0).any()):
         return chol
     eps = torch.finfo(a.dtype).eps
-    scale = a.diagonal(dim1=-2, dim2=-1).abs().mean(-1).clamp_min(torch.finfo(a.dtype).tiny)
+    scale = a.diagonal(dim1=-2, dim2=-1).abs().mean(-1)
     failed = info > 0
+    if bool((failed & (scale < torch.finfo(a.dtype).tiny / eps)).any()):
+        raise ValueError(
+            f"{what}: a matrix is numerically zero (a component collapsed onto a single point), so no "
+            "relative jitter can make it positive definite; use reg_covar > 0"
+        )
     jitter = torch.zeros_like(scale)
     for step in range(_MAX_JITTER_STEPS):
         jitter = torch.where(failed, scale * eps * 10.0 ** (step + 1), jitter)

@@ -1,0 +1,129 @@
+"""Shared command-line plumbing for the apps: common flags, device choice, staged (atomic) outputs and
+the one-line error convention (message on stderr, exit code 2, nothing written).
+
+This module imports nothing heavy at import time, so ``python -m apps.NAME --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+__all__ = ["AppError", "add_common_args", "resolve_device", "staged_output", "write_json", "run", "positive_int"]
+
+
+class AppError(Exception):
+    """A user-facing problem (bad flag value, unreadable input, unwritable output): exit code 2."""
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def add_common_args(parser: argparse.ArgumentParser, name: str, *, iters: int) -> None:
+    """Flags every app shares: ``--device --seed --iters --output --quiet --save-every``."""
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="where to compute (auto: cuda if available, else cpu)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same output on one device)")
+    parser.add_argument("--iters", type=positive_int, default=iters, help=f"optimisation steps (default {iters})")
+    parser.add_argument("--output", type=Path, default=Path("outputs") / name,
+                        help=f"output directory (default outputs/{name})")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--save-every", type=int, default=0, metavar="N",
+                        help="also save an intermediate frame every N steps (0: never)")
+
+
+def resolve_device(name: str):
+    """``torch.device`` for ``auto|cpu|cuda``; a clear AppError when CUDA is asked for but absent."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise AppError("--device cuda was requested but no CUDA device is available; use --device cpu")
+    return torch.device(name)
+
+
+def _check_writable(final: Path) -> None:
+    parent = final
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise AppError(f"output path {final} is not a directory (it is under the file {parent})")
+    if final.exists() and not final.is_dir():
+        raise AppError(f"output path {final} exists and is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise AppError(f"output directory {final} is not writable")
+
+
+@contextlib.contextmanager
+def staged_output(final: Path) -> Iterator[Path]:
+    """Write into a temporary directory next to ``final``; move the files into ``final`` only on success.
+
+    On any exception the temporary directory is removed, so a failed run leaves no partial output.
+    """
+    final = Path(final)
+    _check_writable(final)
+    parent = final.parent if final.parent != Path("") else Path(".")
+    existing = parent
+    while not existing.exists():
+        existing = existing.parent
+    stage = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=existing))
+    try:
+        yield stage
+        final.mkdir(parents=True, exist_ok=True)
+        for path in sorted(stage.rglob("*")):
+            target = final / path.relative_to(stage)
+            if path.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+            else:
+                os.replace(path, target)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def write_json(obj: dict, path: Path) -> None:
+    """Write ``obj`` as indented JSON atomically (temp file + rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=float) + "\n")
+    os.replace(tmp, path)
+
+
+def run(prog: str, main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+    """Call ``main(argv)``; turn user-facing errors into one line on stderr and exit code 2."""
+    try:
+        return main(argv)
+    except AppError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:  # imgmw raises ValueError (and subclasses) for bad input
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; nothing written", file=sys.stderr)
+        return 130
