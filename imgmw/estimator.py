@@ -87,12 +87,15 @@ class GaussianMixture:
         if self.tol < 0:
             raise ValueError(f"tol must be >= 0, got {self.tol!r}")
 
-    def _tensor(self, x, name: str = "X") -> Tensor:
+    def _tensor(self, x, name: str = "X", *, match_fitted: bool = True) -> Tensor:
+        """``x`` as a finite ``[N, D]`` tensor; ``match_fitted`` also requires the fitted ``D``."""
         t = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x)
         t = t.to(device=self.device, dtype=self.dtype)
         if t.dim() != 2:
             raise ValueError(f"{name} must be a 2-D array [n_samples, n_features], got shape {tuple(t.shape)}")
-        if hasattr(self, "means_") and t.shape[1] != self.means_.shape[1]:
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains NaN or inf; remove or impute those samples first")
+        if match_fitted and hasattr(self, "means_") and t.shape[1] != self.means_.shape[1]:
             raise ValueError(f"{name} has {t.shape[1]} features, the model was fitted with {self.means_.shape[1]}")
         return t
 
@@ -144,7 +147,7 @@ class GaussianMixture:
     def fit_predict(self, X, y=None) -> np.ndarray:
         """Fit and return the labels of ``X`` under the final parameters (equals ``fit(X).predict(X)``)."""
         self._validate_params()
-        x = self._tensor(X)
+        x = self._tensor(X, match_fitted=self.warm_start)  # a cold refit may change the feature count
         n, d = x.shape
         if n < self.n_components:
             raise ValueError(f"n_samples={n} must be >= n_components={self.n_components}")
