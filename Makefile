@@ -26,6 +26,7 @@ $(VENV)/.installed-test: $(VENV)/.installed-base
 	$(call install_step,test,plots test)
 
 $(VENV)/.installed-bench: $(VENV)/.installed-test
+	$(PY) -m pip install --quiet --no-deps "python-color-transfer==0.1.2a0"
 	$(call install_step,bench,plots test bench)
 
 venv: $(VENV)/.installed-base
@@ -42,4 +43,4 @@ test-fast: $(VENV)/.installed-test
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed-bench
-	$(PY) benchmarks/bench_em.py
+	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -15,7 +15,11 @@ from .em import fit_gmm
 from .gmm import GMM
 from .linalg import cholesky_inverse_transpose, safe_cholesky
 
-__all__ = ["GaussianMixture"]
+__all__ = ["GaussianMixture", "NotFittedError"]
+
+
+class NotFittedError(ValueError, AttributeError):
+    """Raised when a method needs a fitted model (the same bases as scikit-learn's NotFittedError)."""
 
 
 def _seed_generator(random_state, device: torch.device) -> torch.Generator:
@@ -127,7 +131,7 @@ class GaussianMixture:
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "means_"):
-            raise RuntimeError("This GaussianMixture instance is not fitted yet; call fit(X) first")
+            raise NotFittedError("This GaussianMixture instance is not fitted yet; call fit(X) first")
 
     def _store(self, gmm: GMM) -> None:
         self.weights_ = gmm.weights.cpu().numpy()

@@ -13,6 +13,7 @@ import torch
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
 from imgmw import GaussianMixture, fit_gmm
+from imgmw.estimator import NotFittedError
 
 
 def _as_sklearn(gm: GaussianMixture) -> SkGaussianMixture:
@@ -154,9 +155,9 @@ def test_refit_on_data_with_another_feature_count(blobs):
 def test_unfitted_model_raises():
     gm = GaussianMixture(2)
     for method in (gm.predict, gm.predict_proba, gm.score_samples, gm.score):
-        with pytest.raises(RuntimeError, match="not fitted"):
+        with pytest.raises(NotFittedError, match="not fitted"):
             method(np.zeros((3, 2)))
-    with pytest.raises(RuntimeError, match="not fitted"):
+    with pytest.raises(NotFittedError, match="not fitted"):
         gm.sample(3)
 
 
