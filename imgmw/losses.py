@@ -1,0 +1,131 @@
+"""Mixture-Wasserstein losses as ``nn.Module``s.
+
+:class:`MW2Loss` compares a set of points ``x [*B, N, D]`` with a fixed target mixture ``ν``:
+
+    L(x) = MW2²(EM_K(x), ν)      (or the unbalanced UMW2² with ``unbalanced=(λx, λν)``),
+
+where ``EM_K(x)`` is a ``K``-component GMM fitted to ``x`` by a differentiable EM, so that
+``L.backward()`` moves the points. Defaults follow the paper: fixed uniform weights and the same ``K``
+on both sides, warm-started EM (one EM step per call from the previous call's parameters, the paper's
+Algorithm 3), and ``reg_covar = 1e-4 × the largest covariance eigenvalue of the target``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .em import WarmStartEM, fit_gmm
+from .gmm import GMM
+from .ot import check_unbalanced, check_gmm, mw2
+from .validation import check_choice, check_points
+
+__all__ = ["MW2Loss", "REDUCTIONS", "relative_reg_covar"]
+
+REDUCTIONS = ("mean", "sum", "none")
+TARGET_REG_COVAR = 1e-6  # regularisation of the one-off target fit, relative to the data's mean variance
+
+
+def relative_reg_covar(target: GMM, factor: float = 1e-4) -> float:
+    """The paper's heuristic ``ε_r = factor × max_k λ_max(Σ_k)`` over all components and batch elements."""
+    return factor * float(torch.linalg.eigvalsh(target.covariances.detach()).max())
+
+
+class MW2Loss(nn.Module):
+    """``MW2²`` (or unbalanced ``UMW2²``) between an EM fit of the input points and a fixed target GMM.
+
+    Args:
+        target: a :class:`GMM` (batch ``*B`` or unbatched, broadcast against the input's batch), or points
+            ``[*B, N, D]`` to which a GMM with ``n_components`` components is fitted once (no gradient;
+            ``fixed_weights`` as below; ``n_iter`` EM steps from k-means++; ``reg_covar`` of that fit:
+            1e-6 × the mean variance of the target points).
+        n_components: ``K`` for a target given as points; must be ``None`` or ``target.n_components``
+            for a GMM target. The input fits always use the target's ``K``.
+        warm_start: one EM step per call from the previous call's (detached) parameters
+            (:class:`imgmw.WarmStartEM`, first call: ``n_iter`` steps); otherwise a fresh fit of
+            ``n_iter`` steps per call with gradients unrolled through all of them.
+        fixed_weights: keep uniform weights ``1/K`` in the input fits (and in a target fitted here).
+        reg_covar: ``ε_r`` added to the input fits' covariances; ``None`` means
+            ``1e-4 × the largest covariance eigenvalue of the target`` (:func:`relative_reg_covar`).
+        unbalanced: ``(λ_input, λ_target)`` for the unbalanced loss, ``None`` for the balanced one.
+        n_iter: EM steps of the target fit, of the warm start's first fit, and of every cold fit.
+        reduction: ``"mean"`` or ``"sum"`` over the batch, or ``"none"`` for ``[*B]``.
+        generator: ``torch.Generator`` for the k-means++ initialisations.
+
+    Example:
+        >>> target = torch.randn(500, 3) * 0.5 + 2
+        >>> loss_fn = MW2Loss(target, n_components=3, generator=torch.Generator().manual_seed(0))
+        >>> x = torch.randn(500, 3, requires_grad=True)
+        >>> loss_fn(x).backward()   # x.grad moves the points towards the target mixture
+    """
+
+    def __init__(self, target: GMM | Tensor, n_components: int | None = None, *, warm_start: bool = True,
+                 fixed_weights: bool = True, reg_covar: float | None = None,
+                 unbalanced: tuple[float, float] | None = None, n_iter: int = 30, reduction: str = "mean",
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.unbalanced = check_unbalanced(unbalanced)
+        self.reduction = check_choice("reduction", reduction, REDUCTIONS)
+        if not isinstance(n_iter, int) or n_iter < 1:
+            raise ValueError(f"n_iter must be an integer >= 1, got {n_iter!r}")
+        target = self._target_gmm(target, n_components, fixed_weights, n_iter, generator)
+        self.register_buffer("target_weights", target.weights)
+        self.register_buffer("target_means", target.means)
+        self.register_buffer("target_covariances", target.covariances)
+        self.reg_covar = relative_reg_covar(target) if reg_covar is None else float(reg_covar)
+        if not self.reg_covar >= 0:
+            raise ValueError(f"reg_covar must be >= 0 or None, got {reg_covar!r}")
+        self.n_components = target.n_components
+        self.warm_start = warm_start
+        self.fixed_weights = fixed_weights
+        self.n_iter = n_iter
+        self.generator = generator
+        self.em = WarmStartEM(self.n_components, fixed_weights=fixed_weights, reg_covar=self.reg_covar,
+                              n_init_iter=n_iter, generator=generator) if warm_start else None
+
+    @staticmethod
+    def _target_gmm(target: GMM | Tensor, n_components: int | None, fixed_weights: bool, n_iter: int,
+                    generator: torch.Generator | None) -> GMM:
+        if isinstance(target, GMM):
+            if n_components is not None and n_components != target.n_components:
+                raise ValueError(f"n_components={n_components} differs from the target GMM's "
+                                 f"{target.n_components} components; leave it None")
+            return check_gmm(target.detach(), "target")
+        if not isinstance(target, Tensor):
+            raise ValueError(f"target must be a GMM or a tensor of points [*B, N, D], got {type(target).__name__}")
+        check_points(target)
+        if n_components is None:
+            raise ValueError("n_components is required when the target is given as points")
+        scale = float(target.detach().var(dim=-2).mean()) if target.shape[-2] > 1 else 1.0
+        return fit_gmm(target.detach(), n_components, n_iter=n_iter, fixed_weights=fixed_weights,
+                       reg_covar=TARGET_REG_COVAR * max(scale, 1e-12), grad="none", generator=generator).gmm
+
+    @property
+    def target(self) -> GMM:
+        """The fixed target mixture (on this module's device and dtype)."""
+        return GMM(self.target_weights, self.target_means, self.target_covariances)
+
+    def reset(self) -> None:
+        """Forget the warm-start state: the next call fits the input from scratch."""
+        if self.em is not None:
+            self.em.reset()
+
+    def fit(self, x: Tensor) -> GMM:
+        """The differentiable ``K``-component fit of ``x [*B, N, D]`` used by :meth:`forward`."""
+        check_points(x)
+        if self.em is not None:
+            return self.em(x)
+        return fit_gmm(x, self.n_components, n_iter=self.n_iter, fixed_weights=self.fixed_weights,
+                       reg_covar=self.reg_covar, grad="unrolled", generator=self.generator).gmm
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Loss of points ``x [*B, N, D]``: a scalar (``"mean"``/``"sum"``) or ``[*B]`` (``"none"``)."""
+        target = self.target
+        if x.dtype != target.dtype or x.device != target.device:
+            raise ValueError(f"x ({x.dtype}, {x.device}) must match the loss's target ({target.dtype}, "
+                             f"{target.device}); move the loss with loss.to(x)")
+        value = mw2(self.fit(x), target, unbalanced=self.unbalanced)
+        if self.reduction == "mean":
+            return value.mean()
+        if self.reduction == "sum":
+            return value.sum()
+        return value

@@ -1,0 +1,108 @@
+"""Tests of imgmw.losses.MW2Loss."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from imgmw import GMM, MW2Loss, fit_gmm, mw2
+
+F64 = torch.float64
+
+
+def two_blobs(n: int, seed: int, batch: tuple[int, ...] = ()) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.tensor([[3.0, 0.0], [-2.0, 1.0]])
+    labels = torch.randint(0, 2, (*batch, n), generator=g)
+    return centres[labels] + 0.4 * torch.randn(*batch, n, 2, generator=g)
+
+
+@pytest.mark.parametrize("warm_start", [True, False])
+def test_adam_steps_lower_the_loss_and_move_the_points(warm_start):
+    loss_fn = MW2Loss(two_blobs(400, 0), 2, warm_start=warm_start, n_iter=10,
+                      generator=torch.Generator().manual_seed(1))
+    x = torch.randn(300, 2, generator=torch.Generator().manual_seed(2)).requires_grad_()
+    opt = torch.optim.Adam([x], lr=0.05)
+    losses = []
+    for _ in range(40):
+        opt.zero_grad()
+        loss = loss_fn(x)
+        loss.backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all() and float(x.grad.abs().max()) > 0
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.2 * losses[0]
+
+
+def test_unbalanced_loss_decreases():
+    loss_fn = MW2Loss(two_blobs(400, 3), 2, unbalanced=(10.0, 0.1), generator=torch.Generator().manual_seed(4))
+    x = torch.randn(300, 2, generator=torch.Generator().manual_seed(5)).requires_grad_()
+    opt = torch.optim.Adam([x], lr=0.05)
+    first = None
+    for _ in range(30):
+        opt.zero_grad()
+        loss = loss_fn(x)
+        loss.backward()
+        opt.step()
+        first = float(loss.detach()) if first is None else first
+    with torch.no_grad():
+        assert float(loss_fn(x)) < 0.5 * first
+
+
+def test_reg_covar_heuristic_is_relative_to_the_target():
+    target = 5.0 * two_blobs(500, 6).double()
+    loss_fn = MW2Loss(target, 3, generator=torch.Generator().manual_seed(7))
+    largest = max(np.linalg.eigvalsh(c).max() for c in loss_fn.target.covariances.numpy())
+    assert loss_fn.reg_covar == pytest.approx(1e-4 * largest, rel=1e-12)
+    assert MW2Loss(target, 3, reg_covar=0.5).reg_covar == 0.5
+
+
+def test_target_fit_uses_fixed_uniform_weights_and_matches_fit_gmm():
+    target = two_blobs(500, 8).double()
+    loss_fn = MW2Loss(target, 2, generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(loss_fn.target.weights, torch.full((2,), 0.5, dtype=F64))
+    reg = 1e-6 * float(target.var(dim=-2).mean())  # the documented regularisation of the one-off target fit
+    ref = fit_gmm(target, 2, n_iter=30, fixed_weights=True, grad="none", reg_covar=reg,
+                  generator=torch.Generator().manual_seed(9)).gmm
+    torch.testing.assert_close(loss_fn.target.means, ref.means)
+
+
+def test_reductions_and_batched_value_equal_mw2_of_the_fit():
+    x = two_blobs(200, 10, batch=(3,)).double()
+    target = fit_gmm(two_blobs(300, 11).double(), 2, n_iter=20, fixed_weights=True, grad="none",
+                     generator=torch.Generator().manual_seed(12)).gmm
+    per_item = MW2Loss(target, warm_start=False, reduction="none", generator=torch.Generator().manual_seed(13))
+    values = per_item(x)
+    assert values.shape == (3,)
+    fit = fit_gmm(x, 2, n_iter=30, fixed_weights=True, reg_covar=per_item.reg_covar,
+                  generator=torch.Generator().manual_seed(13)).gmm
+    torch.testing.assert_close(values, mw2(fit, target))
+    total = MW2Loss(target, warm_start=False, reduction="sum", generator=torch.Generator().manual_seed(13))(x)
+    mean = MW2Loss(target, warm_start=False, reduction="mean", generator=torch.Generator().manual_seed(13))(x)
+    torch.testing.assert_close(total, values.sum())
+    torch.testing.assert_close(mean, values.mean())
+
+
+def test_loss_moves_with_to_and_rejects_mismatched_inputs():
+    loss_fn = MW2Loss(two_blobs(300, 14), 2, generator=torch.Generator().manual_seed(15))
+    assert loss_fn.target.dtype == torch.float32
+    with pytest.raises(ValueError, match="loss.to"):
+        loss_fn(two_blobs(100, 16).double())
+    loss_fn.to(F64)
+    assert loss_fn.target.dtype == F64
+    assert torch.isfinite(loss_fn(two_blobs(100, 16).double()))
+
+
+def test_bad_arguments_raise_value_errors():
+    target = fit_gmm(two_blobs(300, 17), 2, n_iter=5, grad="none", generator=torch.Generator().manual_seed(0)).gmm
+    with pytest.raises(ValueError, match="n_components"):
+        MW2Loss(target, 3)
+    with pytest.raises(ValueError, match="n_components"):
+        MW2Loss(two_blobs(100, 18))
+    with pytest.raises(ValueError, match="reduction"):
+        MW2Loss(target, reduction="max")
+    with pytest.raises(ValueError, match="unbalanced"):
+        MW2Loss(target, unbalanced=(1.0, -1.0))
+    with pytest.raises(ValueError, match="target"):
+        MW2Loss([1, 2, 3], 2)
+    assert isinstance(MW2Loss(target).target, GMM)
