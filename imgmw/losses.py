@@ -109,21 +109,24 @@ class MW2Loss(nn.Module):
         if self.em is not None:
             self.em.reset()
 
-    def fit(self, x: Tensor) -> GMM:
-        """The differentiable ``K``-component fit of ``x [*B, N, D]`` used by :meth:`forward`."""
+    def fit(self, x: Tensor, *, mask: Tensor | None = None, sample_weight: Tensor | None = None) -> GMM:
+        """The differentiable ``K``-component fit of ``x [*B, N, D]`` used by :meth:`forward`
+        (optional ``mask`` / ``sample_weight`` ``[*B, N]`` as in :func:`imgmw.fit_gmm`)."""
         check_points(x)
         if self.em is not None:
-            return self.em(x)
+            return self.em(x, mask=mask, sample_weight=sample_weight)
         return fit_gmm(x, self.n_components, n_iter=self.n_iter, fixed_weights=self.fixed_weights,
-                       reg_covar=self.reg_covar, grad="unrolled", generator=self.generator).gmm
+                       reg_covar=self.reg_covar, grad="unrolled", mask=mask, sample_weight=sample_weight,
+                       generator=self.generator).gmm
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Loss of points ``x [*B, N, D]``: a scalar (``"mean"``/``"sum"``) or ``[*B]`` (``"none"``)."""
+    def forward(self, x: Tensor, *, mask: Tensor | None = None, sample_weight: Tensor | None = None) -> Tensor:
+        """Loss of points ``x [*B, N, D]`` (weighted or masked points as in :meth:`fit`): a scalar
+        (``"mean"``/``"sum"``) or ``[*B]`` (``"none"``)."""
         target = self.target
         if x.dtype != target.dtype or x.device != target.device:
             raise ValueError(f"x ({x.dtype}, {x.device}) must match the loss's target ({target.dtype}, "
                              f"{target.device}); move the loss with loss.to(x)")
-        value = mw2(self.fit(x), target, unbalanced=self.unbalanced)
+        value = mw2(self.fit(x, mask=mask, sample_weight=sample_weight), target, unbalanced=self.unbalanced)
         if self.reduction == "mean":
             return value.mean()
         if self.reduction == "sum":

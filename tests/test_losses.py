@@ -106,3 +106,20 @@ def test_bad_arguments_raise_value_errors():
     with pytest.raises(ValueError, match="target"):
         MW2Loss([1, 2, 3], 2)
     assert isinstance(MW2Loss(target).target, GMM)
+
+
+def test_sample_weights_equal_repeated_points_and_mask_drops_points():
+    """With K=1 the fit is the weighted mean and covariance, so weights must act as repetitions."""
+    gen = torch.Generator().manual_seed(0)
+    target = GMM(torch.ones(1, dtype=torch.float64), torch.zeros(1, 2, dtype=torch.float64),
+                 torch.eye(2, dtype=torch.float64).unsqueeze(0))
+    x = torch.randn(12, 2, generator=gen, dtype=torch.float64)
+    counts = torch.randint(0, 4, (12,), generator=gen)
+    counts[0] = 1
+    loss = MW2Loss(target, warm_start=False, reg_covar=0.0, n_iter=3)
+    weighted = loss(x, sample_weight=counts.double())
+    repeated = loss(x.repeat_interleave(counts, dim=0))
+    torch.testing.assert_close(weighted, repeated, rtol=1e-10, atol=1e-12)
+    masked = loss(x, mask=counts > 0)
+    kept = loss(x[counts > 0])
+    torch.testing.assert_close(masked, kept, rtol=1e-10, atol=1e-12)
