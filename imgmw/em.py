@@ -24,7 +24,7 @@ from torch import Tensor
 from .gmm import GMM
 from .init import INIT_METHODS, init_gmm
 from .linalg import add_to_diagonal, symmetrize
-from .stats import SuffStats, accumulate_stats, e_step
+from .stats import QuadFeatures, SuffStats, accumulate_stats, e_step, quad_features
 from .validation import check_choice, check_points, check_reg_covar, point_weights
 
 __all__ = ["EMResult", "GRAD_MODES", "m_step", "em_step", "fit_gmm", "WarmStartEM", "e_step"]
@@ -74,9 +74,10 @@ def m_step(stats: SuffStats, prev: GMM, *, reg_covar: float = 1e-6, fixed_weight
 
 
 def _step(gmm: GMM, x: Tensor, weight: Tensor | None, reg_covar: float, fixed_weights: bool,
-          chunk_size: int | None) -> tuple[GMM, Tensor]:
-    """One EM step; returns ``(F(θ, X), mean log-likelihood under θ [*B])``."""
-    stats = accumulate_stats(gmm, x, weight, chunk_size)
+          chunk_size: int | None, features: QuadFeatures | None = None) -> tuple[GMM, Tensor]:
+    """One EM step; returns ``(F(θ, X), mean log-likelihood under θ [*B])`` (``features``: the fit's
+    cached quadratic features of ``x``, see :func:`imgmw.stats.quad_features`)."""
+    stats = accumulate_stats(gmm, x, weight, chunk_size, features)
     return m_step(stats, gmm, reg_covar=reg_covar, fixed_weights=fixed_weights), stats.log_lik / stats.total
 
 
@@ -179,9 +180,11 @@ def fit_gmm(x: Tensor, n_components: int, *, n_iter: int = 100, tol: float | Non
     lower = torch.full(bshape, -torch.inf, dtype=x.dtype, device=x.device)
     n_free = n_iter - 1 if grad in ("one_step", "implicit") else n_iter
     track = grad == "unrolled"
+    with torch.set_grad_enabled(track and torch.is_grad_enabled()):
+        features = quad_features(x, weight)  # φ(X) once per fit (small D), shared by every step
     for _ in range(n_free):
         with torch.set_grad_enabled(track and torch.is_grad_enabled()):
-            new, ll = _step(gmm, x, weight, reg_covar, fixed_weights, chunk_size)
+            new, ll = _step(gmm, x, weight, reg_covar, fixed_weights, chunk_size, features)
             gmm = _freeze(done, gmm, new)
         steps = steps + (~done).long()
         if tol is not None:
@@ -197,7 +200,10 @@ def fit_gmm(x: Tensor, n_components: int, *, n_iter: int = 100, tol: float | Non
     if grad == "none":
         gmm = gmm.detach()
     with torch.set_grad_enabled(grad != "none" and torch.is_grad_enabled()):
-        log_resp, _ = e_step(gmm, x, chunk_size)
+        if track or grad == "none":
+            log_resp, _ = e_step(gmm, x, chunk_size, features)
+        else:  # the cached features carry no graph in these modes
+            log_resp, _ = e_step(gmm, x, chunk_size)
     return EMResult(gmm, log_resp, lower, steps, converged)
 
 

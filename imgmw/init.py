@@ -77,18 +77,24 @@ def kmeans_plus_plus(x: Tensor, n_components: int, weight: Tensor | None = None,
 
 def _hard_stats(x: Tensor, weight: Tensor | None, centres: Tensor,
                 chunk_size: int | None) -> SuffStats:
-    """Statistics of the nearest-centre assignment, shifted by the centres (chunked over points)."""
+    """Statistics of the nearest-centre assignment, shifted by the centres (chunked over points).
+
+    Nearest centres come from one GEMM (``‖c‖² − 2 x·c``); every point is centred on its own centre
+    before the statistics, so they carry no cancellation.
+    """
     k, d = centres.shape[-2], centres.shape[-1]
+    c_sq = centres.square().sum(-1).unsqueeze(-2)  # [*B, 1, K]
     out: SuffStats | None = None
     for lo, hi in chunk_bounds(x.shape[-2], math.prod(x.shape[:-2]), k, d, chunk_size):
         xc = x[..., lo:hi, :]
         wc = _weights_or_ones(xc, None if weight is None else weight[..., lo:hi])
-        diff = xc.unsqueeze(-3) - centres.unsqueeze(-2)  # [*B, K, n, D]
-        labels = diff.square().sum(-1).argmin(-2)  # [*B, n]
-        onehot = torch.nn.functional.one_hot(labels, k).to(x.dtype).transpose(-1, -2)
-        s0, s1, s2 = stats_from_resp(diff, onehot * wc.unsqueeze(-2))
-        zero = s0.new_zeros(s0.shape[:-1])
-        part = SuffStats(s0, s1, s2, zero, wc.sum(-1), centres)
+        labels = (c_sq - 2.0 * (xc @ centres.mT)).argmin(-1)  # [*B, n]
+        diff = xc - _gather_points(centres, labels)  # [*B, n, D]
+        rw = torch.nn.functional.one_hot(labels, k).to(x.dtype) * wc.unsqueeze(-1)  # [*B, n, K]
+        s0 = rw.sum(-2)
+        s1 = rw.mT @ diff
+        s2 = ((rw.unsqueeze(-1) * diff.unsqueeze(-2)).flatten(-2).mT @ diff).unflatten(-2, (k, d))
+        part = SuffStats(s0, s1, s2, s0.new_zeros(s0.shape[:-1]), wc.sum(-1), centres)
         out = part if out is None else out + part
     assert out is not None
     return out

@@ -30,9 +30,12 @@ from torch import Tensor
 
 from .gmm import GMM, LOG_2PI, centred_log_prob
 
-__all__ = ["SuffStats", "accumulate_stats", "e_step", "stats_from_resp", "chunk_bounds"]
+__all__ = ["SuffStats", "QuadFeatures", "quad_features", "accumulate_stats", "e_step", "stats_from_resp",
+           "chunk_bounds"]
 
 SMALL_D = 6  # largest dimension that uses the quadratic-feature kernel
+PHI_CACHE_BYTES = 256 << 20  # largest φ(X) cached for a whole fit (beyond it φ is rebuilt per chunk)
+QUAD_CHUNK_SCALE = 4  # the quadratic kernel's temporaries are D-times smaller: use larger chunks
 
 # Elements of one [*B, K, n, D] temporary per chunk (4 MiB in float32): small enough to stay in cache
 # and to be recycled by the allocator, large enough that per-chunk overhead is negligible.
@@ -77,13 +80,28 @@ def stats_from_resp(diff: Tensor, rw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return s0, s1, s2
 
 
-def _e_chunk(gmm: GMM, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Whitened kernel: ``(y [*B,K,n,D], log_resp [*B,K,n], log_norm [*B,n])`` for one chunk; ``y`` as in
-    :func:`~imgmw.gmm.centred_log_prob`."""
+def _normalise(logp: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """``(log Σ_k exp(logp_k), softmax(logp))`` along ``dim`` with a single ``exp``.
+
+    Arguments of ``exp`` are clamped at ``log(tiny) + 1`` below the maximum: responsibilities smaller than
+    the smallest normal number are not representable anyway, and ``exp`` of far more negative values
+    (points many standard deviations from a narrow component) is up to eight times slower on CPUs.
+    The shift by the (detached) maximum is exact for the value and its gradient.
+    """
+    top = logp.detach().amax(dim, keepdim=True)
+    z = (logp - top).clamp_min(math.log(torch.finfo(logp.dtype).tiny) + 1.0)
+    e = z.exp()
+    total = e.sum(dim, keepdim=True)
+    return (top + total.log()).squeeze(dim), e / total
+
+
+def _e_chunk(gmm: GMM, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Whitened kernel: ``(y [*B,K,n,D], logp [*B,K,n], log_norm [*B,n], resp [*B,K,n])`` for one chunk,
+    ``logp`` the joint ``log w_k + log N``; ``y`` as in :func:`~imgmw.gmm.centred_log_prob`."""
     y, logp = centred_log_prob(x, gmm.means, gmm.precision_cholesky, gmm.log_det_covariances)
     logp = logp + gmm.weights.log().unsqueeze(-1)
-    log_norm = torch.logsumexp(logp, dim=-2)
-    return y, logp - log_norm.unsqueeze(-2), log_norm
+    log_norm, resp = _normalise(logp, -2)
+    return y, logp, log_norm, resp
 
 
 def _quad_features(x: Tensor, centre: Tensor) -> Tensor:
@@ -124,17 +142,56 @@ def _unvec_stats(s: Tensor, d: int, shift: Tensor, centre: Tensor) -> tuple[Tens
 
 
 def _quad_centre(gmm: GMM) -> Tensor:
-    """Expansion point of the features: the mixture mean ``Σ w_k m_k [*B, D]`` (detached: the statistics
-    do not depend on it mathematically, so its gradient is exactly zero)."""
+    """Expansion point of the features when none is cached: the mixture mean ``Σ w_k m_k [*B, D]``
+    (detached: the statistics do not depend on it mathematically, so its gradient is exactly zero)."""
     return (gmm.weights.unsqueeze(-1) * gmm.means).sum(-2).detach()
 
 
-def _quad_chunk(gmm: GMM, x: Tensor, w_nat: Tensor, centre: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Quadratic-feature kernel: ``(φ [*B,n,F] float64, log_resp [*B,n,K], log_norm [*B,n])``."""
-    phi = _quad_features(x, centre)
+@dataclass
+class QuadFeatures:
+    """Per-fit cache of the quadratic-feature kernel: expansion point ``centre [*B, D]`` and
+    ``phi = φ(X) [*B, N, D²+D+1]`` (float64). ``X`` does not change during a fit, so ``φ`` is built once."""
+
+    centre: Tensor
+    phi: Tensor
+
+
+def quad_features(x: Tensor, weight: Tensor | None = None) -> QuadFeatures | None:
+    """The :class:`QuadFeatures` of ``x [*B, N, D]`` about its weighted mean, or ``None`` when the
+    quadratic kernel does not apply (``D > SMALL_D``) or ``φ`` would exceed ``PHI_CACHE_BYTES``."""
+    d = x.shape[-1]
+    if d > SMALL_D or x[..., 0].numel() * (d * d + d + 1) * 8 > PHI_CACHE_BYTES:
+        return None
+    xd = x.detach()
+    if weight is None:
+        centre = xd.mean(-2)
+    else:
+        w = weight.detach()
+        centre = (w.unsqueeze(-2) @ xd).squeeze(-2) / w.sum(-1, keepdim=True)
+    return QuadFeatures(centre, _quad_features(x, centre))
+
+
+def _quad_chunk(x: Tensor, phi: Tensor | None, w_nat: Tensor,
+                centre: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Quadratic-feature kernel: ``(φ [*B,n,F] float64, logp [*B,n,K], log_norm [*B,n], resp [*B,n,K])`` for
+    the chunk ``x [*B, n, D]`` (``phi``: its cached features, or ``None`` to build them)."""
+    phi = _quad_features(x, centre) if phi is None else phi
     logp = (phi @ w_nat).to(x.dtype)
-    log_norm = torch.logsumexp(logp, dim=-1)
-    return phi, logp - log_norm.unsqueeze(-1), log_norm
+    log_norm, resp = _normalise(logp, -1)
+    return phi, logp, log_norm, resp
+
+
+def _quad_setup(gmm: GMM, features: QuadFeatures | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    centre = _quad_centre(gmm) if features is None else features.centre
+    return centre, _natural_params(gmm, centre), None if features is None else features.phi
+
+
+def _chunks(gmm: GMM, n: int, quad: bool, chunk_size: int | None) -> list[tuple[int, int]]:
+    batch, k, d = math.prod(gmm.batch_shape), gmm.n_components, gmm.n_features
+    if quad and chunk_size is None:
+        width = d * d + d + 1 + k  # float64 φ and the [n, K] log-densities per point
+        chunk_size = max(16, QUAD_CHUNK_SCALE * CHUNK_ELEMENTS // max(1, batch * width))
+    return chunk_bounds(n, batch, k, d, chunk_size)
 
 
 def _point_weight_chunk(weight: Tensor | None, x: Tensor) -> Tensor:
@@ -144,7 +201,7 @@ def _point_weight_chunk(weight: Tensor | None, x: Tensor) -> Tensor:
 
 
 def accumulate_stats(gmm: GMM, x: Tensor, weight: Tensor | None = None,
-                     chunk_size: int | None = None) -> SuffStats:
+                     chunk_size: int | None = None, features: QuadFeatures | None = None) -> SuffStats:
     """E-step fused with the accumulation of sufficient statistics, chunked over points.
 
     Args:
@@ -152,6 +209,7 @@ def accumulate_stats(gmm: GMM, x: Tensor, weight: Tensor | None = None,
         x: ``[*B, N, D]`` points (entries with zero weight must be finite; callers zero them).
         weight: ``[*B, N]`` non-negative point weights ``ω_n`` or ``None`` for all ones.
         chunk_size: points per chunk (default: temporaries of about 2²⁰ elements).
+        features: cached :func:`quad_features` of ``x`` (quadratic kernel only; built per chunk if None).
 
     The statistics are gathered in the whitened coordinates ``y = L⁻¹(x − m)`` that the E-step computes
     anyway, ``t_k = Σ ω r y`` and ``G_k = Σ ω r y yᵀ``, and mapped back once per call:
@@ -161,19 +219,19 @@ def accumulate_stats(gmm: GMM, x: Tensor, weight: Tensor | None = None,
     bshape, k, d = gmm.batch_shape, gmm.n_components, gmm.n_features
     quad = d <= SMALL_D
     if quad:
-        centre = _quad_centre(gmm)
-        w_nat = _natural_params(gmm, centre)
+        centre, w_nat, phi_all = _quad_setup(gmm, features)
     acc = None
-    for lo, hi in chunk_bounds(x.shape[-2], math.prod(bshape), k, d, chunk_size):
+    for lo, hi in _chunks(gmm, x.shape[-2], quad, chunk_size):
         xc = x[..., lo:hi, :]
         wc = _point_weight_chunk(None if weight is None else weight[..., lo:hi], xc)
         if quad:
-            phi, log_resp, log_norm = _quad_chunk(gmm, xc, w_nat, centre)
-            rw = (log_resp.exp() * wc.unsqueeze(-1)).double()
+            phi = None if phi_all is None else phi_all[..., lo:hi, :]
+            phi, _, log_norm, resp = _quad_chunk(xc, phi, w_nat, centre)
+            rw = (resp * wc.unsqueeze(-1)).double()
             parts = (rw.mT @ phi,)
         else:
-            y, log_resp, log_norm = _e_chunk(gmm, xc)
-            parts = stats_from_resp(y, log_resp.exp() * wc.unsqueeze(-2))
+            y, _, log_norm, resp = _e_chunk(gmm, xc)
+            parts = stats_from_resp(y, resp * wc.unsqueeze(-2))
         parts = (*parts, (log_norm * wc).sum(-1), wc.sum(-1))
         acc = parts if acc is None else tuple(a + b for a, b in zip(acc, parts))
     assert acc is not None  # N >= 1 is validated by callers
@@ -187,7 +245,8 @@ def accumulate_stats(gmm: GMM, x: Tensor, weight: Tensor | None = None,
     return SuffStats(s0, s1, s2, acc[-2], acc[-1], gmm.means)
 
 
-def e_step(gmm: GMM, x: Tensor, chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
+def e_step(gmm: GMM, x: Tensor, chunk_size: int | None = None,
+           features: QuadFeatures | None = None) -> tuple[Tensor, Tensor]:
     """Responsibilities in the log domain.
 
     Args:
@@ -202,16 +261,16 @@ def e_step(gmm: GMM, x: Tensor, chunk_size: int | None = None) -> tuple[Tensor, 
     d = gmm.n_features
     quad = d <= SMALL_D
     if quad:
-        centre = _quad_centre(gmm)
-        w_nat = _natural_params(gmm, centre)
+        centre, w_nat, phi_all = _quad_setup(gmm, features)
     resp, norms = [], []
-    for lo, hi in chunk_bounds(x.shape[-2], math.prod(gmm.batch_shape), gmm.n_components, d, chunk_size):
+    for lo, hi in _chunks(gmm, x.shape[-2], quad, chunk_size):
         xc = x[..., lo:hi, :]
         if quad:
-            _, log_resp, log_norm = _quad_chunk(gmm, xc, w_nat, centre)
+            phi = None if phi_all is None else phi_all[..., lo:hi, :]
+            _, logp, log_norm, _ = _quad_chunk(xc, phi, w_nat, centre)
         else:
-            _, log_resp, log_norm = _e_chunk(gmm, xc)
-            log_resp = log_resp.transpose(-1, -2)
-        resp.append(log_resp)
+            _, logp, log_norm, _ = _e_chunk(gmm, xc)
+            logp = logp.transpose(-1, -2)
+        resp.append(logp - log_norm.unsqueeze(-1))
         norms.append(log_norm)
     return torch.cat(resp, dim=-2), torch.cat(norms, dim=-1)
