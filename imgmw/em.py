@@ -156,7 +156,9 @@ def fit_gmm(x: Tensor, n_components: int, *, n_iter: int = 100, tol: float | Non
         mask: ``[*B, N]`` booleans for ragged sets; sample_weight: ``[*B, N]`` weights ≥ 0.
         generator: ``torch.Generator`` for the random initialisations.
         chunk_size: points per chunk (default from a fixed temporary budget).
-        implicit_options: keyword arguments of the implicit backward (``grad="implicit"``).
+        implicit_options: keyword arguments of the implicit backward (``grad="implicit"``): ``solver``
+            (``"gmres"`` default, ``"cg"``, ``"fixed_point"``), ``tol``, ``max_iter``, ``callback``; the last
+            solve's residuals are in :func:`imgmw.implicit.last_solve_info`.
 
     Returns:
         :class:`EMResult`. The initialisation never carries gradients unless ``init`` is a GMM that does.
