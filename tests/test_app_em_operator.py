@@ -1,0 +1,135 @@
+"""End-to-end and command-line tests of ``python -m apps.em_operator``."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import apps.em_operator as app
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--k", "2", "--dim", "2", "--n-points", "32", "--iters", "2", "--batch", "4", "--eval-sets", "8",
+        "--hidden", "8", "--quiet"]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def test_help_is_lazy_and_works():
+    probe = "import sys, apps.em_operator; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, env=_env())
+    assert out.returncode == 0 and out.stdout.strip() == "False"
+    res = subprocess.run([sys.executable, "-m", "apps.em_operator", "--help"], capture_output=True, text=True,
+                         cwd=ROOT, env=_env(), timeout=60)
+    assert res.returncode == 0
+    for flag in ("--k", "--dim", "--n-points", "--iters", "--train-steps", "--batch", "--lr", "--seed",
+                 "--device", "--output", "--resume", "--quiet"):
+        assert flag in res.stdout
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--k", "0"], "--k"),
+    (["--iters", "0"], "--iters"),
+    (["--device", "tpu"], "--device"),
+    (["--lr", "nan"], "--lr"),
+    (["--n-points", "3", "--k", "4"], "--n-points"),
+    (["--k", "two"], "--k"),
+    (["--resume"], "--resume"),
+])
+def test_bad_flags_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, argv, needle):
+    out = tmp_path / "out"
+    assert app.main(argv + ["--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and needle in err and err.startswith("em_operator: error:")
+    assert not out.exists()
+
+
+def test_unwritable_output_exits_2(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    assert app.main(TINY + ["--output", str(blocker / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--output" in err
+    assert blocker.read_text() == "not a directory"
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, weights_only=True)
+
+
+def test_end_to_end_tiny_run_writes_its_files(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert app.main(TINY + ["--train-steps", "3", "--output", str(out)]) == 0
+    assert capsys.readouterr().out == ""  # --quiet
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["settings"]["k"] == 2 and metrics["steps"] == 3 and metrics["resumed_from_step"] == 0
+    table = metrics["table"]
+    assert all(math.isfinite(table[key]) for key in ("em_T", "layer_T", "em_10T"))
+    assert table["em_10T"] >= table["em_T"] - 1e-6  # EM never decreases the likelihood
+    assert set(metrics["timings_s"]) == {"setup", "train", "evaluate"}
+    with Image.open(out / "loss.png") as im:
+        assert im.size[0] > 100 and im.size[1] > 100
+    state = _load(out / app.CHECKPOINT)
+    assert state["step"] == 3 and len(state["history"]["loss"]) == 3 == len(state["history"]["em_loss"])
+    assert not any(p.suffix == ".tmp" for p in out.iterdir())
+
+
+def test_checkpoint_round_trip_gives_same_outputs(tmp_path):
+    args = app.build_parser().parse_args(TINY + ["--train-steps", "2", "--output", str(tmp_path)])
+    device = torch.device("cpu")
+    layer, opt, sched = app.build(args, device)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    path = tmp_path / app.CHECKPOINT
+    app.save_checkpoint(path, layer, opt, sched, 2, {"loss": [1.0, 0.5], "em_loss": [1.0, 0.6]}, args)
+    args_other = app.build_parser().parse_args(TINY + ["--train-steps", "2", "--output", str(tmp_path)])
+    other, opt2, sched2 = app.build(args_other, device)
+    step, history = app.load_checkpoint(path, other, opt2, sched2, args_other)
+    assert step == 2 and history == {"loss": [1.0, 0.5], "em_loss": [1.0, 0.6]}
+    x, init = app.make_batch(3, args, 123, device)
+    with torch.no_grad():
+        a, b = layer(x, init=init), other(x, init=init)
+    assert torch.equal(a[0].means, b[0].means) and torch.equal(a[2], b[2])
+
+
+def test_resume_continues_an_interrupted_run_exactly(tmp_path, monkeypatch):
+    steps = ["--train-steps", "6", "--save-every", "2"]
+    full = tmp_path / "full"
+    assert app.main(TINY + steps + ["--output", str(full)]) == 0
+
+    part = tmp_path / "part"
+    calls = {"n": 0}
+    real_make_batch = app.make_batch
+
+    def interrupting_make_batch(n_sets, args, seed, device):
+        calls["n"] += 1
+        if calls["n"] == 6:  # during step 5 of 6: the last checkpoint is from step 4
+            raise KeyboardInterrupt
+        return real_make_batch(n_sets, args, seed, device)
+
+    monkeypatch.setattr(app, "make_batch", interrupting_make_batch)
+    with pytest.raises(KeyboardInterrupt):
+        app.main(TINY + steps + ["--output", str(part)])
+    monkeypatch.setattr(app, "make_batch", real_make_batch)
+    assert _load(part / app.CHECKPOINT)["step"] == 4 and not (part / "metrics.json").exists()
+
+    assert app.main(TINY + steps + ["--output", str(part), "--resume"]) == 0
+    a, b = _load(full / app.CHECKPOINT), _load(part / app.CHECKPOINT)
+    assert a["step"] == b["step"] == 6
+    assert a["history"] == b["history"]
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][key], b["model"][key]) for key in a["model"])
+    assert json.loads((part / "metrics.json").read_text())["resumed_from_step"] == 4
+
+    # resuming with another architecture is a usage error, and leaves the checkpoint alone
+    assert app.main(TINY + steps + ["--output", str(part), "--resume", "--hidden", "16"]) == 2
+    assert _load(part / app.CHECKPOINT)["step"] == 6
