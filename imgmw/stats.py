@@ -12,8 +12,9 @@ cancellation that raw second moments suffer in float32.
 
 Two E-step kernels compute the same statistics:
 
-- *whitened* (any D): ``y_nk = L_k⁻¹(x_n − m_k)`` by batched GEMM, ``log N = −½(‖y‖² + log|Σ| + D log 2π)``,
-  then ``Σ r y`` and ``Σ r y yᵀ`` mapped back with ``L_k``. Cost ``≈ 4·K·N·D²`` flops per step.
+- *whitened* (any D): ``y_nk = P_kᵀ(x_n − m_k)`` (``P_k = L_k⁻ᵀ``) for all K components by ONE wide GEMM
+  ``(X − c)[P_1 … P_K] + bias`` (no ``[K, N, D]`` copy of the centred data), ``log N = −½(‖y‖² + log|Σ| +
+  D log 2π)``, then ``Σ r y`` and ``Σ r y yᵀ`` mapped back with ``L_k``. Cost ``≈ 4·K·N·D²`` flops per step.
 - *quadratic features* (``D ≤ SMALL_D``): with ``φ(x) = [vec(x̃x̃ᵀ), x̃, 1]`` (``x̃ = x − centre``) the
   log-densities of all components are one GEMM ``φ(X) W`` with natural parameters ``W`` (``−½Λ``, ``Λm̃``,
   constants) and the statistics are one GEMM ``rᵀφ(X)``. Both GEMMs run in float64, which removes the
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .gmm import GMM, LOG_2PI, centred_log_prob
+from .gmm import GMM, LOG_2PI
 
 __all__ = ["SuffStats", "QuadFeatures", "quad_features", "accumulate_stats", "e_step", "stats_from_resp",
            "chunk_bounds"]
@@ -95,13 +96,41 @@ def _normalise(logp: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     return (top + total.log()).squeeze(dim), e / total
 
 
-def _e_chunk(gmm: GMM, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Whitened kernel: ``(y [*B,K,n,D], logp [*B,K,n], log_norm [*B,n], resp [*B,K,n])`` for one chunk,
-    ``logp`` the joint ``log w_k + log N``; ``y`` as in :func:`~imgmw.gmm.centred_log_prob`."""
-    y, logp = centred_log_prob(x, gmm.means, gmm.precision_cholesky, gmm.log_det_covariances)
-    logp = logp + gmm.weights.log().unsqueeze(-1)
-    log_norm, resp = _normalise(logp, -2)
+def _whitened_setup(gmm: GMM) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-step constants of the whitened kernel.
+
+    Returns ``centre [*B, D]`` (the detached mixture mean, subtracted from the points so that the GEMM
+    works on centred values), ``p_cat [*B, D, K·D]`` (the ``P_k`` side by side), ``bias [*B, 1, K·D]``
+    (``−(m_k − centre)ᵀ P_k``) and ``const [*B, K]`` (``log w_k − ½ log|Σ_k| − ½ D log 2π``).
+    """
+    bshape, k, d = gmm.batch_shape, gmm.n_components, gmm.n_features
+    centre = _quad_centre(gmm)
+    prec = gmm.precision_cholesky
+    p_cat = prec.movedim(-3, -2).reshape(*bshape, d, k * d)
+    bias = -((gmm.means - centre.unsqueeze(-2)).unsqueeze(-2) @ prec).reshape(*bshape, 1, k * d)
+    const = gmm.weights.log() - 0.5 * (gmm.log_det_covariances + d * LOG_2PI)
+    return centre, p_cat, bias, const
+
+
+def _whitened_chunk(x: Tensor, centre: Tensor, p_cat: Tensor, bias: Tensor,
+                    const: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Whitened kernel for the chunk ``x [*B, n, D]``: ``(y [*B,n,K,D], logp [*B,n,K], log_norm [*B,n],
+    resp [*B,n,K])`` with ``y_nk = (x_n − m_k)ᵀ P_k`` from ONE GEMM ``(x − centre) [P_1 … P_K] + bias`` and
+    ``logp = const − ½‖y‖²`` (joint ``log w_k + log N``)."""
+    bshape, n, d = x.shape[:-2], x.shape[-2], x.shape[-1]
+    k = const.shape[-1]
+    xt = (x - centre.unsqueeze(-2)).reshape(-1, n, d)
+    y = torch.baddbmm(bias.reshape(-1, 1, k * d), xt, p_cat.reshape(-1, d, k * d)).reshape(*bshape, n, k, d)
+    logp = const.unsqueeze(-2) - 0.5 * torch.linalg.vector_norm(y, dim=-1).square()
+    log_norm, resp = _normalise(logp, -1)
     return y, logp, log_norm, resp
+
+
+def _whitened_stats(y: Tensor, rw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(Σ rw, Σ rw·y, Σ rw·y yᵀ)`` over the chunk for ``y [*B,n,K,D]``, ``rw [*B,n,K]``:
+    ``[*B,K]``, ``[*B,K,D]``, ``[*B,K,D,D]``."""
+    ry = y * rw.unsqueeze(-1)
+    return rw.sum(-2), ry.sum(-3), ry.movedim(-3, -1) @ y.movedim(-3, -2)
 
 
 def _quad_features(x: Tensor, centre: Tensor) -> Tensor:
@@ -220,6 +249,8 @@ def accumulate_stats(gmm: GMM, x: Tensor, weight: Tensor | None = None,
     quad = d <= SMALL_D
     if quad:
         centre, w_nat, phi_all = _quad_setup(gmm, features)
+    else:
+        centre, p_cat, bias, const = _whitened_setup(gmm)
     acc = None
     for lo, hi in _chunks(gmm, x.shape[-2], quad, chunk_size):
         xc = x[..., lo:hi, :]
@@ -230,8 +261,8 @@ def accumulate_stats(gmm: GMM, x: Tensor, weight: Tensor | None = None,
             rw = (resp * wc.unsqueeze(-1)).double()
             parts = (rw.mT @ phi,)
         else:
-            y, _, log_norm, resp = _e_chunk(gmm, xc)
-            parts = stats_from_resp(y, resp * wc.unsqueeze(-2))
+            y, _, log_norm, resp = _whitened_chunk(xc, centre, p_cat, bias, const)
+            parts = _whitened_stats(y, resp * wc.unsqueeze(-1))
         parts = (*parts, (log_norm * wc).sum(-1), wc.sum(-1))
         acc = parts if acc is None else tuple(a + b for a, b in zip(acc, parts))
     assert acc is not None  # N >= 1 is validated by callers
@@ -262,6 +293,8 @@ def e_step(gmm: GMM, x: Tensor, chunk_size: int | None = None,
     quad = d <= SMALL_D
     if quad:
         centre, w_nat, phi_all = _quad_setup(gmm, features)
+    else:
+        centre, p_cat, bias, const = _whitened_setup(gmm)
     resp, norms = [], []
     for lo, hi in _chunks(gmm, x.shape[-2], quad, chunk_size):
         xc = x[..., lo:hi, :]
@@ -269,8 +302,7 @@ def e_step(gmm: GMM, x: Tensor, chunk_size: int | None = None,
             phi = None if phi_all is None else phi_all[..., lo:hi, :]
             _, logp, log_norm, _ = _quad_chunk(xc, phi, w_nat, centre)
         else:
-            _, logp, log_norm, _ = _e_chunk(gmm, xc)
-            logp = logp.transpose(-1, -2)
+            _, logp, log_norm, _ = _whitened_chunk(xc, centre, p_cat, bias, const)
         resp.append(logp - log_norm.unsqueeze(-1))
         norms.append(log_norm)
     return torch.cat(resp, dim=-2), torch.cat(norms, dim=-1)
