@@ -202,11 +202,12 @@ def quad_features(x: Tensor, weight: Tensor | None = None) -> QuadFeatures | Non
 
 def _quad_chunk(x: Tensor, phi: Tensor | None, w_nat: Tensor,
                 centre: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Quadratic-feature kernel: ``(φ [*B,n,F] float64, logp [*B,n,K], log_norm [*B,n], resp [*B,n,K])`` for
-    the chunk ``x [*B, n, D]`` (``phi``: its cached features, or ``None`` to build them)."""
+    """Quadratic-feature kernel: ``(φ [*B,n,F] float64, logp [*B,K,n], log_norm [*B,n], resp [*B,K,n])`` for
+    the chunk ``x [*B, n, D]`` (``phi``: its cached features, or ``None`` to build them). The GEMM is
+    written ``Wᵀφᵀ`` (``[K, n]`` output): for these thin shapes that is about twice as fast as ``φW``."""
     phi = _quad_features(x, centre) if phi is None else phi
-    logp = (phi @ w_nat).to(x.dtype)
-    log_norm, resp = _normalise(logp, -1)
+    logp = (w_nat.mT @ phi.mT).to(x.dtype)
+    log_norm, resp = _normalise(logp, -2)
     return phi, logp, log_norm, resp
 
 
@@ -258,8 +259,8 @@ def accumulate_stats(gmm: GMM, x: Tensor, weight: Tensor | None = None,
         if quad:
             phi = None if phi_all is None else phi_all[..., lo:hi, :]
             phi, _, log_norm, resp = _quad_chunk(xc, phi, w_nat, centre)
-            rw = (resp * wc.unsqueeze(-1)).double()
-            parts = (rw.mT @ phi,)
+            rw = (resp * wc.unsqueeze(-2)).double()
+            parts = (rw @ phi,)
         else:
             y, _, log_norm, resp = _whitened_chunk(xc, centre, p_cat, bias, const)
             parts = _whitened_stats(y, resp * wc.unsqueeze(-1))
@@ -301,6 +302,7 @@ def e_step(gmm: GMM, x: Tensor, chunk_size: int | None = None,
         if quad:
             phi = None if phi_all is None else phi_all[..., lo:hi, :]
             _, logp, log_norm, _ = _quad_chunk(xc, phi, w_nat, centre)
+            logp = logp.transpose(-1, -2)
         else:
             _, logp, log_norm, _ = _whitened_chunk(xc, centre, p_cat, bias, const)
         resp.append(logp - log_norm.unsqueeze(-1))
