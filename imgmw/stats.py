@@ -296,7 +296,10 @@ def e_step(gmm: GMM, x: Tensor, chunk_size: int | None = None,
         centre, w_nat, phi_all = _quad_setup(gmm, features)
     else:
         centre, p_cat, bias, const = _whitened_setup(gmm)
+    track = torch.is_grad_enabled() and (x.requires_grad or gmm.means.requires_grad
+                                         or gmm.covariances.requires_grad or gmm.weights.requires_grad)
     resp, norms = [], []
+    out = None if track else x.new_empty(*x.shape[:-1], gmm.n_components)  # filled in place: no cat copy
     for lo, hi in _chunks(gmm, x.shape[-2], quad, chunk_size):
         xc = x[..., lo:hi, :]
         if quad:
@@ -305,6 +308,9 @@ def e_step(gmm: GMM, x: Tensor, chunk_size: int | None = None,
             logp = logp.transpose(-1, -2)
         else:
             _, logp, log_norm, _ = _whitened_chunk(xc, centre, p_cat, bias, const)
-        resp.append(logp - log_norm.unsqueeze(-1))
+        if out is None:
+            resp.append(logp - log_norm.unsqueeze(-1))
+        else:
+            torch.sub(logp, log_norm.unsqueeze(-1), out=out[..., lo:hi, :])
         norms.append(log_norm)
-    return torch.cat(resp, dim=-2), torch.cat(norms, dim=-1)
+    return (torch.cat(resp, dim=-2) if out is None else out), torch.cat(norms, dim=-1)
