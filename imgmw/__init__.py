@@ -21,6 +21,8 @@ _EXPORTS = {
     "MW2Loss": "losses", "PatchMW2Loss": "losses",
     "EMLayer": "layers",
     "load_image": "image", "save_image": "image",
+    "transfer_colours": "colour", "style_transfer": "style", "StyleModel": "style",
+    "barycentre_flow": "barycentre", "MW2GeneratorTrainer": "generative",
 }
 
 __all__ = sorted(_EXPORTS)

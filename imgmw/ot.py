@@ -42,7 +42,7 @@ from .bures import (bures_backward, bures_barycentre, bures_forward, flatten_bat
 from .gmm import GMM
 from .stats import chunk_bounds
 
-__all__ = ["mw2", "gaussian_w2_cost", "gmm_ot_plan", "gmm_ot_map", "gmm_barycentre", "MAP_METHODS"]
+__all__ = ["mw2", "gaussian_w2_cost", "gmm_ot_plan", "gmm_ot_map", "gmm_barycentre", "barycentre_weights", "MAP_METHODS"]
 
 MAP_METHODS = ("bary", "rand")
 
@@ -475,7 +475,7 @@ def _stack_inputs(gmms: GMM | Sequence[GMM]) -> GMM:
     return GMM.stack(gmms, 0)
 
 
-def _barycentre_weights(weights, n_inputs: int, like: Tensor) -> Tensor:
+def barycentre_weights(weights, n_inputs: int, like: Tensor) -> Tensor:
     if weights is None:
         return torch.full((n_inputs,), 1.0 / n_inputs, dtype=like.dtype, device=like.device)
     lam = torch.as_tensor(weights, dtype=like.dtype, device=like.device)
@@ -513,7 +513,7 @@ def gmm_barycentre(gmms: GMM | Sequence[GMM], weights: Sequence[float] | Tensor 
     """
     inputs = _stack_inputs(gmms)
     check_gmm(inputs, "gmms")
-    lam = _barycentre_weights(weights, inputs.batch_shape[0], inputs.means)
+    lam = barycentre_weights(weights, inputs.batch_shape[0], inputs.means)
     bary = inputs[int(lam.argmax())] if init is None else init
     _check_pair(bary, inputs[0], ("init", "gmms"))
     if bool((bary.weights <= 0).any()):
