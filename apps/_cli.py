@@ -15,7 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-__all__ = ["AppError", "add_common_args", "resolve_device", "staged_output", "write_json", "run", "positive_int"]
+__all__ = ["AppError", "add_common_args", "check_input_file", "resolve_device", "staged_output", "write_json", "run",
+           "positive_int", "positive_float"]
 
 
 class AppError(Exception):
@@ -55,6 +56,14 @@ def add_common_args(parser: argparse.ArgumentParser, name: str, *, iters: int) -
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--save-every", type=int, default=0, metavar="N",
                         help="also save an intermediate frame every N steps (0: never)")
+
+
+def check_input_file(path: Path, what: str) -> None:
+    """An ``AppError`` naming ``what`` (e.g. "source image") unless ``path`` is an existing file."""
+    if not path.exists():
+        raise AppError(f"{what} {path} does not exist")
+    if path.is_dir():
+        raise AppError(f"{what} {path} is a directory, not a file")
 
 
 def resolve_device(name: str):

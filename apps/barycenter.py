@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from apps._cli import AppError, add_common_args, positive_float, positive_int, resolve_device, run, staged_output, \
+from apps._cli import AppError, add_common_args, check_input_file, positive_float, positive_int, resolve_device, run, staged_output, \
     write_json
 
 NAME = "barycenter"
@@ -53,13 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_file(path: Path, what: str) -> None:
-    if not path.exists():
-        raise AppError(f"{what} {path} does not exist")
-    if path.is_dir():
-        raise AppError(f"{what} {path} is a directory, not an image file")
-
-
 def _check_args(args: argparse.Namespace) -> None:
     if args.save_every < 0:
         raise AppError(f"--save-every must be >= 0, got {args.save_every}")
@@ -71,9 +64,9 @@ def _check_args(args: argparse.Namespace) -> None:
         if len(args.images) < 2:
             raise AppError(f"--mode palette needs two or more images, got {len(args.images)}")
         for path in args.images:
-            _check_file(path, "image")
+            check_input_file(path, "image")
         if args.recolor is not None:
-            _check_file(args.recolor, "--recolor image")
+            check_input_file(args.recolor, "--recolor image")
         n_targets = len(args.images)
     if args.weights is not None:
         if len(args.weights) != n_targets:

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from apps._cli import AppError, add_common_args, positive_float, positive_int, resolve_device, run, staged_output, \
-    write_json
+from apps._cli import (AppError, add_common_args, check_input_file, positive_float, positive_int, resolve_device,
+                       run, staged_output, write_json)
 
 NAME = "color_transfer"
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -47,17 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_input(path: Path, what: str) -> None:
-    if not path.exists():
-        raise AppError(f"{what} image {path} does not exist")
-    if path.is_dir():
-        raise AppError(f"{what} image {path} is a directory, not an image file")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _check_input(args.source, "source")
-    _check_input(args.target, "target")
+    check_input_file(args.source, "source image")
+    check_input_file(args.target, "target image")
     if args.save_every < 0:
         raise AppError(f"--save-every must be >= 0, got {args.save_every}")
 

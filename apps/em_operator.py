@@ -26,7 +26,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -172,19 +171,12 @@ def build(args: argparse.Namespace, device):
 
 def save_checkpoint(path: Path, layer, opt, sched, step: int, history: dict[str, list[float]],
                     args: argparse.Namespace) -> None:
-    """Write the training state to ``path`` atomically (temporary file in the same directory + os.replace)."""
-    import torch
+    """Write the training state to ``path`` atomically (:func:`imgmw.checkpoint.save_atomic`)."""
+    from imgmw.checkpoint import save_atomic
 
     state = {"model": layer.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
              "step": step, "history": history, "settings": _settings(args)}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_atomic(state, path)
 
 
 def load_checkpoint(path: Path, layer, opt, sched, args: argparse.Namespace) -> tuple[int, dict[str, list[float]]]:

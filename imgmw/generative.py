@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 import os
 import pickle
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -37,6 +36,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from .checkpoint import save_atomic
 from .em import em_step, fit_gmm
 from .gmm import GMM
 from .losses import relative_reg_covar
@@ -304,17 +304,8 @@ class MW2GeneratorTrainer:
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
-    """``torch.save(state)`` to ``path`` atomically: a temporary file in the same directory, then ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """``torch.save(state)`` to ``path`` atomically (:func:`imgmw.checkpoint.save_atomic`)."""
+    return save_atomic(state, path)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: torch.device | str | None = None) -> dict[str, Any]:

@@ -519,7 +519,7 @@ def gmm_barycentre(gmms: GMM | Sequence[GMM], weights: Sequence[float] | Tensor 
     if bool((bary.weights <= 0).any()):
         raise ValueError("the initial barycentre (init, or the input with the largest weight) must have "
                          "weights > 0: a component without mass has no matched components")
-    n_in, k = inputs.batch_shape[0], inputs.n_components
+    n_in = inputs.batch_shape[0]
     means_flat = inputs.means.movedim(0, -3).flatten(-3, -2)  # [*B, M·K, D]
     covs_flat = inputs.covariances.movedim(0, -4).flatten(-4, -3)  # [*B, M·K, D, D]
     previous = math.inf

@@ -246,7 +246,7 @@ def accumulate_stats(gmm: GMM, x: Tensor, weight: Tensor | None = None,
     ``s1_k = L_k t_k``, ``s2_k = L_k G_k L_kᵀ``. Never stores responsibilities: memory is
     ``O(B·K·chunk·D + B·K·D²)`` beyond the inputs.
     """
-    bshape, k, d = gmm.batch_shape, gmm.n_components, gmm.n_features
+    d = gmm.n_features
     quad = d <= SMALL_D
     if quad:
         centre, w_nat, phi_all = _quad_setup(gmm, features)

@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +69,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from .checkpoint import save_atomic
 from .em import fit_gmm
 from .gmm import GMM
 from .losses import MW2Loss, relative_reg_covar
@@ -410,15 +410,7 @@ class StyleModel:
         payload = {"format": _FORMAT, "version": 1, "extractor": dict(self.extractor), "layers": list(self.layers),
                    "gmms": [{"weights": g.weights.detach().cpu(), "means": g.means.detach().cpu(),
                              "covariances": g.covariances.detach().cpu()} for g in self.gmms]}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                torch.save(payload, handle)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return save_atomic(payload, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> StyleModel:
