@@ -31,8 +31,8 @@ from torch import Tensor
 
 from .gmm import GMM, LOG_2PI
 
-__all__ = ["SuffStats", "QuadFeatures", "quad_features", "accumulate_stats", "e_step", "stats_from_resp",
-           "chunk_bounds"]
+__all__ = ["SuffStats", "QuadFeatures", "quad_features", "quad_point_features", "quad_stats_about",
+           "accumulate_stats", "e_step", "stats_from_resp", "chunk_bounds"]
 
 SMALL_D = 6  # largest dimension that uses the quadratic-feature kernel
 PHI_CACHE_BYTES = 256 << 20  # largest φ(X) cached for a whole fit (beyond it φ is rebuilt per chunk)
@@ -133,7 +133,7 @@ def _whitened_stats(y: Tensor, rw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return rw.sum(-2), ry.sum(-3), ry.movedim(-3, -1) @ y.movedim(-3, -2)
 
 
-def _quad_features(x: Tensor, centre: Tensor) -> Tensor:
+def quad_point_features(x: Tensor, centre: Tensor) -> Tensor:
     """``φ(x) = [vec(x̃x̃ᵀ), x̃, 1]`` in float64 for ``x [*B, n, D]``, ``centre [*B, D]``: ``[*B, n, D²+D+1]``."""
     xt = x.double() - centre.double().unsqueeze(-2)
     outer = (xt.unsqueeze(-1) * xt.unsqueeze(-2)).flatten(-2)
@@ -156,7 +156,7 @@ def _natural_params(gmm: GMM, centre: Tensor) -> Tensor:
     return torch.cat([-0.5 * lam.flatten(-2), lin, const.unsqueeze(-1)], dim=-1).mT
 
 
-def _unvec_stats(s: Tensor, d: int, shift: Tensor, centre: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def quad_stats_about(s: Tensor, d: int, shift: Tensor, centre: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Statistics about ``shift [*B,K,D]`` from ``s = Σ r φ(x) [*B, K, F]`` (features about ``centre``).
 
     With ``u = Σ r x̃``, ``V = Σ r x̃x̃ᵀ`` and ``c̃ = shift − centre``:
@@ -197,7 +197,7 @@ def quad_features(x: Tensor, weight: Tensor | None = None) -> QuadFeatures | Non
     else:
         w = weight.detach()
         centre = (w.unsqueeze(-2) @ xd).squeeze(-2) / w.sum(-1, keepdim=True)
-    return QuadFeatures(centre, _quad_features(x, centre))
+    return QuadFeatures(centre, quad_point_features(x, centre))
 
 
 def _quad_chunk(x: Tensor, phi: Tensor | None, w_nat: Tensor,
@@ -205,7 +205,7 @@ def _quad_chunk(x: Tensor, phi: Tensor | None, w_nat: Tensor,
     """Quadratic-feature kernel: ``(φ [*B,n,F] float64, logp [*B,K,n], log_norm [*B,n], resp [*B,K,n])`` for
     the chunk ``x [*B, n, D]`` (``phi``: its cached features, or ``None`` to build them). The GEMM is
     written ``Wᵀφᵀ`` (``[K, n]`` output): for these thin shapes that is about twice as fast as ``φW``."""
-    phi = _quad_features(x, centre) if phi is None else phi
+    phi = quad_point_features(x, centre) if phi is None else phi
     logp = (w_nat.mT @ phi.mT).to(x.dtype)
     log_norm, resp = _normalise(logp, -2)
     return phi, logp, log_norm, resp
@@ -268,7 +268,7 @@ def accumulate_stats(gmm: GMM, x: Tensor, weight: Tensor | None = None,
         acc = parts if acc is None else tuple(a + b for a, b in zip(acc, parts))
     assert acc is not None  # N >= 1 is validated by callers
     if quad:
-        s0, s1, s2 = (t.to(x.dtype) for t in _unvec_stats(acc[0], d, gmm.means, centre))
+        s0, s1, s2 = (t.to(x.dtype) for t in quad_stats_about(acc[0], d, gmm.means, centre))
     else:
         s0, t, g = acc[:3]
         chol = gmm.cholesky
