@@ -1,0 +1,235 @@
+"""Synthesise a texture of any size from an exemplar by multi-scale patch Mixture-Wasserstein matching.
+
+The output starts as a Gaussian random field with the exemplar's colour mean and covariance and its
+pixels are optimised (Adam with a linearly decaying step, or L-BFGS) so that, at every scale of a Gaussian pyramid, a small Gaussian
+mixture fitted to the output's ``p×p`` patches matches the one fitted to the exemplar's patches in MW2
+(:mod:`imgmw.texture`). Pixels are clamped to [0, 1] after every step.
+
+Outputs (under ``--output``, default ``outputs/texture_synth/``): ``texture.png`` (the result),
+``comparison.png`` (exemplar | result, plus a 2×2 tiling of the result with ``--tileable``),
+``loss.png`` (loss per scale against the step), ``metrics.json`` (settings, timings, final loss per
+scale, patch sliced-W2 to the exemplar and seam energy of the initial noise and of the result) and, with
+``--save-every N``, ``frames/step_NNNNN.png``. Nothing is written when the run fails.
+
+Examples::
+
+    python -m apps.texture_synth                                  # data/wood.png -> 256x256
+    python -m apps.texture_synth data/brick.png --size 640x360 --tileable
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from apps._cli import AppError, add_common_args, positive_float, positive_int, resolve_device, run, \
+    staged_output, write_json
+
+PROG = "texture_synth"
+DEFAULT_EXEMPLAR = Path(__file__).resolve().parent.parent / "data" / "wood.png"
+DEFAULT_SIZE = "256"
+DEFAULT_ITERS = 300
+MAX_PATCH = 16      # D = 3·p² = 768: the paper's practical limit for full covariances is D ≈ 1000
+MAX_SIDE = 4096     # output side cap: a 4096² synthesis already needs a few GB with the optimiser's state
+METRIC_PATCH = 4    # patch sliced-W2 in metrics.json always uses 4×4 patches, so runs compare
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad flags as an AppError (one line on stderr, exit code 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise AppError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=f"python -m apps.{PROG}", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("exemplar", nargs="?", type=Path, default=DEFAULT_EXEMPLAR,
+                   help="exemplar image (any format Pillow reads)")
+    p.add_argument("--size", default=DEFAULT_SIZE, help="output size: N (N×N) or WxH, e.g. 640x360")
+    p.add_argument("--patch", type=positive_int, default=4, help="patch side p (4 or 8; D = 3p²)")
+    p.add_argument("--k", type=positive_int, default=4, help="Gaussian components per scale")
+    p.add_argument("--scales", type=positive_int, default=None,
+                   help="pyramid levels (default: as many as keep the coarsest side >= 16 px)")
+    p.add_argument("--n-patches", type=positive_int, default=None,
+                   help="patches drawn per scale per step (default 2048)")
+    p.add_argument("--optimizer", choices=("adam", "lbfgs"), default="adam", help="pixel optimiser")
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help="step size (default: adam 0.03, decayed linearly to 0 over --iters; lbfgs 1)")
+    p.add_argument("--tileable", action="store_true", help="periodic synthesis: the output tiles seamlessly")
+    p.add_argument("--fixed-weights", action="store_true",
+                   help="keep uniform mixture weights (the paper's choice; collapses more often, see imgmw.texture)")
+    add_common_args(p, PROG, iters=DEFAULT_ITERS)
+    return p
+
+
+def _check_args(args: argparse.Namespace) -> tuple[int, int]:
+    """Cheap checks before anything heavy; returns the output size ``(H, W)``."""
+    from imgmw.image import parse_size
+
+    size = parse_size(args.size)
+    if max(size) > MAX_SIDE:
+        raise AppError(f"--size {args.size}: sides above {MAX_SIDE} px are not supported; tile a smaller "
+                       "--tileable result instead")
+    if args.patch > MAX_PATCH:
+        raise AppError(f"--patch {args.patch} is too large (patch vectors of {3 * args.patch ** 2} dims); "
+                       f"use at most {MAX_PATCH}, typically 4 or 8")
+    if args.save_every < 0:
+        raise AppError(f"--save-every must be >= 0, got {args.save_every}")
+    return size
+
+
+def _progress(args: argparse.Namespace, out_dir: Path):
+    """``(callback, bar)``: updates a tqdm bar with the per-scale losses and saves frames if asked."""
+    from tqdm import tqdm
+
+    from imgmw.image import save_image
+
+    bar = tqdm(total=args.iters, desc=PROG, disable=args.quiet, leave=False, dynamic_ncols=True)
+
+    def callback(step: int, image, per_scale) -> None:
+        if step == 0:
+            bar.reset()  # restart the clock: the target fits before the first step are not steps
+        bar.update(1)
+        bar.set_postfix_str(" ".join(f"s{i}={float(v):.4g}" for i, v in enumerate(per_scale)), refresh=False)
+        if args.save_every and (step + 1) % args.save_every == 0:
+            frames = out_dir / "frames"
+            frames.mkdir(exist_ok=True)
+            save_image(image[0], frames / f"step_{step + 1:05d}.png")
+
+    return callback, bar
+
+
+def _comparison(exemplar, result, tileable: bool):
+    """``exemplar | result`` at the result's height, or ``exemplar | result | 2×2 tiling of result`` at
+    twice its height when tileable (the tiling at full resolution, so a seam would show)."""
+    from imgmw.image import side_by_side
+
+    images = [exemplar, result]
+    if tileable:
+        images.append(result.repeat(1, 2, 2))
+    height = result.shape[-2] * (2 if tileable else 1)
+    return side_by_side([img.cpu() for img in images], height=height)
+
+
+def _plot_loss(losses, path: Path) -> None:
+    """Loss per scale and in total against the step (log scale): matplotlib, else a Pillow drawing."""
+    curves = {f"scale {s}": losses[:, s].tolist() for s in range(losses.shape[1])}
+    curves["total"] = losses.sum(1).tolist()
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        _plot_loss_pillow(curves, path)
+        return
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for name, values in curves.items():
+        ax.plot(range(1, len(values) + 1), values, label=name, lw=2 if name == "total" else 1)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("MW2² (patch GMMs)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _plot_loss_pillow(curves: dict[str, list[float]], path: Path) -> None:
+    """Poor man's log-scale line plot with Pillow (no matplotlib installed)."""
+    from PIL import Image, ImageDraw
+
+    width, height, margin = 600, 400, 40
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    values = [v for vs in curves.values() for v in vs if v > 0]
+    lo, hi = (math.log10(min(values)), math.log10(max(values))) if values else (0.0, 1.0)
+    hi = hi if hi > lo else lo + 1
+    n = max(len(vs) for vs in curves.values())
+    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#000000"]
+    draw.rectangle([margin, margin, width - margin, height - margin], outline="black")
+    for i, (name, vs) in enumerate(curves.items()):
+        colour = colours[i % len(colours)] if name != "total" else "#000000"
+        pts = [(margin + (width - 2 * margin) * j / max(1, n - 1),
+                height - margin - (height - 2 * margin) * (math.log10(max(v, 10 ** lo)) - lo) / (hi - lo))
+               for j, v in enumerate(vs)]
+        if len(pts) > 1:
+            draw.line(pts, fill=colour, width=2 if name == "total" else 1)
+        draw.text((margin + 5, margin + 5 + 12 * i), name, fill=colour)
+    draw.text((margin, height - margin + 5), f"step 1..{n}; log10 loss {lo:.2f}..{hi:.2f}", fill="black")
+    img.save(path)
+
+
+def _metrics(args: argparse.Namespace, size: tuple[int, int], exemplar, result, device, total: float,
+             patch_sw: dict, seams: dict) -> dict[str, Any]:
+    losses = result.losses
+    return {
+        "settings": {
+            "exemplar": str(args.exemplar), "exemplar_size": list(exemplar.shape[-2:]), "size": list(size),
+            "patch": args.patch, "k": args.k, "scales": result.n_scales, "n_patches": args.n_patches,
+            "iters": args.iters, "optimizer": args.optimizer, "lr": args.lr, "tileable": args.tileable,
+            "fixed_weights": args.fixed_weights, "seed": args.seed, "device": str(device),
+        },
+        "timings": {
+            "setup_seconds": result.setup_seconds, "optimisation_seconds": result.seconds,
+            "seconds_per_iter": result.seconds / args.iters, "total_seconds": total,
+        },
+        "loss": {
+            "first_per_scale": losses[0].tolist(), "final_per_scale": losses[-1].tolist(),
+            "final_total": float(losses[-1].sum()),
+        },
+        "patch_sliced_w2": patch_sw,
+        "seam_energy": seams,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    size = _check_args(args)
+    start = time.perf_counter()
+
+    import torch
+
+    from imgmw.image import load_image, save_image
+    from imgmw.metrics import patch_sliced_w2, seam_energy
+    from imgmw.texture import ADAM_LR, DEFAULT_PATCHES, synthesize_texture, texture_n_scales
+
+    device = resolve_device(args.device)
+    exemplar = load_image(args.exemplar)
+    texture_n_scales(tuple(exemplar.shape[-2:]), size, args.patch, args.scales)  # too small: ValueError
+    args.n_patches = args.n_patches or DEFAULT_PATCHES
+    args.lr = args.lr or (ADAM_LR if args.optimizer == "adam" else 1.0)
+    generator = torch.Generator().manual_seed(args.seed)
+
+    with staged_output(args.output) as stage:
+        callback, bar = _progress(args, stage)
+        try:
+            result = synthesize_texture(
+                exemplar.to(device), size, patch=args.patch, n_components=args.k, n_scales=args.scales,
+                n_patches=args.n_patches, iters=args.iters, lr=args.lr, optimizer=args.optimizer,
+                periodic=args.tileable, fixed_weights=args.fixed_weights, generator=generator, callback=callback)
+        finally:
+            bar.close()
+        image, init = result.image.cpu(), result.init.cpu()
+        save_image(image, stage / "texture.png")
+        save_image(_comparison(exemplar, image, args.tileable), stage / "comparison.png")
+        _plot_loss(result.losses, stage / "loss.png")
+        patch_sw = {"patch": METRIC_PATCH, "init": patch_sliced_w2(init, exemplar, patch=METRIC_PATCH),
+                    "result": patch_sliced_w2(image, exemplar, patch=METRIC_PATCH)}
+        seams = {"init": seam_energy(init), "result": seam_energy(image)}
+        metrics = _metrics(args, size, exemplar, result, device, time.perf_counter() - start, patch_sw, seams)
+        write_json(metrics, stage / "metrics.json")
+
+    if not args.quiet:
+        print(f"patch sliced-W2 to the exemplar: {patch_sw['init']:.4g} (noise) -> {patch_sw['result']:.4g} "
+              f"(result); {result.seconds:.1f} s for {args.iters} steps")
+    print(f"wrote {args.output}/texture.png, comparison.png, loss.png, metrics.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(PROG, main))
