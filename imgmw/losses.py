@@ -104,6 +104,17 @@ class MW2Loss(nn.Module):
         """The fixed target mixture (on this module's device and dtype)."""
         return GMM(self.target_weights, self.target_means, self.target_covariances)
 
+    def start_from_target(self, batch_shape: torch.Size) -> None:
+        """Make the warm-started EM's next (re-)initialisation start from the target mixture, broadcast to
+        the batch shape ``*B`` of the points to be fitted (a no-op while its state is live)."""
+        em = self.em
+        if em is None or (em.state is not None and em.state.batch_shape == batch_shape):
+            return
+        t = self.target
+        k, d = t.n_components, t.n_features
+        em.init = GMM(t.weights.expand(*batch_shape, k), t.means.expand(*batch_shape, k, d),
+                      t.covariances.expand(*batch_shape, k, d, d))
+
     def reset(self) -> None:
         """Forget the warm-start state: the next call fits the input from scratch."""
         if self.em is not None:

@@ -476,20 +476,9 @@ class StyleLoss(nn.Module):
             raise ValueError(f"expected features of {len(self.terms)} layers, got {len(points)}")
         values = []
         for term, x in zip(self.terms, points):
-            _start_from_target(term, x.shape[:-2])
+            term.start_from_target(x.shape[:-2])
             values.append(term(x))
         return torch.stack(values)
-
-
-def _start_from_target(loss: MW2Loss, batch_shape: torch.Size) -> None:
-    """Make ``loss``'s warm-started EM start its first fit from the target mixture (broadcast to ``*B``)."""
-    em = loss.em
-    if em.state is not None and em.state.batch_shape == batch_shape:
-        return
-    t = loss.target
-    k, d = t.n_components, t.n_features
-    em.init = GMM(t.weights.expand(*batch_shape, k), t.means.expand(*batch_shape, k, d),
-                  t.covariances.expand(*batch_shape, k, d, d))
 
 
 # ------------------------------------------------------------------------------------------ optimisation

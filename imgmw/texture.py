@@ -339,25 +339,13 @@ class PatchMW2Loss(nn.Module):
             positions = self.resample(levels)
         terms = []
         for loss, level, pos in zip(self.scales, levels, positions):
-            _start_from_target(loss, image.shape[:1])
+            loss.start_from_target(image.shape[:1])
             terms.append(loss(gather_patches(level, self.patch, pos, self.periodic)))
             if self.min_weight > 0:
                 loss.em.state = split_heaviest(loss.em.state, self.min_weight)
         per_scale = torch.stack(terms)
         self.last_per_scale = per_scale.detach()
         return per_scale.sum()
-
-
-def _start_from_target(loss: MW2Loss, batch_shape: torch.Size) -> None:
-    """Make the warm-started EM of ``loss`` start its next (re-)initialisation from the target mixture,
-    broadcast to the batch shape ``*B`` of the points to be fitted (a no-op while its state is live)."""
-    em = loss.em
-    if em.state is not None and em.state.batch_shape == batch_shape:
-        return
-    t = loss.target
-    k, d = t.n_components, t.n_features
-    em.init = GMM(t.weights.expand(*batch_shape, k), t.means.expand(*batch_shape, k, d),
-                  t.covariances.expand(*batch_shape, k, d, d))
 
 
 def split_heaviest(gmm: GMM, min_weight: float) -> GMM:

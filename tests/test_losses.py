@@ -24,7 +24,7 @@ def test_adam_steps_lower_the_loss_and_move_the_points(warm_start):
     x = torch.randn(300, 2, generator=torch.Generator().manual_seed(2)).requires_grad_()
     opt = torch.optim.Adam([x], lr=0.05)
     losses = []
-    for _ in range(40):
+    for _ in range(60):
         opt.zero_grad()
         loss = loss_fn(x)
         loss.backward()
