@@ -59,6 +59,7 @@ Measurements (``data/chelsea.jpg`` at 256×170 in the style of ``data/wood.png``
 """
 from __future__ import annotations
 
+import abc
 import math
 import os
 import time
@@ -215,7 +216,7 @@ class Features:
     content: Tensor
 
 
-class FeatureExtractor(nn.Module):
+class FeatureExtractor(nn.Module, abc.ABC):
     """Maps images ``[B, 3, H, W]`` (sRGB in [0, 1]) to per-layer feature vectors; no trainable state.
 
     Subclasses set ``name``, ``layers`` (names) and ``dims`` (``d_ℓ``) and implement :meth:`forward`,
@@ -226,18 +227,18 @@ class FeatureExtractor(nn.Module):
     layers: tuple[str, ...]
     dims: tuple[int, ...]
 
+    @abc.abstractmethod
     def forward(self, image: Tensor, n_samples: int | None = None,
                 generator: torch.Generator | None = None) -> Features:
         """Features of ``image [B, 3, H, W]``: ``n_samples`` random positions per layer (all if ``None``)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def check_size(self, height: int, width: int, what: str = "image") -> None:
         """Raise ValueError when an ``H × W`` image is too small for this extractor."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def config(self) -> dict:
         """The keyword arguments of :func:`make_extractor` that rebuild this extractor."""
-        raise NotImplementedError
 
 
 class VGG19Features(FeatureExtractor):
