@@ -501,8 +501,8 @@ def _flow_problem(seed: int, device, dtype):
 def run_flow(args: argparse.Namespace) -> tuple[dict, dict]:
     device, dtype = _setup(args)
     _need_mw2("flow")
-    iters = args.iters if args.iters is not None else (8 if args.quick else 150)
-    n_iter, lr = (5, 0.1) if args.quick else (10, 0.1)
+    iters = args.iters if args.iters is not None else (12 if args.quick else 150)
+    n_iter, lr = 10, 0.1
     x0, target = _flow_problem(args.seed, device, dtype)
     results: dict[str, Any] = {"command": "flow", "n": 200, "K": 3, "d": 2, "fixed_weights": True, "iters": iters,
                                "em_steps": n_iter, "step": f"x <- x - {lr} * n * grad", "quick": args.quick,
