@@ -18,7 +18,7 @@ _EXPORTS = {
     "EMResult": "em", "WarmStartEM": "em", "e_step": "em", "em_step": "em", "fit_gmm": "em", "m_step": "em",
     "GaussianMixture": "estimator",
     "mw2": "ot", "gaussian_w2_cost": "ot", "gmm_ot_plan": "ot", "gmm_ot_map": "ot", "gmm_barycentre": "ot",
-    "MW2Loss": "losses", "PatchMW2Loss": "losses",
+    "MW2Loss": "losses", "PatchMW2Loss": "texture",
     "EMLayer": "layers",
     "load_image": "image", "save_image": "image",
     "transfer_colours": "colour", "style_transfer": "style", "StyleModel": "style",

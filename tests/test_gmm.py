@@ -188,3 +188,10 @@ def test_gradcheck_log_prob_wrt_points_and_parameters():
         return GMM(torch.softmax(logits, -1), means, a @ a.mT + 0.2 * torch.eye(2, dtype=F64)).log_prob(x)
 
     assert gradcheck(fn, (x, logits, means, a))
+
+
+def test_every_lazy_export_resolves():
+    import imgmw
+
+    for name in imgmw.__all__:
+        assert getattr(imgmw, name) is not None, name
