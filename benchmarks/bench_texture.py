@@ -6,10 +6,12 @@ measure is the multi-scale patch sliced-W2 to the exemplar (:func:`imgmw.metrics
 patches, 4 levels), evaluated every ``--eval-every`` steps outside the timed region.
 
 * **imgmw**: :func:`imgmw.texture.synthesize_texture` with its defaults (4×4 patches, K=4, all scales,
-  2048 patches per scale per step, Adam lr 0.01, ``--iters`` steps). Its time includes the target fits.
+  2048 patches per scale per step, Adam lr 0.03 decayed linearly to 0 over ``--iters`` steps). Its time
+  includes the target fits.
 * **baseline** (written here after Houdard, Leclaire, Papadakis & Rabin's multi-scale patch optimal
   transport synthesis): 4 scales; at scale ``s`` the target is ``Y_s`` = 2000 random 4×4 exemplar
-  patches (all of them on levels with fewer) and the loss is the semi-dual OT cost with a dual vector ``ψ_s ∈ R^2000``
+  patches (all of them on levels with fewer) and the loss is the semi-dual OT cost with a dual vector
+  ``ψ_s ∈ R^2000``
 
       H_s(ψ, X) = (1/n) Σ_i min_j (‖x_i − y_j‖² − ψ_j) + (1/J) Σ_j ψ_j,
 

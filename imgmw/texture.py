@@ -253,11 +253,12 @@ class PatchMW2Loss(nn.Module):
 
     Why learned weights and re-seeding (measured with k-means++ starts on 64×64 crops of
     ``data/wood.png`` and ``data/brick.png``, 48×48 outputs, 2 scales, Adam lr 0.01, 100 steps;
-    ratio = patch-SW of the noise start / patch-SW of the result, higher is better): with fixed uniform weights the fits' components
-    lose their points one after the other within ~20 steps (a component holding few points can match its
-    target cheaply, and a fixed weight does not charge for the missing mass) until one Gaussian holds all
-    patches; the ratios were 0.62 (wood, worse than the start) and 1.22 (brick). Learned weights: 1.70
-    (brick); learned weights with re-seeding: 2.76 (wood) and 2.14 (brick).
+    ratio = patch-SW of the noise start / patch-SW of the result, higher is better): with fixed uniform
+    weights the fits' components lose their points one after the other within ~20 steps (a component
+    holding few points can match its target cheaply, and a fixed weight does not charge for the missing
+    mass) until one Gaussian holds all patches; the ratios were 0.62 (wood, worse than the start) and
+    1.22 (brick). Learned weights: 1.70 (brick); learned weights with re-seeding: 2.76 (wood) and 2.14
+    (brick).
 
     Attributes:
         last_per_scale: ``[S]`` detached values of the last call's per-scale terms (for progress bars).
