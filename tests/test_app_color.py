@@ -12,6 +12,7 @@ from PIL import Image
 
 from apps import color_transfer
 from apps._cli import run
+from tests.app_checks import assert_clean_failure
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,11 +75,7 @@ def test_module_entry_point(tmp_path):
 
 
 def _assert_clean_failure(capsys, argv: list[str], out: Path, fragment: str) -> None:
-    assert _main(argv + ["--output", str(out), "--quiet"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and fragment in err, err
-    assert not out.exists()
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}-")]
+    assert_clean_failure(_main, capsys, argv, out, fragment)
 
 
 def test_bad_inputs_exit_2_and_write_nothing(tmp_path, capsys):

@@ -18,6 +18,7 @@ from PIL import Image
 
 from apps import barycenter
 from apps._cli import run
+from tests.app_checks import assert_clean_failure
 from imgmw import GMM, WarmStartEM, gmm_barycentre, mw2
 from imgmw.barycentre import (barycentre_flow, barycentre_objective, barycentre_weights, colour_targets,
                               demo_targets, palette_image, recolour_to_gmm, stack_targets)
@@ -201,11 +202,7 @@ def test_app_palette_with_recolor(tmp_path):
 
 
 def _assert_clean_failure(capsys, argv: list[str], out: Path, fragment: str) -> None:
-    assert _main(argv + ["--output", str(out), "--quiet"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and fragment in err, err
-    assert not out.exists()
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}-")]
+    assert_clean_failure(_main, capsys, argv, out, fragment)
 
 
 def test_app_bad_inputs_exit_2_and_write_nothing(tmp_path, capsys):

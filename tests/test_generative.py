@@ -19,6 +19,7 @@ from PIL import Image
 
 from apps import train_generator
 from apps._cli import run
+from tests.app_checks import assert_clean_failure
 from imgmw import GMM, mw2
 from imgmw.generative import (MW2GeneratorTrainer, generated_sliced_w2, load_checkpoint, load_samples,
                               make_generator, ring_of_gaussians, sample_grid, save_checkpoint)
@@ -212,11 +213,7 @@ def test_app_image_data_sets(tmp_path, data, dim):
 
 
 def _assert_clean_failure(capsys, argv: list[str], out: Path, fragment: str) -> None:
-    assert _main(argv + ["--output", str(out), "--quiet"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and fragment in err, err
-    assert not out.exists()
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}-")]
+    assert_clean_failure(_main, capsys, argv, out, fragment)
 
 
 def test_app_bad_inputs_exit_2_and_write_nothing(tmp_path, capsys):

@@ -17,6 +17,7 @@ from PIL import Image
 
 from apps import style_transfer as app
 from apps._cli import run
+from tests.app_checks import assert_clean_failure
 from imgmw.image import load_image
 from imgmw.patches import gaussian_pyramid
 from imgmw.style import (VGG19_FILE, PatchFeatures, StyleModel, VGG19Features, WeightsUnavailableError,
@@ -293,11 +294,7 @@ def test_module_entry_point(tmp_path):
 
 
 def _assert_clean_failure(capsys, argv: list[str], out: Path, fragment: str) -> None:
-    assert _main(argv + ["--output", str(out), "--quiet"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and fragment in err, err
-    assert not out.exists()
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}-")]
+    assert_clean_failure(_main, capsys, argv, out, fragment)
 
 
 def test_bad_inputs_exit_2_and_write_nothing(tmp_path, capsys):
