@@ -133,6 +133,9 @@ def run(prog: str, main: Callable[[Sequence[str] | None], int], argv: Sequence[s
     except ValueError as err:  # imgmw raises ValueError (and subclasses) for bad input
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
+    except ArithmeticError as err:  # imgmw.flow.FlowDivergence: a step size too large for the problem
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; nothing written", file=sys.stderr)
         return 130

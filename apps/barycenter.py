@@ -164,10 +164,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from imgmw.barycentre import (barycentre_flow, barycentre_objective, barycentre_weights, demo_targets,
                                   colour_targets, recolour_to_gmm, stack_targets)
-    from imgmw.em import WarmStartEM
     from imgmw.image import load_image, save_image, side_by_side
     from imgmw.losses import relative_reg_covar
+    from imgmw.flow import refit_mw2
     from imgmw.ot import gmm_barycentre, mw2
+    from imgmw.warm import WarmStartEM
 
     device = resolve_device(args.device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
@@ -183,8 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     stacked = stack_targets(targets)
     t_targets = time.perf_counter()
 
-    em = WarmStartEM(args.k, fixed_weights=True, reg_covar=relative_reg_covar(stacked), n_init_iter=30,
-                     generator=gen)
+    reg = relative_reg_covar(stacked)
+    em = WarmStartEM(args.k, fixed_weights=True, reg_covar=reg, n_init_iter=30, generator=gen)
     with staged_output(args.output) as out:
         bar = tqdm(total=args.iters, desc="barycentre flow", disable=args.quiet, file=sys.stderr)
 
@@ -209,6 +210,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             fixed_point = gmm_barycentre(targets, lam)
             fixed_value = barycentre_objective(fixed_point, stacked, lam)[0]
             gap = mw2(fit, fixed_point)
+            refit = (lam.view(-1, *[1] * (per_target.dim() - 1)) *
+                     refit_mw2(points, stacked, n_components=args.k, fixed_weights=True, reg_covar=reg,
+                               generator=gen)).sum(0)
         written = []
         if args.mode == "points":
             _plot_points(out / "barycenter.png", targets, points, fit, history, gen)
@@ -234,6 +238,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "seconds_total": time.perf_counter() - t_start,
             "first_objective": history[0],
             "final_objective": float(final),
+            "final_loss": history[-1],
+            "refit_mw2": float(refit.sum()),
+            "fit_keeping": em.diagnostics.as_dict(),
             "per_target_mw2": per_target.tolist(),
             "fixed_point_objective": float(fixed_value),
             "mw2_flow_fit_to_fixed_point": float(gap),

@@ -34,9 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--colorspace", default="lab", choices=("rgb", "lab"), help="space of the mixtures")
     p.add_argument("--k", type=positive_int, default=10, help="mixture components on both sides (default 10)")
     p.add_argument("--lr", type=positive_float, default=0.2, help="step size of the flow (default 0.2)")
-    p.add_argument("--optimizer", default="wgd", choices=("wgd", "adam"),
-                   help="wgd: Wasserstein gradient descent, every pixel moves at the gradient's speed (default); "
+    p.add_argument("--optimizer", default="gd", choices=("gd", "adam"),
+                   help="gd: Wasserstein gradient descent, every pixel moves at the gradient's speed (default); "
                         "adam: Adam on the palette colours")
+    p.add_argument("--fixed-weights", action="store_true",
+                   help="keep uniform mixture weights 1/K (the paper's choice; learned weights measure better)")
     p.add_argument("--max-colors", type=positive_int, default=8192,
                    help="at most this many distinct (quantised) colours are optimised; the result is spread "
                         "to all pixels by a 3-D lookup table")
@@ -76,7 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         result = transfer_colours(source, target, method=args.method, colorspace=args.colorspace, k=args.k,
                                   iters=args.iters, lr=args.lr, optimizer=args.optimizer, max_colors=args.max_colors,
-                                  unbalanced=tuple(args.lambdas), map_method=args.map_method, seed=args.seed,
+                                  unbalanced=tuple(args.lambdas), map_method=args.map_method,
+                                  fixed_weights=args.fixed_weights, seed=args.seed,
                                   callback=progress)
         bar.close()
         image_name = f"result.{args.format}"
@@ -92,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "palette_levels": result.levels,
             "final_loss": result.losses[-1] if result.losses else None,
             "first_loss": result.losses[0] if result.losses else None,
+            "refit_mw2": result.refit_mw2,
+            "fit_keeping": result.fit,
             "colour_sw2_source_to_target": color_sliced_w2(source, target, seed=args.seed),
             "colour_sw2_result_to_target": color_sliced_w2(result.image, target, seed=args.seed),
             "luminance_ssim_result_vs_source": luminance_ssim(result.image, source),

@@ -340,6 +340,7 @@ def _run(args: argparse.Namespace, device) -> int:
     names = ("setup", "train", "evaluate")
     metrics = {"settings": _settings(args), "device": str(device), "resumed_from_step": start,
                "steps": len(history["loss"]), "final_train_loss": history["loss"][-1] if history["loss"] else None,
+               "final_loss": history["loss"][-1] if history["loss"] else None,
                "table": table, "init": "k-means++ (imgmw.init.init_gmm), the same initial GMM for all rows",
                "timings_s": {name: b[0] - a[0] for name, a, b in zip(names, clock, clock[1:])},
                "cpu_s": {name: b[1] - a[1] for name, a, b in zip(names, clock, clock[1:])}}

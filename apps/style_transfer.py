@@ -124,12 +124,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _metrics(args: argparse.Namespace, device, result, content, style, t_start: float) -> dict:
     """The metrics.json record: settings, extractor, timings, per-layer losses (last step's warm-started
     values and converged-fit evaluations of the content and the result) and quality metrics."""
+    import torch
+
     from imgmw.metrics import luminance_ssim, patch_sliced_w2
     from imgmw.style import style_distances
 
     layers = list(result.extractor.layers)
     dist_content = style_distances(content, result.model, result.extractor, seed=args.seed)
     dist_result = style_distances(result.image, result.model, result.extractor, seed=args.seed)
+    refit = style_distances(result.image, result.model, result.extractor, seed=args.seed, fresh=True)
     return {
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "device": str(device),
@@ -148,6 +151,9 @@ def _metrics(args: argparse.Namespace, device, result, content, style, t_start: 
         "final_loss_per_layer": dict(zip(layers, result.style_losses[-1].tolist())),
         "first_total_loss": float(result.losses[0]),
         "final_total_loss": float(result.losses[-1]),
+        "final_loss": float((result.style_losses[-1] * torch.tensor(result.layer_weights, dtype=torch.float64)).sum()),
+        "refit_mw2": float(sum(w * r for w, r in zip(result.layer_weights, refit))),
+        "refit_mw2_per_layer": dict(zip(layers, refit)),
         "final_content_error": float(result.content_losses[-1]),
         "style_mw2_content_per_layer": dict(zip(layers, dist_content)),
         "style_mw2_result_per_layer": dict(zip(layers, dist_result)),

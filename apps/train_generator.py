@@ -175,7 +175,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
     from tqdm import tqdm
 
+    from imgmw.flow import refit_mw2
     from imgmw.generative import MW2GeneratorTrainer, generated_sliced_w2, make_generator, save_checkpoint
+    from imgmw.losses import fit_target
 
     device = resolve_device(args.device)
     t_start = time.perf_counter()
@@ -225,8 +227,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             "seconds_total": time.perf_counter() - t_start,
             "reg_covar": trainer.reg_covar,
             "warm_restarts": trainer.restarts,
+            "final_loss": trainer.history[-1] if trainer.history else None,
             "final_loss_mean_last_50": (sum(trainer.history[-50:]) / len(trainer.history[-50:])
                                         if trainer.history else None),
+            "refit_mw2": float(refit_mw2(generated, fit_target(held_out, trainer.k, reg_covar=trainer.reg_covar,
+                                                              generator=torch.Generator().manual_seed(args.seed)),
+                                         reg_covar=trainer.reg_covar,
+                                         generator=torch.Generator().manual_seed(args.seed))),
             "sw2_untrained": extra["sw2_untrained"],
             "sw2_trained": generated_sliced_w2(generated, held_out, seed=args.seed),
             "sw2_real_train_vs_held_out": generated_sliced_w2(data.train[floor_idx.to(device)], held_out,

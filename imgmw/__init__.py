@@ -15,10 +15,12 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "GMM": "gmm",
-    "EMResult": "em", "WarmStartEM": "em", "e_step": "em", "em_step": "em", "fit_gmm": "em", "m_step": "em",
+    "EMResult": "em", "e_step": "em", "em_step": "em", "fit_gmm": "em", "m_step": "em",
+    "WarmStartEM": "warm", "FitPolicy": "warm",
+    "run_flow": "flow", "refit_mw2": "flow", "FlowDivergence": "flow",
     "GaussianMixture": "estimator",
     "mw2": "ot", "gaussian_w2_cost": "ot", "gmm_ot_plan": "ot", "gmm_ot_map": "ot", "gmm_barycentre": "ot",
-    "MW2Loss": "losses", "PatchMW2Loss": "texture",
+    "MW2Loss": "losses", "fit_target": "losses", "PatchMW2Loss": "texture",
     "EMLayer": "layers",
     "load_image": "image", "save_image": "image",
     "transfer_colours": "colour", "style_transfer": "style", "StyleModel": "style",

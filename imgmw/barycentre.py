@@ -5,12 +5,12 @@ points ``X ∈ R^{N×D}`` to minimise
 
     E(X) = Σ_i λ_i MW2²(EM_K(X), ν_i),
 
-where ``EM_K(X)`` is the warm-started, fixed-uniform-weight, ``K``-component EM fit of ``X`` (one
-differentiable EM step per iteration from the previous iteration's detached parameters, the paper's
-Algorithm 3, :class:`imgmw.WarmStartEM`). ``X`` starts as seeded standard normal noise. Each iteration is
-one explicit Euler step of the Wasserstein gradient flow of ``E`` on the empirical measure
-``(1/N) Σ δ_{x_i}``: ``x_i ← x_i − lr · N ∇_{x_i} E`` (each point moves at the speed of the flow's velocity
-field, whatever ``N``). At convergence ``EM_K(X)`` is a ``K``-component MW2 barycentre of the targets,
+where ``EM_K(X)`` is the warm-started ``K``-component EM fit of ``X`` (one differentiable EM step per
+iteration from the previous iteration's repaired, detached parameters: the paper's Algorithm 3 with the
+fit-keeping policy, :class:`imgmw.WarmStartEM`). ``X`` starts as seeded standard normal noise. Each
+iteration is one explicit Euler step of the Wasserstein gradient flow of ``E`` on the empirical measure
+``(1/N) Σ δ_{x_i}`` (:func:`imgmw.flow.run_flow`): ``x_i ← x_i − lr · N ∇_{x_i} E`` (each point moves at the
+speed of the flow's velocity field, whatever ``N``). At convergence ``EM_K(X)`` is a ``K``-component MW2 barycentre of the targets,
 the same object :func:`imgmw.gmm_barycentre` computes by a fixed point on the mixture parameters.
 
 Colour palettes: the targets are the colour GMMs of several images (:func:`colour_targets`), the
@@ -26,11 +26,12 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .em import WarmStartEM
+from .flow import run_flow
 from .gmm import GMM
 from .losses import relative_reg_covar
 from .ot import barycentre_weights
 from .ot import check_gmm, mw2
+from .warm import WarmStartEM
 
 __all__ = ["INITS", "stack_targets", "barycentre_objective", "barycentre_flow", "demo_targets",
            "colour_targets", "palette_image", "recolour_to_gmm"]
@@ -112,15 +113,16 @@ def barycentre_flow(targets: Sequence[GMM], weights: Sequence[float] | Tensor | 
             ``Σ_i λ_i ν_i``).
         generator: seeds the initial noise and the k-means++ start of the first EM fit.
         em: the warm-started EM to use (default: a new :class:`imgmw.WarmStartEM` with ``k``, fixed uniform
-            weights, ``reg_covar`` and ``generator``); pass one to read the final fit of ``X`` from its
-            ``state`` afterwards.
+            weights — the barycentre :func:`imgmw.gmm_barycentre` computes has them —, ``reg_covar`` and
+            ``generator``); pass one to read the final fit of ``X`` from its ``state`` afterwards.
         callback: ``callback(i, E, X)`` after every step (``E`` summed over ``*B``, ``X`` detached).
 
     Returns:
         ``(X [*B, N, D], history)``: the final points and ``E`` (summed over ``*B``) before every step.
 
     Raises:
-        ValueError: bad targets or weights, ``N < K``, non-finite objective.
+        ValueError: bad targets or weights, ``N < K``.
+        imgmw.flow.FlowDivergence: non-finite or exploding objective (lower ``lr``).
     """
     stacked = stack_targets(targets)
     lam = barycentre_weights(weights, stacked.batch_shape[0], stacked.means)
@@ -130,7 +132,7 @@ def barycentre_flow(targets: Sequence[GMM], weights: Sequence[float] | Tensor | 
     if not (isinstance(iters, int) and iters >= 0) or not (0 < lr < math.inf):
         raise ValueError(f"iters must be an integer >= 0 and lr a finite number > 0, got iters={iters!r}, lr={lr!r}")
     x = (_initial_points(init, n_points, stacked, lam, generator) if isinstance(init, str)
-         else init.detach().to(stacked.means).clone())
+         else init.detach().to(stacked.means))
     if x.shape[:-2] != stacked.batch_shape[1:] or x.shape[-1] != stacked.n_features or x.shape[-2] < k:
         want = ", ".join([*map(str, stacked.batch_shape[1:]), f"N >= {k}", str(stacked.n_features)])
         raise ValueError(f"points must be [*B, N, D] = [{want}] (the targets' batch and dimension, at least k "
@@ -138,21 +140,12 @@ def barycentre_flow(targets: Sequence[GMM], weights: Sequence[float] | Tensor | 
     reg = relative_reg_covar(stacked) if reg_covar is None else reg_covar
     if em is None:
         em = WarmStartEM(k, fixed_weights=True, reg_covar=reg, n_init_iter=30, generator=generator)
-    step = lr * x.shape[-2]
-    x.requires_grad_(True)
-    history: list[float] = []
-    for i in range(iters):
-        energy = barycentre_objective(em(x), stacked, lam)[0].sum()
-        value = float(energy.detach())
-        if not math.isfinite(value):
-            raise ValueError(f"the barycentre objective became {value} at step {i}; lower lr or raise reg_covar")
-        (grad,) = torch.autograd.grad(energy, x)
-        with torch.no_grad():
-            x -= step * grad
-        history.append(value)
-        if callback is not None:
-            callback(i, value, x.detach())
-    return x.detach(), history
+
+    def objective(points: Tensor, _: int) -> Tensor:
+        return barycentre_objective(em(points), stacked, lam)[0]
+
+    flow = run_flow(x, objective, iters=iters, lr=lr * x.shape[-2], callback=callback)
+    return flow.x, flow.losses
 
 
 def demo_targets(dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> list[GMM]:
@@ -218,6 +211,6 @@ def recolour_to_gmm(image: Tensor, target: GMM, *, colorspace: str = "lab", iter
     if palette.colours.shape[0] < target.n_components:
         raise ValueError(f"the image to recolour has only {palette.colours.shape[0]} distinct colours, fewer than "
                          f"the {target.n_components} components of the palette mixture")
-    moved, history = colour_flow(to_scaled_space(palette.colours, colorspace), palette.counts, target, iters=iters,
+    moved, flow, _ = colour_flow(to_scaled_space(palette.colours, colorspace), palette.counts, target, iters=iters,
                                  lr=lr, generator=generator)
-    return apply_palette_lut(image, palette, from_scaled_space(moved, colorspace)), history
+    return apply_palette_lut(image, palette, from_scaled_space(moved, colorspace)), flow.losses

@@ -3,9 +3,10 @@
 Methods (:func:`transfer_colours`):
 
 - ``"flow"`` (the paper's method): the source's colours are the variables ``X``; the target's colour GMM
-  ``ν`` (``K`` components, fixed uniform weights) is fitted once; each iteration performs one
-  warm-started, fixed-weight EM step on the current colours (:class:`imgmw.WarmStartEM`) and one Adam
-  step on ``MW2²(EM(X), ν)``.
+  ``ν`` (``K`` components) is fitted once; each iteration performs one warm-started EM step on the current
+  colours (:class:`imgmw.WarmStartEM` with its fit-keeping policy) and one Wasserstein gradient step on
+  ``MW2²(EM(X), ν)`` (:func:`imgmw.flow.run_flow`). Mixture weights are learned on both sides (the paper
+  fixes them uniform; see :mod:`imgmw.losses` for why that is not the default here).
 - ``"unbalanced"``: the same flow on the unbalanced ``UMW2²`` with ``λ = (λ_source, λ_target)``
   (default ``(10, 0.1)``): target colours the source has no counterpart for are not forced onto it.
 - ``"map"``: no optimisation; the Delon–Desolneux GMM-OT map (``"bary"`` or ``"rand"``) from the
@@ -29,14 +30,15 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .em import WarmStartEM, fit_gmm
+from .flow import FlowResult, refit_mw2, run_flow
 from .gmm import GMM
 from .image import from_colorspace, image_to_points, points_to_image, to_colorspace
-from .losses import relative_reg_covar
+from .losses import data_reg_covar, fit_target, relative_reg_covar
 from .ot import gmm_ot_map, mw2
+from .warm import FitPolicy, WarmStartEM
 
 __all__ = ["METHODS", "SPACE_SCALE", "Palette", "ColourTransferResult", "build_palette", "apply_palette_lut",
-           "fit_colour_gmm", "colour_flow", "transfer_colours", "to_scaled_space", "from_scaled_space"]
+           "fit_colour_gmm", "colour_reg_covar", "colour_flow", "transfer_colours", "to_scaled_space", "from_scaled_space"]
 
 METHODS = ("flow", "map", "unbalanced")
 SPACE_SCALE = {"rgb": 1.0, "linear": 1.0, "lab": 100.0}  # colours are divided by this, so all spaces are O(1)
@@ -134,79 +136,82 @@ def from_scaled_space(points: Tensor, space: str) -> Tensor:
 
 
 def fit_colour_gmm(palette: Palette, space: str, k: int, *, generator: torch.Generator | None = None,
-                   n_iter: int = 100, fixed_weights: bool = True) -> GMM:
-    """GMM with ``k`` components of an image's colours (its palette, weighted by pixel counts), in ``space``."""
+                   fixed_weights: bool = False) -> GMM:
+    """GMM with ``k`` components of an image's colours (its palette, weighted by pixel counts), in ``space``
+    (:func:`imgmw.losses.fit_target`; its ``reg_covar`` is :func:`colour_reg_covar` of the palette)."""
     pts = to_scaled_space(palette.colours, space)
     if pts.shape[0] < k:
         raise ValueError(f"the image has only {pts.shape[0]} distinct colours, fewer than k={k}; lower --k")
-    scale = float(pts.var(0).mean()) if pts.shape[0] > 1 else 1.0
-    return fit_gmm(pts, k, n_iter=n_iter, tol=1e-6, fixed_weights=fixed_weights, sample_weight=palette.counts,
-                   reg_covar=1e-6 * max(scale, 1e-6), grad="none", generator=generator).gmm
+    return fit_target(pts, k, sample_weight=palette.counts, fixed_weights=fixed_weights, generator=generator)
+
+
+def colour_reg_covar(palette: Palette, space: str) -> float:
+    """``reg_covar`` of a colour target fitted by :func:`fit_colour_gmm` (and of the fits compared with it)."""
+    return data_reg_covar(to_scaled_space(palette.colours, space), palette.counts)
 
 
 def colour_flow(points: Tensor, weights: Tensor, target: GMM, *, iters: int = 100, lr: float = 0.2,
                 unbalanced: tuple[float, float] | None = None, reg_covar: float | None = None,
-                optimizer: str = "wgd", max_step: float = 0.01, init: GMM | None = None,
+                optimizer: str = "gd", max_step: float = 0.01, init: GMM | None = None,
+                fixed_weights: bool = False, policy: FitPolicy | None = FitPolicy(),
                 generator: torch.Generator | None = None,
-                callback: Callable[[int, float, Tensor], None] | None = None) -> tuple[Tensor, list[float]]:
+                callback: Callable[[int, float, Tensor], None] | None = None) -> tuple[Tensor, FlowResult, WarmStartEM]:
     """Minimise ``E(X) = MW2²(EM(X), target)`` over weighted points ``X = points [M, D]`` (warm-started EM).
 
-    Each iteration does one fixed-uniform-weight EM step on the current ``X`` (point weights
-    ``weights [M]``) and one descent step. ``optimizer="wgd"`` (default) is the explicit Euler step of
-    the Wasserstein gradient flow of ``E`` on the measure ``Σ ω̂_i δ_{x_i}`` (``ω̂ = ω / Σω``):
+    Each iteration does one warm-started EM step on the current ``X`` (point weights ``weights [M]``,
+    :class:`imgmw.WarmStartEM` with ``policy``; learned mixture weights unless ``fixed_weights``) and one
+    step of :func:`imgmw.flow.run_flow`. ``optimizer="gd"`` (default) is the explicit Euler step of the
+    Wasserstein gradient flow of ``E`` on the measure ``Σ ω̂_i δ_{x_i}`` (``ω̂ = ω / Σω``):
     ``x_i ← x_i − lr · ∇_{x_i}E / ω̂_i``, which moves every *pixel* at the speed the gradient asks for
-    whatever the size of its palette bin; each point's step is capped at length ``max_step`` (a trust
-    region: through the responsibilities, points between two narrow components get gradients of order
-    ``Σ⁻¹``). ``"adam"`` uses Adam, which normalises every coordinate's step and
-    so moves rare colours as fast as frequent ones (noisier). ``reg_covar=None`` uses the paper's
-    heuristic, ``1e-4 ×`` the largest covariance eigenvalue of ``target``. ``init``: the GMM the
-    warm-started EM starts from (default: k-means++ on ``X``). ``callback(i, loss, X)`` is called after
-    every step. Returns the final points and the loss history.
+    whatever the size of its palette bin; each point's step is capped at length ``max_step``. ``"adam"``
+    uses Adam, which normalises every coordinate's step and so moves rare colours as fast as frequent ones
+    (noisier). ``reg_covar=None`` uses ``1e-4 ×`` the largest covariance eigenvalue of ``target``.
+    ``init``: the GMM the warm-started EM starts from (default: k-means++ on ``X``). ``callback(i, loss, X)``
+    is called after every step. Returns ``(X, flow result, the warm-started EM)``.
     """
-    if optimizer not in ("wgd", "adam"):
-        raise ValueError(f"optimizer must be 'wgd' or 'adam', got {optimizer!r}")
+    if optimizer not in ("gd", "adam"):
+        raise ValueError(f"optimizer must be 'gd' or 'adam', got {optimizer!r}")
     reg = relative_reg_covar(target) if reg_covar is None else reg_covar
-    em = WarmStartEM(target.n_components, init="kmeans++" if init is None else init, fixed_weights=True,
-                     reg_covar=reg, n_init_iter=30, generator=generator)
-    x = points.detach().clone().requires_grad_(True)
-    inv_mass = (weights.sum() / weights).unsqueeze(-1)
-    opt = torch.optim.Adam([x], lr=lr) if optimizer == "adam" else None
-    history: list[float] = []
-    for i in range(iters):
-        loss = mw2(em(x, sample_weight=weights), target, unbalanced=unbalanced)
-        (grad,) = torch.autograd.grad(loss, x)
-        if opt is None:
-            with torch.no_grad():
-                step = lr * inv_mass * grad
-                norm = torch.linalg.vector_norm(step, dim=-1, keepdim=True)
-                x -= step * (max_step / norm.clamp_min(max_step))
-        else:
-            x.grad = grad
-            opt.step()
-        value = float(loss.detach())
-        if value != value:
-            raise FloatingPointError(f"the MW2 loss became NaN at iteration {i}")
-        history.append(value)
-        if callback is not None:
-            callback(i, value, x.detach())
-    return x.detach(), history
+    em = WarmStartEM(target.n_components, init="kmeans++" if init is None else init, fixed_weights=fixed_weights,
+                     reg_covar=reg, n_init_iter=30, policy=policy, generator=generator)
+
+    def objective(x: Tensor, _: int) -> Tensor:
+        return mw2(em(x, sample_weight=weights), target, unbalanced=unbalanced)
+
+    mass = weights / weights.sum() if optimizer == "gd" else None
+    result = run_flow(points, objective, iters=iters, lr=lr, step=optimizer, point_mass=mass,
+                      max_step=max_step if optimizer == "gd" else None, callback=callback)
+    return result.x, result, em
 
 
 @dataclass
 class ColourTransferResult:
-    """Output of :func:`transfer_colours`: the recoloured ``image [3, H, W]`` and run information."""
+    """Output of :func:`transfer_colours`.
+
+    Attributes:
+        image: the recoloured ``[3, H, W]``.
+        losses: the flow's loss before every step (the map: its one ``MW2²`` between the two fits).
+        refit_mw2: ``MW2²`` between a fresh fit of the result's colours and the target mixture
+            (:func:`imgmw.flow.refit_mw2`); compare with ``losses[-1]``.
+        fit: what the warm start's fit-keeping policy did (:meth:`imgmw.warm.FitDiagnostics.as_dict`).
+        n_colours, levels: palette size and bins per channel.
+        seconds: wall time.
+    """
 
     image: Tensor
     losses: list[float] = field(default_factory=list)
+    refit_mw2: float = float("nan")
+    fit: dict = field(default_factory=dict)
     n_colours: int = 0
     levels: int = 0
     seconds: float = 0.0
 
 
 def transfer_colours(source: Tensor, target: Tensor, *, method: str = "flow", colorspace: str = "rgb",
-                     k: int = 10, iters: int = 100, lr: float = 0.2, optimizer: str = "wgd", max_colors: int = 8192,
-                     unbalanced: tuple[float, float] = (10.0, 0.1), map_method: str = "bary", seed: int = 0,
-                     callback: Callable[[int, float, Callable[[], Tensor]], None] | None = None
+                     k: int = 10, iters: int = 100, lr: float = 0.2, optimizer: str = "gd", max_colors: int = 8192,
+                     unbalanced: tuple[float, float] = (10.0, 0.1), map_method: str = "bary",
+                     fixed_weights: bool = False, policy: FitPolicy | None = FitPolicy(), seed: int = 0,
+                     diagnose: bool = True, callback: Callable[[int, float, Callable[[], Tensor]], None] | None = None
                      ) -> ColourTransferResult:
     """Give ``source [3, H, W]`` the colours of ``target [3, H', W']`` (sRGB in [0, 1]); see the module doc.
 
@@ -214,12 +219,14 @@ def transfer_colours(source: Tensor, target: Tensor, *, method: str = "flow", co
         method: ``"flow"``, ``"unbalanced"`` or ``"map"``.
         colorspace: ``"rgb"``, ``"lab"`` or ``"linear"``: where the GMMs live and the flow moves colours.
         k: mixture components on both sides.
-        iters, lr, optimizer: steps, step size and optimiser of the flows (see :func:`colour_flow`;
+        iters, lr, optimizer: steps, step size and step rule of the flows (see :func:`colour_flow`;
             colours are scaled to O(1) in every space).
         max_colors: bound on the palette size of the flows (see the module doc).
         unbalanced: ``(λ_source, λ_target)`` of the unbalanced method.
         map_method: ``"bary"`` or ``"rand"`` for ``method="map"``.
+        fixed_weights, policy: the mixtures' weighting and the warm start's fit-keeping policy.
         seed: seeds k-means++ and the random map.
+        diagnose: compute :attr:`ColourTransferResult.refit_mw2` (three fresh fits of the result's palette).
         callback: ``callback(i, loss, render)`` after every flow iteration; ``render()`` returns the
             current recoloured image ``[3, H, W]`` (computed only when called).
     """
@@ -231,24 +238,35 @@ def transfer_colours(source: Tensor, target: Tensor, *, method: str = "flow", co
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
     t0 = time.perf_counter()
     gen = torch.Generator(device=source.device).manual_seed(seed)
-    tgt_gmm = fit_colour_gmm(build_palette(target, max_colors), colorspace, k, generator=gen)
-    if method == "map":
-        src_pal = build_palette(source, max_colors)
-        src_gmm = fit_colour_gmm(src_pal, colorspace, k, generator=gen)
-        pts = to_scaled_space(image_to_points(source), colorspace)
-        moved = gmm_ot_map(pts, src_gmm, tgt_gmm, method=map_method, generator=gen)
-        image = points_to_image(from_scaled_space(moved, colorspace), source.shape[-2], source.shape[-1])
-        return ColourTransferResult(image.clamp(0, 1), [float(mw2(src_gmm, tgt_gmm))], src_pal.colours.shape[0],
-                                    src_pal.levels, time.perf_counter() - t0)
+    tgt_pal = build_palette(target, max_colors)
+    tgt_gmm = fit_colour_gmm(tgt_pal, colorspace, k, generator=gen, fixed_weights=fixed_weights)
+    reg = colour_reg_covar(tgt_pal, colorspace)
     palette = build_palette(source, max_colors)
     if palette.colours.shape[0] < k:
-        raise ValueError(f"the source has only {palette.colours.shape[0]} distinct colours, fewer than k={k}")
-    def render(x: Tensor) -> Tensor:
-        return apply_palette_lut(source, palette, from_scaled_space(x, colorspace))
+        raise ValueError(f"the source has only {palette.colours.shape[0]} distinct colours, fewer than k={k}; "
+                         "lower k")
+    if method == "map":
+        src_gmm = fit_colour_gmm(palette, colorspace, k, generator=gen, fixed_weights=fixed_weights)
+        pts = to_scaled_space(image_to_points(source), colorspace)
+        moved = gmm_ot_map(pts, src_gmm, tgt_gmm, method=map_method, generator=gen)
+        image = points_to_image(from_scaled_space(moved, colorspace), source.shape[-2], source.shape[-1]).clamp(0, 1)
+        losses, fit = [float(mw2(src_gmm, tgt_gmm))], {}
+    else:
+        def render(x: Tensor) -> Tensor:
+            return apply_palette_lut(source, palette, from_scaled_space(x, colorspace))
 
-    hook = None if callback is None else (lambda i, loss, x: callback(i, loss, lambda: render(x)))
-    moved, history = colour_flow(to_scaled_space(palette.colours, colorspace), palette.counts, tgt_gmm, iters=iters,
-                                 lr=lr, optimizer=optimizer, unbalanced=unbalanced if method == "unbalanced" else None,
-                                 generator=gen, callback=hook)
-    image = render(moved)
-    return ColourTransferResult(image, history, palette.colours.shape[0], palette.levels, time.perf_counter() - t0)
+        hook = None if callback is None else (lambda i, loss, x: callback(i, loss, lambda: render(x)))
+        moved_palette, flow, em = colour_flow(
+            to_scaled_space(palette.colours, colorspace), palette.counts, tgt_gmm, iters=iters, lr=lr,
+            optimizer=optimizer, unbalanced=unbalanced if method == "unbalanced" else None, reg_covar=reg,
+            fixed_weights=fixed_weights, policy=policy, generator=gen, callback=hook)
+        image = render(moved_palette)
+        losses, fit = flow.losses, em.diagnostics.as_dict()
+    refit = float("nan")
+    if diagnose:
+        result_pal = build_palette(image, max_colors)
+        refit = float(refit_mw2(to_scaled_space(result_pal.colours, colorspace), tgt_gmm,
+                                sample_weight=result_pal.counts, fixed_weights=fixed_weights, reg_covar=reg,
+                                unbalanced=unbalanced if method == "unbalanced" else None, generator=gen))
+    return ColourTransferResult(image, losses, refit, fit, palette.colours.shape[0], palette.levels,
+                                time.perf_counter() - t0)

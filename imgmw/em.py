@@ -6,8 +6,8 @@ accumulation of additive sufficient statistics (:mod:`imgmw.stats`), then the M-
     w_k = s0_k / Σ_j s0_j,   m_k = c_k + s1_k / s0_k,   Σ_k = s2_k / s0_k − δ_k δ_kᵀ + ε_r I,
 
 with ``δ_k = s1_k / s0_k`` and ``c_k`` the previous means. :func:`fit_gmm` iterates ``F`` with per-batch-
-element convergence and one of four gradient strategies; :class:`WarmStartEM` is the paper's
-Algorithm 3 (one step per call from the previous, detached parameters).
+element convergence and one of four gradient strategies; :class:`imgmw.warm.WarmStartEM` is the paper's
+Algorithm 3 (one step per call from the previous, detached parameters) with a fit-keeping policy.
 
 Memory of a fit: the inputs, ``O(B·K·D²)`` parameters and statistics, and per-chunk temporaries of about
 ``4·CHUNK_ELEMENTS`` elements (16 MiB in float32), independent of ``N`` when gradients are off; the
@@ -27,7 +27,7 @@ from .linalg import add_to_diagonal, symmetrize
 from .stats import QuadFeatures, SuffStats, accumulate_stats, e_step, quad_features
 from .validation import check_choice, check_points, check_reg_covar, point_weights
 
-__all__ = ["EMResult", "GRAD_MODES", "m_step", "em_step", "fit_gmm", "WarmStartEM", "e_step"]
+__all__ = ["EMResult", "GRAD_MODES", "m_step", "em_step", "fit_gmm", "e_step"]
 
 GRAD_MODES = ("unrolled", "implicit", "one_step", "none")
 
@@ -113,9 +113,7 @@ def _freeze(done: Tensor, old: GMM, new: GMM) -> GMM:
     """Keep ``old`` where ``done [*B]`` is true (converged instances stop changing)."""
     if not bool(done.any()):
         return new
-    return GMM(torch.where(done.unsqueeze(-1), old.weights, new.weights),
-               torch.where(done[..., None, None], old.means, new.means),
-               torch.where(done[..., None, None, None], old.covariances, new.covariances))
+    return GMM.where(done, old, new)
 
 
 def _initial_gmm(x: Tensor, weight: Tensor | None, n_components: int, init: str | GMM, fixed_weights: bool,
@@ -224,49 +222,3 @@ def _last_step(gmm: GMM, x: Tensor, weight: Tensor | None, reg_covar: float, fix
     if tol is not None:
         converged = converged | ((ll.detach() - lower).abs() < tol)
     return new, ll.detach(), steps + 1, converged
-
-
-class WarmStartEM:
-    """Warm-started EM (the paper's Algorithm 3): one differentiable EM step per call.
-
-    The first call fits a GMM to the (detached) points with ``n_init_iter`` steps; every call then
-    performs one EM step from the stored parameters on the current ``x`` and stores the detached
-    result. Gradients flow from the returned GMM into ``x`` through that single step only, so the cost
-    per optimiser step is one E+M step and memory does not grow with the number of steps taken.
-
-    Example:
-        >>> em = WarmStartEM(4, fixed_weights=True, generator=torch.Generator().manual_seed(0))
-        >>> x = torch.randn(200, 2, requires_grad=True)
-        >>> gmm = em(x)          # differentiable in x
-        >>> gmm.means.sum().backward()
-    """
-
-    def __init__(self, n_components: int, *, init: str | GMM = "kmeans++", fixed_weights: bool = True,
-                 reg_covar: float = 1e-6, n_init_iter: int = 10, generator: torch.Generator | None = None,
-                 chunk_size: int | None = None) -> None:
-        check_reg_covar(reg_covar)
-        self.n_components = n_components
-        self.init = init
-        self.fixed_weights = fixed_weights
-        self.reg_covar = reg_covar
-        self.n_init_iter = n_init_iter
-        self.generator = generator
-        self.chunk_size = chunk_size
-        self.state: GMM | None = None
-
-    def reset(self) -> None:
-        """Forget the stored parameters; the next call re-initialises."""
-        self.state = None
-
-    def __call__(self, x: Tensor, *, mask: Tensor | None = None, sample_weight: Tensor | None = None) -> GMM:
-        """One EM step on ``x [*B, N, D]`` from the stored parameters; returns a differentiable GMM."""
-        check_points(x)
-        if self.state is None or self.state.batch_shape != x.shape[:-2] or self.state.device != x.device:
-            self.state = fit_gmm(x.detach(), self.n_components, n_iter=self.n_init_iter, init=self.init,
-                                 fixed_weights=self.fixed_weights, reg_covar=self.reg_covar, grad="none",
-                                 mask=mask, sample_weight=sample_weight, generator=self.generator,
-                                 chunk_size=self.chunk_size).gmm
-        gmm = em_step(self.state, x, mask=mask, sample_weight=sample_weight, reg_covar=self.reg_covar,
-                      fixed_weights=self.fixed_weights, chunk_size=self.chunk_size)
-        self.state = gmm.detach()
-        return gmm

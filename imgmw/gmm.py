@@ -176,6 +176,13 @@ class GMM:
         return GMM(self.weights[index], self.means[index], self.covariances[index])
 
     @staticmethod
+    def where(condition: Tensor, a: "GMM", b: "GMM") -> "GMM":
+        """Per batch element, ``a`` where ``condition [*B]`` is true and ``b`` elsewhere (like ``torch.where``)."""
+        return GMM(torch.where(condition.unsqueeze(-1), a.weights, b.weights),
+                   torch.where(condition[..., None, None], a.means, b.means),
+                   torch.where(condition[..., None, None, None], a.covariances, b.covariances))
+
+    @staticmethod
     def stack(gmms: list["GMM"], dim: int = 0) -> "GMM":
         """Stack GMMs of equal ``K`` and ``D`` along a new batch dimension ``dim``."""
         if dim < 0:

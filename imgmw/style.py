@@ -72,8 +72,9 @@ from torch import Tensor, nn
 
 from .checkpoint import save_atomic
 from .em import fit_gmm
+from .flow import refit_mw2, run_flow
 from .gmm import GMM
-from .losses import MW2Loss, relative_reg_covar
+from .losses import MW2Loss, fit_target, relative_reg_covar
 from .patches import gather_patches, gaussian_pyramid, patch_grid
 from .validation import check_choice
 
@@ -429,10 +430,9 @@ class StyleModel:
 @torch.no_grad()
 def fit_style_gmms(extractor: FeatureExtractor, style: Tensor, k: int = 3, *, n_samples: int = STYLE_SAMPLES,
                    n_iter: int = TARGET_ITERS, generator: torch.Generator | None = None) -> StyleModel:
-    """Fit the targets ``ν_ℓ``: for each layer, a ``K``-component GMM with fixed uniform weights to up to
-    ``n_samples`` feature vectors of ``style [3, H, W]`` (all positions if fewer), by at most ``n_iter``
-    EM steps from k-means++ (stopped when the mean log-likelihood changes by less than 1e-5), with
-    ``reg_covar = 1e-4 × λ_max`` of the features' covariance (the paper's heuristic)."""
+    """Fit the targets ``ν_ℓ``: for each layer, a ``K``-component GMM to up to ``n_samples`` feature vectors
+    of ``style [3, H, W]`` (all positions if fewer) by :func:`imgmw.losses.fit_target` (at most ``n_iter``
+    EM steps from k-means++, ``reg_covar = 1e-4 × λ_max`` of the features' covariance)."""
     s = _as_batch(style, "style")[:1]
     _positive_int("k", k)
     _positive_int("n_samples", n_samples)
@@ -443,11 +443,7 @@ def fit_style_gmms(extractor: FeatureExtractor, style: Tensor, k: int = 3, *, n_
         x = x[0]
         if x.shape[0] < k:
             raise ValueError(f"the style has only {x.shape[0]} feature vectors at layer {name}, fewer than k={k}")
-        centred = x - x.mean(0)
-        top = float(torch.linalg.eigvalsh(centred.T @ centred / x.shape[0])[-1])
-        reg = REG_FACTOR * max(top, torch.finfo(x.dtype).eps)
-        gmms.append(fit_gmm(x, k, n_iter=n_iter, tol=TARGET_TOL, fixed_weights=True, reg_covar=reg,
-                            grad="none", generator=generator).gmm)
+        gmms.append(fit_target(x, k, n_iter=n_iter, generator=generator))
     return StyleModel(extractor.config(), extractor.layers, gmms)
 
 
@@ -463,7 +459,7 @@ class StyleLoss(nn.Module):
     def __init__(self, model: StyleModel, *, n_init_iter: int = 30, generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.terms = nn.ModuleList(
-            MW2Loss(g, warm_start=True, fixed_weights=True, reg_covar=relative_reg_covar(g, REG_FACTOR),
+            MW2Loss(g, warm_start=True, reg_covar=relative_reg_covar(g, REG_FACTOR),
                     n_iter=_positive_int("n_init_iter", n_init_iter), generator=generator) for g in model.gmms)
         self.register_buffer("weights", torch.tensor([1.0 / d ** 2 for d in model.dims]))
 
@@ -584,44 +580,45 @@ def style_transfer(content: Tensor, style: Tensor | StyleModel, *, features: str
         reference = extractor(c).content
     setup = time.perf_counter() - start
 
-    x = c.clone().requires_grad_(True)
-    opt = torch.optim.Adam([x], lr=float(lr))
     n_layers = len(model.gmms)
-    style_hist = torch.empty(iters, n_layers, dtype=torch.float64)
-    content_hist = torch.empty(iters, dtype=torch.float64)
-    total_hist = torch.empty(iters, dtype=torch.float64)
-    start = time.perf_counter()
-    for step in range(iters):
+    last: list[Tensor] = []
+    content_errors: list[Tensor] = []
+
+    def objective(x: Tensor, step: int) -> Tensor:
+        """``[L + 1]``: the weighted style terms ``λ_ℓ MW2²_ℓ`` and the weighted content term."""
         if restart_every and step and step % restart_every == 0:
             loss_fn.reset()
-        opt.zero_grad(set_to_none=True)
         feats = extractor(x, n_samples, generator)
-        terms = loss_fn(feats.points)
-        content_term = _content_error(feats.content, reference)
-        total = (loss_fn.weights * terms).sum() + beta * content_term
-        total.backward()
-        opt.step()
-        with torch.no_grad():
-            x.clamp_(0.0, 1.0)
-        style_hist[step] = terms.detach().to("cpu", torch.float64)
-        content_hist[step] = float(content_term.detach())
-        total_hist[step] = float(total.detach())
-        if callback is not None:
-            callback(step, x.detach(), style_hist[step])
-    seconds = time.perf_counter() - start
+        content_error = _content_error(feats.content, reference)
+        out = torch.cat([loss_fn.weights * loss_fn(feats.points), beta * content_error[None]])
+        last[:] = [out.detach()]
+        content_errors.append(content_error.detach())
+        return out
+
+    hook = None if callback is None else (lambda step, _, x: callback(
+        step, x, (last[0][:n_layers] / loss_fn.weights).to("cpu", torch.float64)))
+    flow = run_flow(c, objective, iters=iters, lr=float(lr), step="adam", project=lambda x: x.clamp_(0.0, 1.0),
+                    callback=hook)
+    terms = flow.terms.to("cpu", torch.float64)
+    style_hist = terms[:, :n_layers] / loss_fn.weights.to("cpu", torch.float64)
+    content_hist = torch.stack(content_errors).to("cpu", torch.float64)
+    total_hist = terms.sum(1)
+    x, seconds = flow.x, flow.seconds
     return StyleTransferResult(x.detach()[0], style_hist, content_hist, total_hist, model, extractor, float(lr),
                                float(beta), seconds, setup, loss_fn.weights.tolist())
 
 
 @torch.no_grad()
 def style_distances(image: Tensor, model: StyleModel, extractor: FeatureExtractor, *,
-                    n_samples: int = STYLE_SAMPLES, n_iter: int = 100, seed: int = 0) -> list[float]:
+                    n_samples: int = STYLE_SAMPLES, n_iter: int = 100, seed: int = 0,
+                    fresh: bool = False) -> list[float]:
     """Per-layer ``MW2²(EM_K(F_ℓ(image)), ν_ℓ)`` of a converged fit — an evaluation, not the training loss.
 
     The fit uses up to ``n_samples`` positions per layer (drawn with a CPU generator seeded with ``seed``)
-    and at most ``n_iter`` EM steps started from ``ν_ℓ`` (tolerance 1e-5, fixed uniform weights,
-    ``reg_covar = 1e-4 × λ_max(ν_ℓ)``), so that two images are compared through the same local optimum
-    family as in :class:`StyleLoss`.
+    and at most ``n_iter`` EM steps (tolerance 1e-5, ``reg_covar = 1e-4 × λ_max(ν_ℓ)``), started from
+    ``ν_ℓ`` so that two images are compared through the same local optimum family as in
+    :class:`StyleLoss`; ``fresh=True`` starts from k-means++ instead (best of three,
+    :func:`imgmw.flow.refit_mw2`): the refit diagnostic of the loss.
     """
     from .ot import mw2
 
@@ -632,7 +629,11 @@ def style_distances(image: Tensor, model: StyleModel, extractor: FeatureExtracto
     out = []
     for target, pts in zip(model.gmms, feats.points):
         target = target.to(device=pts.device, dtype=pts.dtype)
-        fit = fit_gmm(pts[0], target.n_components, n_iter=n_iter, tol=TARGET_TOL, init=target, fixed_weights=True,
-                      reg_covar=relative_reg_covar(target, REG_FACTOR), grad="none").gmm
+        reg = relative_reg_covar(target, REG_FACTOR)
+        if fresh:
+            out.append(float(refit_mw2(pts[0], target, reg_covar=reg, n_iter=n_iter, generator=generator)))
+            continue
+        fit = fit_gmm(pts[0], target.n_components, n_iter=n_iter, tol=TARGET_TOL, init=target,
+                      reg_covar=reg, grad="none").gmm
         out.append(float(mw2(fit, target)))
     return out

@@ -19,26 +19,27 @@ Pieces:
 * :func:`gaussian_random_field` — asymptotic discrete spot noise (ADSN) initialisation.
 * :func:`fit_patch_gmms` — the per-scale target mixtures ``ν_s``.
 * :class:`PatchMW2Loss` — ``L`` as an ``nn.Module`` (exposes the per-scale terms).
-* :func:`synthesize_texture` — the optimisation loop (Adam with a decaying step, or L-BFGS, on the
-  pixels, clamped to [0, 1]).
+* :func:`synthesize_texture` — the optimisation (:func:`imgmw.flow.run_flow`: Adam with a decaying step,
+  or L-BFGS, on the pixels, clamped to [0, 1]).
 """
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
-from .em import fit_gmm
+from .flow import refit_mw2, run_flow
 from .gmm import GMM
-from .losses import MW2Loss, relative_reg_covar
+from .losses import MW2Loss, data_reg_covar, fit_target
 from .patches import gather_patches, gaussian_pyramid, n_scales_for, patch_grid, random_patches
 from .validation import check_choice
+from .warm import FitPolicy
 
-__all__ = ["gaussian_random_field", "fit_patch_gmms", "PatchMW2Loss", "split_heaviest", "synthesize_texture",
+__all__ = ["gaussian_random_field", "fit_patch_gmms", "PatchMW2Loss", "synthesize_texture",
            "texture_n_scales", "SynthesisResult", "OPTIMIZERS", "MIN_COARSE_SIDE", "DEFAULT_PATCHES",
            "ADAM_LR"]
 
@@ -46,9 +47,7 @@ OPTIMIZERS = ("adam", "lbfgs")
 MIN_COARSE_SIDE = 16          # the paper's rule: the coarsest pyramid level keeps sides >= 16 px
 TARGET_PATCHES = 8192         # exemplar patches per scale used to fit ν_s (all of them if fewer)
 TARGET_ITERS = 150            # maximum EM steps of each target fit (k-means++ start)
-TARGET_TOL = 1e-4             # ... stopped when the mean log-likelihood per patch changes by less
-REG_FACTOR = 1e-4             # ε_r = REG_FACTOR × largest covariance eigenvalue (the paper's heuristic)
-MIN_WEIGHT = 0.05             # learned weights below MIN_WEIGHT / K trigger a re-seed (split_heaviest)
+MIN_WEIGHT = 0.05             # learned weights below MIN_WEIGHT / K trigger a re-seed (imgmw.warm.FitPolicy)
 DEFAULT_PATCHES = 2048        # patches drawn per scale per optimiser step
 ADAM_LR = 0.03                # initial Adam step (decayed linearly to 0), see synthesize_texture
 EIG_FLOOR = 1e-10             # relative eigenvalue floor of the colour pseudo-inverse square root
@@ -185,6 +184,26 @@ def _level_patches(level: Tensor, patch: int, n: int, generator: torch.Generator
     return random_patches(level, patch, n, generator)[0]
 
 
+def _fit_levels(exemplar: Tensor, patch: int, n_components: int, n_scales: int, n_patches: int, n_iter: int,
+                fixed_weights: bool, generator: torch.Generator | None) -> list[tuple[GMM, float]]:
+    """``(ν_s, ε_r of level s)`` for every level (see :func:`fit_patch_gmms`)."""
+    u = _as_image(exemplar, "exemplar")
+    for name, value in (("patch", patch), ("n_components", n_components), ("n_scales", n_scales),
+                        ("n_patches", n_patches), ("n_iter", n_iter)):
+        _positive_int(name, value)
+    texture_n_scales(tuple(u.shape[-2:]), tuple(u.shape[-2:]), patch, n_scales)
+    out = []
+    for level in gaussian_pyramid(u, n_scales):
+        x = _level_patches(level, patch, n_patches, generator)
+        if x.shape[0] < n_components:
+            raise ValueError(f"the exemplar has only {x.shape[0]} patches at a {level.shape[-2]}x"
+                             f"{level.shape[-1]} level, fewer than n_components={n_components}")
+        reg = data_reg_covar(x)
+        out.append((fit_target(x, n_components, fixed_weights=fixed_weights, reg_covar=reg, n_iter=n_iter,
+                               generator=generator), reg))
+    return out
+
+
 @torch.no_grad()
 def fit_patch_gmms(exemplar: Tensor, patch: int, n_components: int, n_scales: int, *,
                    n_patches: int = TARGET_PATCHES, n_iter: int = TARGET_ITERS, fixed_weights: bool = False,
@@ -193,28 +212,13 @@ def fit_patch_gmms(exemplar: Tensor, patch: int, n_components: int, n_scales: in
 
     Level ``s`` of the exemplar's Gaussian pyramid (reflect borders; the exemplar is not assumed
     periodic) gives up to ``n_patches`` patches; a GMM (uniform weights kept if ``fixed_weights``) is
-    fitted to them by at most ``n_iter`` EM steps from k-means++ (stopping once the mean log-likelihood
-    per patch changes by less than ``1e-4``) with ``reg_covar = 1e-4 × λ_max`` of the patches'
-    covariance. The fits should be near an EM fixed point: the synthesis's warm-started fits start from
-    them (see :class:`PatchMW2Loss`).
+    fitted to them by :func:`imgmw.losses.fit_target` (at most ``n_iter`` EM steps from k-means++,
+    ``reg_covar = 1e-4 × λ_max`` of the patches' covariance, the value the synthesis's fits use too).
+    The fits should be near an EM fixed point: the synthesis's warm-started fits start from them (see
+    :class:`PatchMW2Loss`).
     """
-    u = _as_image(exemplar, "exemplar")
-    for name, value in (("patch", patch), ("n_components", n_components), ("n_scales", n_scales),
-                        ("n_patches", n_patches), ("n_iter", n_iter)):
-        _positive_int(name, value)
-    texture_n_scales(tuple(u.shape[-2:]), tuple(u.shape[-2:]), patch, n_scales)
-    gmms = []
-    for level in gaussian_pyramid(u, n_scales):
-        x = _level_patches(level, patch, n_patches, generator)
-        if x.shape[0] < n_components:
-            raise ValueError(f"the exemplar has only {x.shape[0]} patches at a {level.shape[-2]}x"
-                             f"{level.shape[-1]} level, fewer than n_components={n_components}")
-        centred = x - x.mean(0)
-        top_eig = float(torch.linalg.eigvalsh(centred.T @ centred / x.shape[0])[-1])
-        reg = REG_FACTOR * max(top_eig, torch.finfo(x.dtype).eps)
-        gmms.append(fit_gmm(x, n_components, n_iter=n_iter, fixed_weights=fixed_weights, reg_covar=reg, tol=TARGET_TOL,
-                            grad="none", generator=generator).gmm)
-    return gmms
+    return [gmm for gmm, _ in _fit_levels(exemplar, patch, n_components, n_scales, n_patches, n_iter,
+                                          fixed_weights, generator)]
 
 
 # ------------------------------------------------------------------------------------------------- loss
@@ -236,22 +240,21 @@ class PatchMW2Loss(nn.Module):
             starts' first fits (drawn on the generator's device, default CPU).
         fixed_weights: keep uniform weights ``1/K`` in every fit (the paper's default); ``False`` (the
             default here) lets EM estimate them on both sides — see below.
-        min_weight: with learned weights, a synthesis component whose weight falls below
-            ``min_weight / K`` is re-seeded after the call by splitting the heaviest one
-            (:func:`split_heaviest`); ``0`` disables this.
+        policy: the warm starts' :class:`imgmw.warm.FitPolicy` (default: re-seed learned weights below
+            ``MIN_WEIGHT / K``); ``None``: the paper's plain Algorithm 3.
         n_target_patches, n_target_iter: see :func:`fit_patch_gmms`.
         n_init_iter: EM steps of the first fit of the synthesis at each scale (started from ``ν_s``).
 
     Each scale is an :class:`imgmw.MW2Loss` with a warm-started EM (one EM step per call from the
-    previous call's detached parameters) and ``reg_covar = 1e-4 ×`` the largest covariance eigenvalue of
-    ``ν_s`` (the paper's heuristic, :func:`imgmw.losses.relative_reg_covar`). The first fit starts **from
+    previous call's repaired, detached parameters) and the ``reg_covar`` of its target fit
+    (``1e-4 × λ_max`` of the exemplar's patch covariance at that level). The first fit starts **from
     the target** ``ν_s`` instead of k-means++: two k-means++ fits of the *same* patches land in different
     local optima whose ``MW2²`` is far from 0, so the exemplar itself scored only 2–3× below noise
     (64×64 crops of wood and brick, 2 scales, loss after five calls, three seeds); started from ``ν_s``
     it scores 3–9× (wood) and 16–50× (brick) below noise, and the syntheses were as good (brick,
     patch-SW ratios within ±0.25 of k-means++ starts over three seeds).
 
-    Why learned weights and re-seeding (measured with k-means++ starts on 64×64 crops of
+    Why learned weights and re-seeding (first measured, before the fit-keeping policy, with k-means++ starts on 64×64 crops of
     ``data/wood.png`` and ``data/brick.png``, 48×48 outputs, 2 scales, Adam lr 0.01, 100 steps;
     ratio = patch-SW of the noise start / patch-SW of the result, higher is better): with fixed uniform
     weights the fits' components lose their points one after the other within ~20 steps (a component
@@ -272,27 +275,24 @@ class PatchMW2Loss(nn.Module):
     def __init__(self, exemplar: Tensor, patch: int = 4, n_components: int = 4, n_scales: int | None = None,
                  n_patches: int = DEFAULT_PATCHES, periodic: bool = False,
                  generator: torch.Generator | None = None, *, fixed_weights: bool = False,
-                 min_weight: float = MIN_WEIGHT, n_target_patches: int = TARGET_PATCHES,
+                 policy: FitPolicy | None = FitPolicy(min_weight=MIN_WEIGHT), n_target_patches: int = TARGET_PATCHES,
                  n_target_iter: int = TARGET_ITERS, n_init_iter: int = 10) -> None:
         super().__init__()
         u = _as_image(exemplar, "exemplar").detach()
         _positive_int("patch", patch)
         _positive_int("n_patches", n_patches)
         _positive_int("n_init_iter", n_init_iter)
-        if not (isinstance(min_weight, (int, float)) and 0 <= min_weight < 1):
-            raise ValueError(f"min_weight must be a number in [0, 1), got {min_weight!r}")
         if n_scales is None:
             n_scales = texture_n_scales(tuple(u.shape[-2:]), tuple(u.shape[-2:]), patch)
-        targets = fit_patch_gmms(u, patch, n_components, n_scales, n_patches=n_target_patches,
-                                 n_iter=n_target_iter, fixed_weights=fixed_weights, generator=generator)
+        targets = _fit_levels(u, patch, n_components, n_scales, n_target_patches, n_target_iter, fixed_weights,
+                              generator)
         self.patch, self.n_components, self.n_scales = patch, n_components, n_scales
         self.n_patches, self.periodic, self.generator = n_patches, bool(periodic), generator
         self.fixed_weights = fixed_weights
-        self.min_weight = 0.0 if fixed_weights else float(min_weight) / n_components
         self.exemplar_size = tuple(u.shape[-2:])
         self.scales = nn.ModuleList(
-            MW2Loss(t, warm_start=True, fixed_weights=fixed_weights, reg_covar=relative_reg_covar(t, REG_FACTOR),
-                    n_iter=n_init_iter, generator=generator) for t in targets)
+            MW2Loss(t, warm_start=True, fixed_weights=fixed_weights, reg_covar=reg, n_iter=n_init_iter,
+                    policy=policy, generator=generator) for t, reg in targets)
         self._positions: list[Tensor] | None = None
         self.last_per_scale: Tensor | None = None
 
@@ -323,17 +323,18 @@ class PatchMW2Loss(nn.Module):
         self._positions = positions
         return positions
 
-    def forward(self, image: Tensor, *, resample: bool = True) -> Tensor:
-        """``Σ_s MW2²(EM_K(P_s(image)), ν_s)`` for ``image [B, 3, H, W]`` (mean over the batch): a scalar.
-
-        ``resample=False`` reuses the previous call's patch positions (for line searches, e.g. L-BFGS
-        closures, that must evaluate one objective several times); the warm-start fits still advance.
-        """
+    def _levels(self, image: Tensor) -> list[Tensor]:
         if not isinstance(image, Tensor) or image.dim() != 4 or image.shape[1] != 3:
             shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
             raise ValueError(f"image must be a tensor [B, 3, H, W], got {shape}")
         texture_n_scales(self.exemplar_size, tuple(image.shape[-2:]), self.patch, self.n_scales)
-        levels = gaussian_pyramid(image, self.n_scales, periodic=self.periodic)
+        return gaussian_pyramid(image, self.n_scales, periodic=self.periodic)
+
+    def per_scale(self, image: Tensor, *, resample: bool = True) -> Tensor:
+        """``[S]``: ``MW2²(EM_K(P_s(image)), ν_s)`` of every scale for ``image [B, 3, H, W]`` (mean over the
+        batch). ``resample=False`` reuses the previous call's patch positions (for line searches, e.g.
+        L-BFGS, that evaluate one objective several times); the warm-start fits still advance."""
+        levels = self._levels(image)
         positions = self._positions
         if resample or positions is None or any(
                 p.numel() > total or int(p.max()) >= total for p, total in zip(positions, self._grid_sizes(levels))):
@@ -342,39 +343,30 @@ class PatchMW2Loss(nn.Module):
         for loss, level, pos in zip(self.scales, levels, positions):
             loss.start_from_target(image.shape[:1])
             terms.append(loss(gather_patches(level, self.patch, pos, self.periodic)))
-            if self.min_weight > 0:
-                loss.em.state = split_heaviest(loss.em.state, self.min_weight)
         per_scale = torch.stack(terms)
         self.last_per_scale = per_scale.detach()
-        return per_scale.sum()
+        return per_scale
 
+    def forward(self, image: Tensor, *, resample: bool = True) -> Tensor:
+        """``Σ_s MW2²(EM_K(P_s(image)), ν_s)`` for ``image [B, 3, H, W]``: a scalar (see :meth:`per_scale`)."""
+        return self.per_scale(image, resample=resample).sum()
 
-def split_heaviest(gmm: GMM, min_weight: float) -> GMM:
-    """Re-seed a vanished component: where the lightest weight of a batch element is below ``min_weight``,
-    replace that component by one half of the heaviest component split along its principal axis.
+    @torch.no_grad()
+    def refit_mw2(self, image: Tensor, *, n_patches: int = TARGET_PATCHES) -> Tensor:
+        """``[S]``: :func:`imgmw.flow.refit_mw2` of every scale, from ``n_patches`` random patches of
+        ``image [1, 3, H, W]`` (with the scale's ``reg_covar`` and weighting): what the loss would be if its
+        fits were fresh."""
+        out = []
+        for loss, level in zip(self.scales, self._levels(image)):
+            x = _level_patches(level, self.patch, n_patches, self.generator)
+            out.append(refit_mw2(x, loss.target, fixed_weights=self.fixed_weights, reg_covar=loss.reg_covar,
+                                 generator=self.generator))
+        return torch.stack(out)
 
-    For ``gmm`` with batch ``*B`` (heaviest ``h``, lightest ``l``, top eigenpair ``(λ, v)`` of ``Σ_h``):
-    ``m_h, m_l ← m_h ∓ ½√λ v``, ``Σ_l ← Σ_h`` and ``w_h, w_l ← (w_h + w_l)/2`` (weights still sum to one).
-    Other batch elements are unchanged; at most one component per batch element per call. Returns a
-    detached GMM (for warm-start states).
-    """
-    w, m, c = gmm.weights.detach(), gmm.means.detach(), gmm.covariances.detach()
-    light, heavy = w.argmin(-1, keepdim=True), w.argmax(-1, keepdim=True)          # [*B, 1]
-    dead = w.gather(-1, light) < min_weight                                         # [*B, 1]
-    if not bool(dead.any()):
-        return GMM(w, m, c)
-    d = m.shape[-1]
-    rows = (*heavy.shape, d)
-    cov_h = c.gather(-3, heavy[..., None, None].expand(*rows, d))                  # [*B, 1, D, D]
-    lam, vec = torch.linalg.eigh(cov_h)
-    offset = 0.5 * lam[..., -1:].clamp_min(0).sqrt() * vec[..., -1]                # [*B, 1, D]
-    mean_h = m.gather(-2, heavy[..., None].expand(rows))
-    half = 0.5 * (w.gather(-1, heavy) + w.gather(-1, light))
-    w2 = w.scatter(-1, heavy, half).scatter(-1, light, half)
-    m2 = m.scatter(-2, heavy[..., None].expand(rows), mean_h - offset)
-    m2 = m2.scatter(-2, light[..., None].expand(rows), mean_h + offset)
-    c2 = c.scatter(-3, light[..., None, None].expand(*rows, d), cov_h)
-    return GMM(torch.where(dead, w2, w), torch.where(dead[..., None], m2, m), torch.where(dead[..., None, None], c2, c))
+    @property
+    def fit_diagnostics(self) -> list[dict]:
+        """Per scale, what the warm starts' fit-keeping policy did (:meth:`imgmw.warm.FitDiagnostics.as_dict`)."""
+        return [loss.em.diagnostics.as_dict() for loss in self.scales]
 
 
 # ----------------------------------------------------------------------------------------- optimisation
@@ -390,6 +382,8 @@ class SynthesisResult:
         seconds: wall time of the optimisation loop (excluding the target fits).
         setup_seconds: wall time of the target fits and the initialisation.
         n_scales: ``S``.
+        refit_mw2: ``[S]`` per-scale MW2² of fresh fits of the result's patches (``None`` unless diagnosed).
+        fit: per scale, what the fit-keeping policy did.
     """
 
     image: Tensor
@@ -398,21 +392,15 @@ class SynthesisResult:
     seconds: float
     setup_seconds: float
     n_scales: int
-
-
-def _make_optimizer(name: str, params: list[Tensor], lr: float,
-                    iters: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
-    """Adam with a linear decay of the step to 0 over ``iters`` steps, or L-BFGS (no schedule)."""
-    if name == "adam":
-        opt = torch.optim.Adam(params, lr=lr)
-        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 - step / iters)
-    return torch.optim.LBFGS(params, lr=lr, max_iter=1, history_size=10, line_search_fn="strong_wolfe"), None
+    refit_mw2: Tensor | None = None
+    fit: list = field(default_factory=list)
 
 
 def synthesize_texture(exemplar: Tensor, size: tuple[int, int], *, patch: int = 4, n_components: int = 4,
                        n_scales: int | None = None, n_patches: int = DEFAULT_PATCHES, iters: int = 300,
                        lr: float | None = None, optimizer: str = "adam", periodic: bool = False,
-                       fixed_weights: bool = False, generator: torch.Generator | None = None,
+                       fixed_weights: bool = False, policy: FitPolicy | None = FitPolicy(min_weight=MIN_WEIGHT),
+                       diagnose: bool = True, generator: torch.Generator | None = None,
                        callback: Callable[[int, Tensor, Tensor], None] | None = None) -> SynthesisResult:
     """Synthesise an ``H × W`` texture like ``exemplar`` by minimising :class:`PatchMW2Loss`.
 
@@ -420,8 +408,10 @@ def synthesize_texture(exemplar: Tensor, size: tuple[int, int], *, patch: int = 
     are optimised by Adam (``lr`` default 0.03, decayed linearly to 0 over ``iters`` steps) or L-BFGS
     (``lr`` default 1, strong-Wolfe line search, one L-BFGS iteration per step, its evaluations sharing
     one patch draw). After every step the pixels are clamped to [0, 1] (a projection onto the valid image
-    range, so the loss never sees values a PNG cannot hold). ``callback(step, image [1, 3, H, W],
-    per_scale [S])`` runs after each step.
+    range, so the loss never sees values a PNG cannot hold); the loop is :func:`imgmw.flow.run_flow`.
+    ``callback(step, image [1, 3, H, W], per_scale [S])`` runs after each step. ``policy``: the warm
+    starts' fit keeping (:class:`PatchMW2Loss`); ``diagnose``: compute the result's per-scale
+    :meth:`PatchMW2Loss.refit_mw2`.
 
     A grey exemplar (three equal channels) is synthesised as a grey image: one channel is optimised and
     repeated. Optimising three channels would add colour noise — Adam normalises every coordinate by its
@@ -443,24 +433,26 @@ def synthesize_texture(exemplar: Tensor, size: tuple[int, int], *, patch: int = 
     n_scales = texture_n_scales(tuple(u.shape[-2:]), (height, width), patch, n_scales)
     start = time.perf_counter()
     loss_fn = PatchMW2Loss(u, patch, n_components, n_scales, n_patches, periodic, generator,
-                           fixed_weights=fixed_weights)
+                           fixed_weights=fixed_weights, policy=policy)
     init = gaussian_random_field(u, (height, width), periodic=periodic, generator=generator).clamp(0, 1)
     grey = _is_grey(u)
-    x = (init[:1] if grey else init).unsqueeze(0).clone().requires_grad_(True)   # [1, 1 or 3, H, W]
-    opt, schedule = _make_optimizer(optimizer, [x], lr, iters)
+    x0 = (init[:1] if grey else init).unsqueeze(0)   # [1, 1 or 3, H, W]
     setup = time.perf_counter() - start
-    history = torch.empty(iters, n_scales, dtype=torch.float64)
-    start = time.perf_counter()
-    for step in range(iters):
-        history[step] = _optimizer_step(opt, loss_fn, x).cpu()
-        if schedule is not None:
-            schedule.step()
-        with torch.no_grad():
-            x.clamp_(0.0, 1.0)
-        if callback is not None:
-            callback(step, _rgb(x.detach()), history[step])
-    seconds = time.perf_counter() - start
-    return SynthesisResult(_rgb(x.detach())[0].contiguous(), init, history, seconds, setup, n_scales)
+    drawn = [-1]
+
+    def objective(x: Tensor, step: int) -> Tensor:  # one patch draw per step, shared by L-BFGS's evaluations
+        terms = loss_fn.per_scale(_rgb(x), resample=step != drawn[0])
+        drawn[0] = step
+        return terms
+
+    hook = None if callback is None else (lambda step, _, x: callback(step, _rgb(x), loss_fn.last_per_scale))
+    flow = run_flow(x0, objective, iters=iters, lr=lr, step=optimizer,
+                    schedule="linear" if optimizer == "adam" else "constant",
+                    project=lambda x: x.clamp_(0.0, 1.0), callback=hook)
+    image = _rgb(flow.x)
+    refit = loss_fn.refit_mw2(image) if diagnose else None
+    return SynthesisResult(image[0].contiguous(), init, flow.terms.to(torch.float64).cpu(), flow.seconds, setup,
+                           n_scales, refit, loss_fn.fit_diagnostics)
 
 
 def _is_grey(exemplar: Tensor) -> bool:
@@ -471,19 +463,3 @@ def _is_grey(exemplar: Tensor) -> bool:
 def _rgb(x: Tensor) -> Tensor:
     """``[B, 1, H, W]`` grey pixels repeated to ``[B, 3, H, W]`` (a view); RGB input unchanged."""
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-
-
-def _optimizer_step(opt: torch.optim.Optimizer, loss_fn: PatchMW2Loss, x: Tensor) -> Tensor:
-    """One optimiser step on ``x``; returns the per-scale loss ``[S]`` of its first evaluation."""
-    first: list[Tensor] = []
-
-    def closure() -> Tensor:
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(_rgb(x), resample=not first)
-        loss.backward()
-        if not first:
-            first.append(loss_fn.last_per_scale)
-        return loss
-
-    opt.step(closure)
-    return first[0].to(torch.float64)

@@ -37,9 +37,11 @@ def test_default_pair_end_to_end(tmp_path):
     assert result.size == Image.open(ROOT / "data" / "coffee.jpg").size
     assert Image.open(out / "comparison.png").size[0] > 3 * result.size[0] * 512 / max(512, result.size[1]) * 0.9
     metrics = json.loads((out / "metrics.json").read_text())
-    # The issue asked for 5x; the K=10 flow reaches 3.5-4.5x over seeds (README, benchmarks/bench_color.py)
-    assert metrics["colour_sw2_result_to_target"] * 3 <= metrics["colour_sw2_source_to_target"]
-    assert metrics["final_loss"] < 0.01 * metrics["first_loss"]
+    # measured: colour SW2 0.28 -> 0.018-0.021 (13-16x); loss 0.37 -> 0.006 with a fresh fit of the result
+    # at 0.007 (the loss describes the data: before the flow engine it reported 3e-4 against a refit of 0.05)
+    assert metrics["colour_sw2_result_to_target"] * 8 <= metrics["colour_sw2_source_to_target"]
+    assert metrics["final_loss"] < 0.05 * metrics["first_loss"]
+    assert metrics["refit_mw2"] <= 2 * max(metrics["final_loss"], 1e-3)
     assert 0 < metrics["luminance_ssim_result_vs_source"] <= 1
 
 

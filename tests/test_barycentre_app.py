@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _flow(seed: int, iters: int = 60, n: int = 200, targets=None, **kw):
     targets = demo_targets() if targets is None else targets
     g = torch.Generator().manual_seed(seed)
-    em = WarmStartEM(2, reg_covar=4e-5, n_init_iter=30, generator=g)
+    em = WarmStartEM(2, fixed_weights=True, reg_covar=4e-5, n_init_iter=30, generator=g)
     x, history = barycentre_flow(targets, None, n, iters=iters, lr=0.1, generator=g, em=em, **kw)
     return x, history, em.state
 
@@ -77,7 +77,7 @@ def test_flow_float32_and_weights():
     targets = [t.to(torch.float32) for t in demo_targets()]
     weights = [0.6, 0.3, 0.1]
     g = torch.Generator().manual_seed(0)
-    em = WarmStartEM(2, reg_covar=4e-5, n_init_iter=30, generator=g)
+    em = WarmStartEM(2, fixed_weights=True, reg_covar=4e-5, n_init_iter=30, generator=g)
     _, history = barycentre_flow(targets, weights, 200, iters=60, lr=0.1, generator=g, em=em)
     assert history[-1] < history[0]
     assert float(mw2(gmm_barycentre(targets, weights, init=em.state), em.state)) < 1e-4
@@ -89,11 +89,11 @@ def test_batched_flow_equals_separate_flows():
     init = torch.randn(2, 60, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     start = [GMM(torch.full((2,), 0.5, dtype=torch.float64), init[i, :2].clone(),
                  torch.eye(2, dtype=torch.float64).expand(2, 2, 2)) for i in range(2)]
-    singles = [barycentre_flow(ts, None, init=init[i], iters=10, em=WarmStartEM(2, init=start[i], reg_covar=1e-4))[0]
+    singles = [barycentre_flow(ts, None, init=init[i], iters=10, em=WarmStartEM(2, init=start[i], fixed_weights=True, reg_covar=1e-4))[0]
                for i, ts in enumerate((a, b))]
     batched_targets = [GMM.stack([ta, tb]) for ta, tb in zip(a, b)]
     batched, _ = barycentre_flow(batched_targets, None, init=init, iters=10,
-                                 em=WarmStartEM(2, init=GMM.stack(start), reg_covar=1e-4))
+                                 em=WarmStartEM(2, init=GMM.stack(start), fixed_weights=True, reg_covar=1e-4))
     torch.testing.assert_close(batched, torch.stack(singles), rtol=1e-10, atol=1e-10)
 
 

@@ -415,7 +415,7 @@ def test_grad_none_returns_detached_tensors(blobs):
 def test_warm_start_em_first_call_fits_then_steps(blobs, close_rel):
     x1 = _torch(blobs(60, 3, 2, seed=15))
     x2 = x1 + 0.05 * torch.randn(60, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
-    em = WarmStartEM(3, fixed_weights=True, n_init_iter=4, generator=torch.Generator().manual_seed(5))
+    em = WarmStartEM(3, fixed_weights=True, n_init_iter=4, policy=None, generator=torch.Generator().manual_seed(5))
     p1 = x1.clone().requires_grad_()
     out1 = em(p1)
     ref_fit = fit_gmm(x1, 3, n_iter=4, fixed_weights=True, grad="none", generator=torch.Generator().manual_seed(5))
@@ -436,7 +436,7 @@ def test_warm_start_em_first_call_fits_then_steps(blobs, close_rel):
 
 def test_warm_start_em_gradcheck_of_one_call():
     x, logits, means, a = _tiny_problem(4)
-    em = WarmStartEM(2, init=_gmm_from(logits, means, a), fixed_weights=False, n_init_iter=2)
+    em = WarmStartEM(2, init=_gmm_from(logits, means, a), fixed_weights=False, n_init_iter=2, policy=None)
     em(x)  # initialise the state
     state = em.state
 

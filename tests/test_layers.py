@@ -337,7 +337,7 @@ def test_short_training_lowers_loss_and_keeps_covariances_spd(monkeypatch):
     assert len(checked) == 25 * 2
     em_2 = -float(fit_gmm(x, 3, n_iter=2, init=init).gmm.log_prob(x).mean())
     em_20 = -float(fit_gmm(x, 3, n_iter=20, init=init).gmm.log_prob(x).mean())
-    assert losses[0] == pytest.approx(em_2, rel=1e-5)  # untrained = EM
+    assert losses[0] == pytest.approx(em_2, rel=1e-4)  # untrained = EM (float32: summation order differs, 2e-5 seen)
     assert losses[-1] < losses[0] - 0.25 * (em_2 - em_20)  # closes a quarter of EM's gap to 20 steps
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from imgmw.gmm import GMM
 from imgmw.metrics import seam_energy
 from imgmw.patches import extract_patches, gaussian_pyramid
-from imgmw.texture import (PatchMW2Loss, fit_patch_gmms, gaussian_random_field, split_heaviest, synthesize_texture,
+from imgmw.texture import (PatchMW2Loss, fit_patch_gmms, gaussian_random_field, synthesize_texture,
                            texture_n_scales)
 
 
@@ -178,7 +178,7 @@ def test_loss_gradcheck_float64():
     """The whole path (pyramid, gather, one EM step, MW2) against finite differences, with the warm-start
     state and the patch positions held fixed so that the function is deterministic."""
     ex = _smooth_exemplar(20, 20, dtype=torch.float64)
-    loss_fn = PatchMW2Loss(ex, patch=2, n_components=2, n_scales=2, n_patches=10_000, min_weight=0.0,
+    loss_fn = PatchMW2Loss(ex, patch=2, n_components=2, n_scales=2, n_patches=10_000, policy=None,
                            generator=torch.Generator().manual_seed(0))
     x = _smooth_exemplar(12, 12, seed=9, dtype=torch.float64)[None].requires_grad_(True)
     loss_fn(x)                                                  # initialise the warm starts and positions
@@ -222,8 +222,6 @@ def test_loss_rejects_too_small_image_and_bad_args():
         loss_fn(torch.rand(1, 3, 6, 40))
     with pytest.raises(ValueError, match="image"):
         loss_fn(torch.rand(3, 40, 40))
-    with pytest.raises(ValueError, match="min_weight"):
-        PatchMW2Loss(ex, min_weight=1.5)
     with pytest.raises(ValueError, match="n_patches"):
         PatchMW2Loss(ex, n_patches=0)
 
@@ -239,29 +237,6 @@ def test_periodic_loss_draws_wrapping_patches():
     loss_fn(x).backward()
     assert loss_fn._positions[0].numel() == 20 * 24
     assert (x.grad[..., 0, :].abs().sum(0) > 0).all() and (x.grad[..., :, -1].abs().sum(0) > 0).all()
-
-
-# -------------------------------------------------------------------------------------------- re-seeding
-
-def test_split_heaviest_reseeds_only_dead_components():
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
-    cov = a @ a.mT + 0.1 * torch.eye(4, dtype=torch.float64)
-    means = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
-    weights = torch.tensor([[0.7, 0.299, 0.001], [0.5, 0.3, 0.2]], dtype=torch.float64)
-    out = split_heaviest(GMM(weights, means, cov), min_weight=0.01)
-    # batch element 1 has no light component: unchanged
-    assert torch.equal(out.weights[1], weights[1]) and torch.equal(out.means[1], means[1])
-    assert torch.equal(out.covariances[1], cov[1])
-    # batch element 0: component 2 (weight 0.001) becomes half of component 0 (weight 0.7)
-    lam, vec = np.linalg.eigh(cov[0, 0].numpy())
-    offset = 0.5 * np.sqrt(lam[-1]) * vec[:, -1]
-    np.testing.assert_allclose(out.weights[0].numpy(), [0.3505, 0.299, 0.3505], rtol=1e-12)
-    got = {tuple(np.round(out.means[0, k].numpy() - means[0, 0].numpy(), 10)) for k in (0, 2)}
-    want = {tuple(np.round(s * offset, 10)) for s in (1, -1)}
-    assert got == want
-    torch.testing.assert_close(out.covariances[0, 2], cov[0, 0])
-    torch.testing.assert_close(out.means[0, 1], means[0, 1])
 
 
 # --------------------------------------------------------------------------------------------- synthesis

@@ -1,0 +1,258 @@
+"""The one optimisation driver for points and pixels moved by MW2 losses, and the refit diagnostic.
+
+:func:`run_flow` minimises ``E(x) = Σ objective(x, t)`` over a tensor ``x`` (colours, point clouds,
+pixels) with one of three step rules:
+
+- ``"gd"``: explicit Euler steps of a gradient flow, ``x ← x − lr·s(t)·∇E / ω̂`` with optional point
+  masses ``ω̂`` (``[*B, N]``, summing to one per batch element): the **Wasserstein gradient step** of
+  ``E`` on the measure ``Σ_i ω̂_i δ_{x_i}``, which moves every point at the speed of the flow's velocity
+  field whatever its mass. ``max_step`` caps the length of every point's step (a per-point trust region:
+  through the responsibilities, points between two narrow components get gradients of order ``Σ⁻¹``).
+- ``"adam"``: :class:`torch.optim.Adam` (its step scaled by the schedule).
+- ``"lbfgs"``: :class:`torch.optim.LBFGS` with a strong-Wolfe line search, one L-BFGS iteration per step;
+  the objective is evaluated several times per step with the same ``t`` (objectives that draw random
+  patches should draw once per ``t``).
+
+The schedule ``s(t)`` is ``"constant"``, ``"linear"`` (from 1 to 0 over ``iters``) or a callable.
+``project(x)`` runs in place after every step (e.g. clamping pixels to [0, 1]); ``callback(t, E_t, x)``
+after every step; ``stop(history)`` ends the flow early (see :func:`plateau`). A non-finite loss or
+point, or a loss above ``divergence_factor ×`` the largest of the first ``DIVERGENCE_WARMUP`` losses,
+raises :class:`FlowDivergence`, which names the step size.
+
+:func:`refit_mw2` answers whether a loss still describes its points: the ``MW2²`` between a **fresh** EM
+fit of the points (k-means++, ``n_iter`` steps, best of ``n_init`` seeds by likelihood) and the target. A
+warm-started loss far below it has stopped describing the data (:mod:`imgmw.warm`).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, ContextManager
+
+import torch
+from torch import Tensor
+
+from .em import fit_gmm
+from .gmm import GMM
+from .ot import mw2
+from .validation import check_choice, check_points
+
+__all__ = ["STEP_RULES", "SCHEDULES", "FlowDivergence", "FlowResult", "run_flow", "plateau", "refit_mw2"]
+
+STEP_RULES = ("gd", "adam", "lbfgs")
+SCHEDULES = ("constant", "linear")
+DIVERGENCE_WARMUP = 5  # losses of the first steps that set the divergence reference
+
+Objective = Callable[[Tensor, int], Tensor]
+Callback = Callable[[int, float, Tensor], None]
+
+
+class FlowDivergence(ArithmeticError):
+    """The flow's loss or points became non-finite or exploded: the step size is too large."""
+
+
+@dataclass
+class FlowResult:
+    """Output of :func:`run_flow`.
+
+    Attributes:
+        x: the final (detached) variables, same shape as the start.
+        losses: ``E_t`` (summed terms) before every step taken.
+        terms: ``[T, *S]`` the objective's terms (its output, detached) at every step.
+        n_steps: steps taken (``< iters`` when ``stop`` ended the flow).
+        stopped: whether ``stop`` ended the flow.
+        seconds: wall time of the loop.
+    """
+
+    x: Tensor
+    losses: list[float] = field(default_factory=list)
+    terms: Tensor | None = None
+    n_steps: int = 0
+    stopped: bool = False
+    seconds: float = 0.0
+
+    @property
+    def final_loss(self) -> float:
+        """The last recorded loss (``nan`` when no step ran)."""
+        return self.losses[-1] if self.losses else math.nan
+
+
+def plateau(tol: float = 1e-4, window: int = 20) -> Callable[[list[float]], bool]:
+    """A stopping rule: the mean loss of the last ``window`` steps fell by less than ``tol`` (relative)
+    against the ``window`` steps before."""
+    if not (tol >= 0) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"plateau needs tol >= 0 and an integer window >= 1, got tol={tol!r}, window={window!r}")
+
+    def stop(history: list[float]) -> bool:
+        if len(history) < 2 * window:
+            return False
+        recent = sum(history[-window:]) / window
+        before = sum(history[-2 * window:-window]) / window
+        return before - recent <= tol * abs(before)
+
+    return stop
+
+
+def _factor(schedule: str | Callable[[int], float], step: int, iters: int) -> float:
+    if callable(schedule):
+        return float(schedule(step))
+    return 1.0 if schedule == "constant" else 1.0 - step / iters
+
+
+def _check_args(x: Tensor, iters: int, lr: float, step: str, schedule, point_mass: Tensor | None,
+                max_step: float | None, divergence_factor: float) -> None:
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor, got {type(x).__name__ if not isinstance(x, Tensor) else x.dtype}")
+    if not isinstance(iters, int) or isinstance(iters, bool) or iters < 0:
+        raise ValueError(f"iters must be an integer >= 0, got {iters!r}")
+    if not (isinstance(lr, (int, float)) and 0 < lr < math.inf):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    check_choice("step", step, STEP_RULES)
+    if not callable(schedule):
+        check_choice("schedule", schedule, SCHEDULES)
+    if point_mass is not None:
+        if step != "gd":
+            raise ValueError("point_mass applies to the 'gd' step rule only")
+        if point_mass.shape != x.shape[:-1] or not bool((point_mass > 0).all()):
+            raise ValueError(f"point_mass must be positive with shape {tuple(x.shape[:-1])}, got {tuple(point_mass.shape)}")
+    if max_step is not None and not (0 < max_step < math.inf):
+        raise ValueError(f"max_step must be a finite number > 0 or None, got {max_step!r}")
+    if not divergence_factor > 1:
+        raise ValueError(f"divergence_factor must be > 1, got {divergence_factor!r}")
+
+
+def run_flow(x: Tensor, objective: Objective, *, iters: int, lr: float, step: str = "gd",
+             schedule: str | Callable[[int], float] = "constant", point_mass: Tensor | None = None,
+             max_step: float | None = None, project: Callable[[Tensor], None] | None = None,
+             callback: Callback | None = None, stop: Callable[[list[float]], bool] | None = None,
+             divergence_factor: float = 1e6,
+             step_context: Callable[[], ContextManager] | None = None) -> FlowResult:
+    """Minimise ``Σ objective(x, t)`` over ``x`` from the given start (see the module docstring).
+
+    Args:
+        x: starting variables (any shape; ``[*B, N, D]`` points for ``point_mass`` / ``max_step``); not modified.
+        objective: ``objective(x, t) -> Tensor`` differentiable in ``x``; its entries are the loss terms
+            (recorded in :attr:`FlowResult.terms`) and their sum is minimised.
+        iters: maximum number of steps.
+        lr: step size (``τ`` of the ``"gd"`` rule, the learning rate of Adam / L-BFGS).
+        step: ``"gd"``, ``"adam"`` or ``"lbfgs"``.
+        schedule: ``"constant"``, ``"linear"`` or ``schedule(t) -> factor`` multiplying ``lr``.
+        point_mass: ``ω̂ [*B, N]`` (``"gd"``): divide each point's gradient by its mass.
+        max_step: ``"gd"``: cap on the Euclidean length of each point's step (over the last dimension).
+        project: in-place projection after every step.
+        callback: ``callback(t, E_t, x)`` after every step (``x`` detached, after the step).
+        stop: ``stop(losses) -> bool`` checked after every step.
+        divergence_factor: a loss above this multiple of the early losses' maximum is a divergence.
+        step_context: a factory of a context manager entered around each step's evaluations, backward
+            passes and update (e.g. a meter of the tensors saved for backward).
+
+    Raises:
+        FlowDivergence: non-finite or exploding loss or variables; the message names ``lr``.
+    """
+    _check_args(x, iters, lr, step, schedule, point_mass, max_step, divergence_factor)
+    var = x.detach().clone().requires_grad_(True)
+    opt: torch.optim.Optimizer | None = None
+    if step == "adam":
+        opt = torch.optim.Adam([var], lr=lr)
+    elif step == "lbfgs":
+        opt = torch.optim.LBFGS([var], lr=lr, max_iter=1, history_size=10, line_search_fn="strong_wolfe")
+    inv_mass = None if point_mass is None else point_mass.detach().to(var).reciprocal().unsqueeze(-1)
+    result = FlowResult(var.detach())
+    terms: list[Tensor] = []
+    reference = 0.0
+    start = time.perf_counter()
+    for t in range(iters):
+        with (step_context() if step_context is not None else contextlib.nullcontext()):
+            value = _step(var, objective, t, lr * _factor(schedule, t, iters), opt, inv_mass, max_step)
+        if project is not None:
+            with torch.no_grad():
+                project(var)
+        loss = float(value.detach().sum())
+        if t < DIVERGENCE_WARMUP:
+            reference = max(reference, abs(loss))
+        _check_divergence(loss, var, t, lr, reference, divergence_factor)
+        result.losses.append(loss)
+        terms.append(value.detach())
+        if callback is not None:
+            callback(t, loss, var.detach())
+        result.n_steps = t + 1
+        if stop is not None and stop(result.losses):
+            result.stopped = True
+            break
+    result.seconds = time.perf_counter() - start
+    result.x = var.detach()
+    result.terms = torch.stack(terms) if terms else None
+    return result
+
+
+def _step(var: Tensor, objective: Objective, t: int, lr: float, opt: torch.optim.Optimizer | None,
+          inv_mass: Tensor | None, max_step: float | None) -> Tensor:
+    """One step of the rule on ``var`` in place; returns the objective's terms at its first evaluation."""
+    if opt is None:
+        value = objective(var, t)
+        (grad,) = torch.autograd.grad(value.sum(), var)
+        with torch.no_grad():
+            delta = lr * grad if inv_mass is None else lr * inv_mass * grad
+            if max_step is not None:
+                norm = torch.linalg.vector_norm(delta, dim=-1, keepdim=True)
+                delta = delta * (max_step / norm.clamp_min(max_step))
+            var -= delta
+        return value
+    for group in opt.param_groups:
+        group["lr"] = lr
+    first: list[Tensor] = []
+
+    def closure() -> Tensor:
+        opt.zero_grad(set_to_none=True)
+        out = objective(var, t)
+        total = out.sum()
+        total.backward()
+        if not first:
+            first.append(out.detach())
+        return total
+
+    opt.step(closure)
+    return first[0]
+
+
+def _check_divergence(loss: float, var: Tensor, t: int, lr: float, reference: float, factor: float) -> None:
+    if not math.isfinite(loss):
+        raise FlowDivergence(f"the flow diverged at step {t}: the loss became {loss}; lower the step size (lr={lr:g})")
+    if reference > 0 and loss > factor * reference:
+        raise FlowDivergence(f"the flow diverged at step {t}: the loss grew to {loss:.3g} from {reference:.3g}; "
+                             f"lower the step size (lr={lr:g})")
+    if not bool(torch.isfinite(var).all()):
+        raise FlowDivergence(f"the flow diverged at step {t}: the variables became non-finite; lower the step size "
+                             f"(lr={lr:g})")
+
+
+@torch.no_grad()
+def refit_mw2(points: Tensor, target: GMM, *, n_components: int | None = None, fixed_weights: bool = False,
+              reg_covar: float = 1e-6, sample_weight: Tensor | None = None, mask: Tensor | None = None,
+              n_iter: int = 100, n_init: int = 3, unbalanced: tuple[float, float] | None = None,
+              generator: torch.Generator | None = None) -> Tensor:
+    """``MW2²`` (or ``UMW2²``) between a fresh EM fit of ``points [*B, N, D]`` and ``target`` (batch ``*B``).
+
+    The fit: ``n_components`` (default: the target's ``K``) components, k-means++ start, ``n_iter`` EM steps,
+    best of ``n_init`` starts by mean log-likelihood per batch element; ``fixed_weights``, ``reg_covar``,
+    ``sample_weight`` and ``mask`` as the loss being checked uses them. Returns ``[*B]``.
+    """
+    check_points(points)
+    k = target.n_components if n_components is None else n_components
+    if not isinstance(n_init, int) or n_init < 1:
+        raise ValueError(f"n_init must be an integer >= 1, got {n_init!r}")
+    best: GMM | None = None
+    best_ll: Tensor | None = None
+    for _ in range(n_init):
+        fit = fit_gmm(points.detach(), k, n_iter=n_iter, fixed_weights=fixed_weights, reg_covar=reg_covar,
+                      grad="none", mask=mask, sample_weight=sample_weight, generator=generator)
+        if best is None or best_ll is None:
+            best, best_ll = fit.gmm, fit.lower_bound
+            continue
+        better = fit.lower_bound > best_ll
+        best = GMM.where(better, fit.gmm, best)
+        best_ll = torch.maximum(best_ll, fit.lower_bound)
+    assert best is not None
+    return mw2(best, target.to(best.means), unbalanced=unbalanced)
