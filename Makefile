@@ -23,10 +23,10 @@ $(VENV)/.installed-base:
 	$(call install_step,base,plots)
 
 $(VENV)/.installed-test: $(VENV)/.installed-base
+	$(PY) -m pip install --quiet --no-deps "python-color-transfer==0.1.2a0"
 	$(call install_step,test,plots test)
 
 $(VENV)/.installed-bench: $(VENV)/.installed-test
-	$(PY) -m pip install --quiet --no-deps "python-color-transfer==0.1.2a0"
 	$(call install_step,bench,plots test bench)
 
 venv: $(VENV)/.installed-base

@@ -32,11 +32,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "unbalanced: the flow on unbalanced MW2 (robust to target colours absent from the source)")
     p.add_argument("--map-method", default="bary", choices=("bary", "rand"), help="map used by --method map")
     p.add_argument("--colorspace", default="lab", choices=("rgb", "lab"), help="space of the mixtures")
-    p.add_argument("--k", type=positive_int, default=10, help="mixture components on both sides (default 10)")
+    p.add_argument("--k", type=positive_int, default=20, help="mixture components on both sides (default 20)")
     p.add_argument("--lr", type=positive_float, default=0.2, help="step size of the flow (default 0.2)")
     p.add_argument("--optimizer", default="gd", choices=("gd", "adam"),
                    help="gd: Wasserstein gradient descent, every pixel moves at the gradient's speed (default); "
                         "adam: Adam on the palette colours")
+    p.add_argument("--regrain", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the source's grain and edges (Pitié's regrain post-process; default on)")
+    p.add_argument("--luminance", default="match", choices=("match", "free"),
+                   help="match: L* follows its monotone match to the target's and the flow moves a*, b* (needs "
+                        "--colorspace lab; default); free: the flow moves all three coordinates")
+    p.add_argument("--polish-iters", type=int, default=30, metavar="N",
+                   help="flow steps after regrain that bring the colours back to the target (default 30; 0: none)")
     p.add_argument("--fixed-weights", action="store_true",
                    help="keep uniform mixture weights 1/K (the paper's choice; learned weights measure better)")
     p.add_argument("--max-colors", type=positive_int, default=8192,
@@ -55,19 +62,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_input_file(args.target, "target image")
     if args.save_every < 0:
         raise AppError(f"--save-every must be >= 0, got {args.save_every}")
+    if args.polish_iters < 0:
+        raise AppError(f"--polish-iters must be >= 0, got {args.polish_iters}")
+    if args.luminance == "match" and args.colorspace != "lab":
+        raise AppError(f"--luminance match needs --colorspace lab (got {args.colorspace}); use --luminance free")
 
     from tqdm import tqdm
 
     from imgmw.colour import transfer_colours
     from imgmw.image import load_image, save_image, side_by_side
-    from imgmw.metrics import color_sliced_w2, luminance_ssim
+    from imgmw.metrics import color_sliced_w2, false_edges, luminance_ssim
 
     device = resolve_device(args.device)
     source = load_image(args.source).to(device)
     target = load_image(args.target).to(device)
     t_start = time.perf_counter()
     with staged_output(args.output) as out:
-        bar = tqdm(total=args.iters, desc="colour flow", disable=args.quiet or args.method == "map",
+        steps = (0 if args.method == "map" else args.iters) + (args.polish_iters if args.regrain else 0)
+        bar = tqdm(total=steps, desc="colour flow", disable=args.quiet or steps == 0,
                    file=sys.stderr)
 
         def progress(i: int, loss: float, render) -> None:
@@ -79,7 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = transfer_colours(source, target, method=args.method, colorspace=args.colorspace, k=args.k,
                                   iters=args.iters, lr=args.lr, optimizer=args.optimizer, max_colors=args.max_colors,
                                   unbalanced=tuple(args.lambdas), map_method=args.map_method,
-                                  fixed_weights=args.fixed_weights, seed=args.seed,
+                                  fixed_weights=args.fixed_weights, luminance=args.luminance,
+                                  regrain=args.regrain, polish_iters=args.polish_iters, seed=args.seed,
                                   callback=progress)
         bar.close()
         image_name = f"result.{args.format}"
@@ -100,6 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "colour_sw2_source_to_target": color_sliced_w2(source, target, seed=args.seed),
             "colour_sw2_result_to_target": color_sliced_w2(result.image, target, seed=args.seed),
             "luminance_ssim_result_vs_source": luminance_ssim(result.image, source),
+            "false_edges": false_edges(result.image, source),
         }
         write_json(metrics, out / "metrics.json")
     print(f"wrote {args.output / image_name}, comparison.png and metrics.json in {args.output}/ "

@@ -127,7 +127,7 @@ def run_flow(x: Tensor, objective: Objective, *, iters: int, lr: float, step: st
              schedule: str | Callable[[int], float] = "constant", point_mass: Tensor | None = None,
              max_step: float | None = None, project: Callable[[Tensor], None] | None = None,
              callback: Callback | None = None, stop: Callable[[list[float]], bool] | None = None,
-             divergence_factor: float = 1e6,
+             divergence_factor: float = 1e6, precondition: Callable[[Tensor], Tensor] | None = None,
              step_context: Callable[[], ContextManager] | None = None) -> FlowResult:
     """Minimise ``Σ objective(x, t)`` over ``x`` from the given start (see the module docstring).
 
@@ -141,6 +141,8 @@ def run_flow(x: Tensor, objective: Objective, *, iters: int, lr: float, step: st
         schedule: ``"constant"``, ``"linear"`` or ``schedule(t) -> factor`` multiplying ``lr``.
         point_mass: ``ω̂ [*B, N]`` (``"gd"``): divide each point's gradient by its mass.
         max_step: ``"gd"``: cap on the Euclidean length of each point's step (over the last dimension).
+        precondition: ``"gd"``: a map applied to every step before the cap (e.g. a smoothing of the velocity
+            field over the points).
         project: in-place projection after every step.
         callback: ``callback(t, E_t, x)`` after every step (``x`` detached, after the step).
         stop: ``stop(losses) -> bool`` checked after every step.
@@ -152,6 +154,8 @@ def run_flow(x: Tensor, objective: Objective, *, iters: int, lr: float, step: st
         FlowDivergence: non-finite or exploding loss or variables; the message names ``lr``.
     """
     _check_args(x, iters, lr, step, schedule, point_mass, max_step, divergence_factor)
+    if precondition is not None and step != "gd":
+        raise ValueError("precondition applies to the 'gd' step rule only")
     var = x.detach().clone().requires_grad_(True)
     opt: torch.optim.Optimizer | None = None
     if step == "adam":
@@ -165,7 +169,7 @@ def run_flow(x: Tensor, objective: Objective, *, iters: int, lr: float, step: st
     start = time.perf_counter()
     for t in range(iters):
         with (step_context() if step_context is not None else contextlib.nullcontext()):
-            value = _step(var, objective, t, lr * _factor(schedule, t, iters), opt, inv_mass, max_step)
+            value = _step(var, objective, t, lr * _factor(schedule, t, iters), opt, inv_mass, max_step, precondition)
         if project is not None:
             with torch.no_grad():
                 project(var)
@@ -188,13 +192,15 @@ def run_flow(x: Tensor, objective: Objective, *, iters: int, lr: float, step: st
 
 
 def _step(var: Tensor, objective: Objective, t: int, lr: float, opt: torch.optim.Optimizer | None,
-          inv_mass: Tensor | None, max_step: float | None) -> Tensor:
+          inv_mass: Tensor | None, max_step: float | None, precondition: Callable[[Tensor], Tensor] | None) -> Tensor:
     """One step of the rule on ``var`` in place; returns the objective's terms at its first evaluation."""
     if opt is None:
         value = objective(var, t)
         (grad,) = torch.autograd.grad(value.sum(), var)
         with torch.no_grad():
             delta = lr * grad if inv_mass is None else lr * inv_mass * grad
+            if precondition is not None:
+                delta = precondition(delta)
             if max_step is not None:
                 norm = torch.linalg.vector_norm(delta, dim=-1, keepdim=True)
                 delta = delta * (max_step / norm.clamp_min(max_step))

@@ -27,7 +27,9 @@ from .image import image_to_points
 from .patches import gaussian_pyramid, n_scales_for, patch_grid, random_patches
 
 __all__ = ["random_directions", "sliced_w2", "color_sliced_w2", "color_w2_exact", "gaussian_color_w2",
-           "luminance_ssim", "patch_sliced_w2", "seam_energy"]
+           "luminance_ssim", "false_edges", "patch_sliced_w2", "seam_energy", "EDGE_THRESHOLD"]
+
+EDGE_THRESHOLD = 0.03  # false_edges: a luminance gradient above this (L*/100 per pixel, Sobel) is an edge
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -194,6 +196,38 @@ def luminance_ssim(a: Tensor, b: Tensor, window: int = 11) -> float:
         la = kc.rgb_to_lab(a.detach().clamp(0, 1)[None])[:, :1] / 100.0
         lb = kc.rgb_to_lab(b.detach().to(a).clamp(0, 1)[None])[:, :1] / 100.0
         return float(km.ssim(la, lb, window, max_val=1.0).mean())
+
+
+def _luminance_gradient(img: Tensor) -> Tensor:
+    """``[H, W]`` Sobel gradient magnitude of the luminance L*/100 of ``img [3, H, W]`` (kornia's normalised
+    Sobel: a step of height ``h`` gives ``h/2`` at the two pixels beside it), float64."""
+    import kornia.color as kc
+    import kornia.filters as kf
+
+    lum = kc.rgb_to_lab(img.detach().double().clamp(0, 1)[None])[:, :1] / 100.0
+    grad = kf.spatial_gradient(lum, mode="sobel", normalized=True)[:, 0]       # [1, 2, H, W]
+    return grad.square().sum(1).sqrt()[0]
+
+
+def false_edges(result: Tensor, source: Tensor, threshold: float = EDGE_THRESHOLD) -> float:
+    """Fraction of pixels where ``result [3, H, W]`` has a luminance edge that ``source`` (same size) lacks.
+
+    With ``g_r``, ``g_s`` the Sobel gradient magnitudes of L*/100 (:func:`_luminance_gradient`), a pixel is a
+    false edge when ``g_r > threshold`` and ``g_r > 3 g_s``: an edge at least three times stronger than
+    anything the source has there. Banding and posterisation (a smooth ramp cut into steps), a smooth region
+    split between two colours and amplified noise or JPEG blocks all create such pixels; a transfer that
+    changes the contrast of existing edges by less than 3× does not. 0 means none; identical images score 0.
+    """
+    _check_image(result, "result")
+    _check_image(source, "source")
+    if result.shape != source.shape:
+        raise ValueError(f"result and source must have the same shape, got {tuple(result.shape)} and "
+                         f"{tuple(source.shape)}")
+    if not threshold > 0:
+        raise ValueError(f"threshold must be > 0, got {threshold!r}")
+    with torch.no_grad():
+        g_r, g_s = _luminance_gradient(result), _luminance_gradient(source.to(result))
+        return float(((g_r > threshold) & (g_r > 3 * g_s)).double().mean())
 
 
 # ---------------------------------------------------------------------------------------------- patches

@@ -60,8 +60,9 @@ def test_methods_write_outputs(tmp_path, method):
 def test_save_every_writes_frames(tmp_path):
     src, tgt = _small_pair(tmp_path)
     out = tmp_path / "frames"
-    assert _main([str(src), str(tgt), "--iters", "10", "--save-every", "5", "--output", str(out), "--quiet"]) == 0
-    assert sorted(p.name for p in out.glob("frame_*.png")) == ["frame_00005.png", "frame_00010.png"]
+    assert _main([str(src), str(tgt), "--iters", "10", "--polish-iters", "5", "--save-every", "5", "--output",
+                  str(out), "--quiet"]) == 0
+    assert sorted(p.name for p in out.glob("frame_*.png")) == ["frame_00005.png", "frame_00010.png", "frame_00015.png"]
 
 
 def test_module_entry_point(tmp_path):

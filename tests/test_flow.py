@@ -122,3 +122,14 @@ def test_refit_mw2_is_zero_for_the_targets_own_samples_and_positive_elsewhere():
     single = fit_gmm(x, 2, n_iter=100, grad="none", generator=torch.Generator().manual_seed(5))
     best = refit_mw2(x, target, n_init=3, generator=torch.Generator().manual_seed(5))
     assert float(best) <= float(mw2(single.gmm, target)) + 1e-9
+
+
+def test_precondition_acts_on_every_gd_step():
+    """A preconditioner that averages the step over the points moves them together (the field's mean)."""
+    x0 = torch.zeros(2, 1, dtype=torch.float64)
+    c = torch.tensor([[1.0], [3.0]], dtype=torch.float64)
+    out = run_flow(x0, _quadratic(c), iters=1, lr=0.5,
+                   precondition=lambda d: d.mean(0, keepdim=True).expand_as(d))
+    torch.testing.assert_close(out.x, torch.full((2, 1), 1.0, dtype=torch.float64))
+    with pytest.raises(ValueError, match="precondition"):
+        run_flow(x0, _quadratic(c), iters=1, lr=0.5, step="adam", precondition=lambda d: d)
