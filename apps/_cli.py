@@ -15,12 +15,20 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-__all__ = ["AppError", "add_common_args", "check_input_file", "resolve_device", "staged_output", "write_json", "run",
-           "positive_int", "positive_float"]
+__all__ = ["AppError", "AppParser", "add_common_args", "check_input_file", "resolve_device", "staged_output",
+           "write_json", "run", "positive_int", "positive_float"]
 
 
 class AppError(Exception):
     """A user-facing problem (bad flag value, unreadable input, unwritable output): exit code 2."""
+
+
+class AppParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as an AppError: one line on stderr and exit code 2 through
+    :func:`run` (argparse's own error prints the whole usage first)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise AppError(message)
 
 
 def positive_int(text: str) -> int:

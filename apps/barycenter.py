@@ -21,15 +21,15 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from apps._cli import AppError, add_common_args, check_input_file, positive_float, positive_int, resolve_device, run, staged_output, \
-    write_json
+from apps._cli import (AppError, AppParser, add_common_args, check_input_file, positive_float, positive_int,
+                       resolve_device, run, staged_output, write_json)
 
 NAME = "barycenter"
 THUMB = 160  # height of the image thumbnails in comparison.png
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"python -m apps.{NAME}", description=__doc__,
+    p = AppParser(prog=f"python -m apps.{NAME}", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="*", type=Path, help="--mode palette: two or more images whose palettes to average")
     p.add_argument("--mode", default="points", choices=("points", "palette"),

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from apps._cli import (AppError, add_common_args, check_input_file, positive_float, positive_int, resolve_device,
-                       run, staged_output, write_json)
+from apps._cli import (AppError, AppParser, add_common_args, check_input_file, positive_float, positive_int,
+                       resolve_device, run, staged_output, write_json)
 
 NAME = "color_transfer"
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -23,7 +23,7 @@ DEFAULT_SOURCE, DEFAULT_TARGET = DATA / "coffee.jpg", DATA / "rocket.jpg"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"python -m apps.{NAME}", description=__doc__,
+    p = AppParser(prog=f"python -m apps.{NAME}", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", nargs="?", type=Path, default=DEFAULT_SOURCE, help="image to recolour")
     p.add_argument("target", nargs="?", type=Path, default=DEFAULT_TARGET, help="image whose colours to take")

@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from apps._cli import (AppError, add_common_args, check_input_file, positive_float, positive_int, resolve_device,
-                       run, staged_output, write_json)
+from apps._cli import (AppError, AppParser, add_common_args, check_input_file, positive_float, positive_int,
+                       resolve_device, run, staged_output, write_json)
 
 NAME = "style_transfer"
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -43,7 +43,7 @@ def non_negative_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"python -m apps.{NAME}", description=__doc__,
+    p = AppParser(prog=f"python -m apps.{NAME}", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("content", nargs="?", type=Path, default=DEFAULT_CONTENT, help="image whose content to keep")
     p.add_argument("style", nargs="?", type=Path, default=DEFAULT_STYLE, help="image whose style to take")

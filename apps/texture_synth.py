@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from apps._cli import AppError, add_common_args, positive_float, positive_int, resolve_device, run, \
+from apps._cli import AppError, AppParser, add_common_args, positive_float, positive_int, resolve_device, run, \
     staged_output, write_json
 
 PROG = "texture_synth"
@@ -40,15 +40,8 @@ MAX_SIDE = 4096     # output side cap: a 4096² synthesis already needs a few GB
 METRIC_PATCH = 4    # patch sliced-W2 in metrics.json always uses 4×4 patches, so runs compare
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports bad flags as an AppError (one line on stderr, exit code 2)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise AppError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=f"python -m apps.{PROG}", description=__doc__.split("\n\n")[0],
+    p = AppParser(prog=f"python -m apps.{PROG}", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("exemplar", nargs="?", type=Path, default=DEFAULT_EXEMPLAR,
                    help="exemplar image (any format Pillow reads)")

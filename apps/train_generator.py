@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from apps._cli import AppError, add_common_args, positive_float, positive_int, resolve_device, run, staged_output, \
-    write_json
+from apps._cli import (AppError, AppParser, add_common_args, positive_float, positive_int, resolve_device, run,
+                       staged_output, write_json)
 
 NAME = "train_generator"
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -38,7 +38,7 @@ RESUME_KEYS = ("data", "image", "patch", "max_side", "k", "batch", "lr", "z_dim"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"python -m apps.{NAME}", description=__doc__,
+    p = AppParser(prog=f"python -m apps.{NAME}", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="gmm2d", choices=("gmm2d", "patches", "digits"), help="data set (default gmm2d)")
     p.add_argument("--image", type=Path, default=DATA / "wood.png", help="--data patches: image to take patches from")
