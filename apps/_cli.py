@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -15,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-__all__ = ["AppError", "AppParser", "add_common_args", "check_input_file", "resolve_device", "staged_output",
+__all__ = ["AppError", "AppParser", "seed", "add_common_args", "check_input_file", "resolve_device", "staged_output",
            "write_json", "run", "positive_int", "positive_float"]
 
 
@@ -53,11 +54,22 @@ def positive_float(text: str) -> float:
     return value
 
 
+def seed(text: str) -> int:
+    """argparse type: an integer seed in [0, 2⁶³ − 1] (what ``torch.Generator.manual_seed`` accepts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2^63 - 1], got {text}")
+    return value
+
+
 def add_common_args(parser: argparse.ArgumentParser, name: str, *, iters: int) -> None:
     """Flags every app shares: ``--device --seed --iters --output --quiet --save-every``."""
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="where to compute (auto: cuda if available, else cpu)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same output on one device)")
+    parser.add_argument("--seed", type=seed, default=0, help="random seed (same seed, same output on one device)")
     parser.add_argument("--iters", type=positive_int, default=iters, help=f"optimisation steps (default {iters})")
     parser.add_argument("--output", type=Path, default=Path("outputs") / name,
                         help=f"output directory (default outputs/{name})")
@@ -123,11 +135,23 @@ def staged_output(final: Path) -> Iterator[Path]:
         shutil.rmtree(stage, ignore_errors=True)
 
 
+def _strict(value):
+    """``value`` with every non-finite float (NaN, ±inf) replaced by ``None``, recursively: strict JSON."""
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def write_json(obj: dict, path: Path) -> None:
-    """Write ``obj`` as indented JSON atomically (temp file + rename)."""
+    """Write ``obj`` as indented, strict JSON (non-finite numbers become ``null``) atomically (temp file +
+    rename)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=float) + "\n")
+    tmp.write_text(json.dumps(_strict(json.loads(json.dumps(obj, default=float))), indent=2, allow_nan=False) + "\n")
     os.replace(tmp, path)
 
 

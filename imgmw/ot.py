@@ -75,6 +75,12 @@ def check_gmm(g: GMM, name: str, *, normalised: bool = True) -> GMM:
     if asym > _weight_tol(c.dtype) * max(c_max, 1e-30):
         raise ValueError(f"{name}.covariances must be symmetric (max |Σ − Σᵀ| = {asym:.3g}); "
                          "symmetrise them with (Σ + Σᵀ)/2")
+    _, info = torch.linalg.cholesky_ex(c)
+    if bool((info > 0).any()):  # not numerically SPD: jitter may repair round-off, never a negative eigenvalue
+        lam = torch.linalg.eigvalsh(c.double())
+        if bool((lam[..., 0] < -_weight_tol(c.dtype) * lam[..., -1].abs().clamp_min(1e-300)).any()):
+            raise ValueError(f"{name}.covariances must be symmetric positive definite: an eigenvalue is "
+                             f"{float(lam[..., 0].min()):.3g}")
     try:
         g.cholesky
     except ValueError as err:
@@ -98,8 +104,11 @@ def _check_pair(a: GMM, b: GMM, names: tuple[str, str] = ("a", "b"), *, normalis
                          f"{names[1]} do not broadcast") from None
 
 
+LAMBDA_RANGE = (1e-8, 1e8)  # KL penalties outside it overflow the solver's exp(−cost/λ)-free duals (inf at 1e300)
+
+
 def check_unbalanced(unbalanced) -> tuple[float, float] | None:
-    """``None`` or a pair of finite ``λ > 0`` as floats; anything else raises ``ValueError``."""
+    """``None`` or a pair of ``λ`` in ``LAMBDA_RANGE`` as floats; anything else raises ``ValueError``."""
     if unbalanced is None:
         return None
     try:
@@ -107,8 +116,8 @@ def check_unbalanced(unbalanced) -> tuple[float, float] | None:
     except (TypeError, ValueError):
         raise ValueError(f"unbalanced must be None or a pair (lam_a, lam_b), got {unbalanced!r}") from None
     for lam, side in ((lam_a, "lam_a"), (lam_b, "lam_b")):
-        if not (0.0 < lam < math.inf):
-            raise ValueError(f"unbalanced {side} must be a finite number > 0, got {lam!r} "
+        if not (LAMBDA_RANGE[0] <= lam <= LAMBDA_RANGE[1]):
+            raise ValueError(f"unbalanced {side} must lie in [{LAMBDA_RANGE[0]:g}, {LAMBDA_RANGE[1]:g}], got {lam!r} "
                              "(use unbalanced=None for the balanced distance)")
     return lam_a, lam_b
 
@@ -404,6 +413,8 @@ def gmm_ot_map(x: Tensor, source: GMM, target: GMM, method: str = "bary", genera
                          f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
     if x.dtype != source.dtype or x.device != source.device:
         raise ValueError(f"x ({x.dtype}, {x.device}) must share dtype and device with the GMMs")
+    if x.shape[-2] < 1 or not bool(torch.isfinite(x).all()):
+        raise ValueError(f"x must hold at least one point and only finite values, got shape {tuple(x.shape)}")
     source, target = source.detach(), target.detach()
     bshape = torch.broadcast_shapes(bshape, x.shape[:-2])
     with torch.no_grad():
