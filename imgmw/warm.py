@@ -285,13 +285,12 @@ class WarmStartEM(nn.Module):
         """One EM step on ``x [*B, N, D]`` (optional ``mask`` / ``sample_weight`` ``[*B, N]``) from the
         repaired stored parameters; returns a GMM differentiable in ``x``."""
         check_points(x)
+        xw, weight = point_weights(x, mask, sample_weight, 1)
         if self._needs_init(x):
             self.diagnostics = FitDiagnostics()
             self.state = self._fresh_fit(x.detach(), mask, sample_weight, self.n_init_iter, self.init)[0]
         elif self.policy is not None:
-            xd, weight = point_weights(x.detach(), mask, sample_weight, 1)
-            self._repair(xd, weight, mask, sample_weight)
-        xw, weight = point_weights(x, mask, sample_weight, 1)
+            self._repair(xw.detach(), None if weight is None else weight.detach(), mask, sample_weight)
         stats = accumulate_stats(self.state, xw, weight, self.chunk_size)
         gmm = m_step(stats, self.state, reg_covar=self.reg_covar, fixed_weights=self.fixed_weights)
         with torch.no_grad():

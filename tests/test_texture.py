@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from imgmw.gmm import GMM
 from imgmw.metrics import seam_energy
 from imgmw.patches import extract_patches, gaussian_pyramid
 from imgmw.texture import (PatchMW2Loss, fit_patch_gmms, gaussian_random_field, synthesize_texture,
