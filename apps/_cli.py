@@ -109,11 +109,40 @@ def _check_writable(final: Path) -> None:
         raise AppError(f"output directory {final} is not writable")
 
 
+STAGE_OWNER = ".owner"  # file in a staging directory holding the writing process's id
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def _claim(final: Path, existing: Path) -> None:
+    """Remove staging directories of ``final`` left by killed runs; refuse while another run writes there."""
+    for stage in existing.glob(f".{final.name}-*"):
+        if not stage.is_dir():
+            continue
+        try:
+            pid = int((stage / STAGE_OWNER).read_text())
+        except (OSError, ValueError):
+            pid = None
+        if pid is not None and pid != os.getpid() and _alive(pid):
+            raise AppError(f"another run (process {pid}) is writing to {final}; wait for it or choose another --output")
+        shutil.rmtree(stage, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def staged_output(final: Path) -> Iterator[Path]:
     """Write into a temporary directory next to ``final``; move the files into ``final`` only on success.
 
-    On any exception the temporary directory is removed, so a failed run leaves no partial output.
+    On any exception the temporary directory is removed, so a failed run leaves no partial output. The
+    staging directory records the writing process: a later run into the same ``final`` removes the staging
+    left by a killed run, and refuses to start while a live run is still writing there.
     """
     final = Path(final)
     _check_writable(final)
@@ -121,12 +150,16 @@ def staged_output(final: Path) -> Iterator[Path]:
     existing = parent
     while not existing.exists():
         existing = existing.parent
+    _claim(final, existing)
     stage = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=existing))
+    (stage / STAGE_OWNER).write_text(str(os.getpid()))
     try:
         yield stage
         final.mkdir(parents=True, exist_ok=True)
         for path in sorted(stage.rglob("*")):
             target = final / path.relative_to(stage)
+            if path.name == STAGE_OWNER and path.parent == stage:
+                continue
             if path.is_dir():
                 target.mkdir(parents=True, exist_ok=True)
             else:

@@ -17,3 +17,59 @@ APPS = ["color_transfer", "style_transfer", "barycenter", "train_generator", "te
 def test_bad_flags_give_one_line_and_exit_2(name, argv, fragment, tmp_path, capsys):
     app = importlib.import_module(f"apps.{name}")
     assert_clean_failure(lambda a: run(name, app.main, a), capsys, argv, tmp_path / "out", fragment)
+
+
+def _small_pair(tmp_path):
+    from PIL import Image
+
+    from tests.test_app_color import ROOT
+
+    src, tgt = tmp_path / "src.png", tmp_path / "tgt.png"
+    Image.open(ROOT / "data" / "coffee.jpg").resize((48, 32)).save(src)
+    Image.open(ROOT / "data" / "rocket.jpg").resize((40, 28)).save(tgt)
+    return src, tgt
+
+
+def _stage_of(tmp_path, pid: int):
+    stage = tmp_path / ".out-left"
+    stage.mkdir()
+    (stage / ".owner").write_text(str(pid))
+    (stage / "frame_00001.png").write_text("half-written")
+    return stage
+
+
+def test_a_killed_runs_staging_is_removed_by_the_next_run(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from apps import color_transfer
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stage = _stage_of(tmp_path, int(dead.stdout))
+    src, tgt = _small_pair(tmp_path)
+    out = tmp_path / "out"
+    assert run("color_transfer", color_transfer.main,
+               [str(src), str(tgt), "--iters", "3", "--polish-iters", "0", "--output", str(out), "--quiet"]) == 0
+    assert not stage.exists()
+    assert sorted(p.name for p in out.iterdir()) == ["comparison.png", "metrics.json", "result.png"]
+
+
+def test_a_second_run_into_a_folder_being_written_is_refused(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from apps import color_transfer
+
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stage = _stage_of(tmp_path, writer.pid)
+        src, tgt = _small_pair(tmp_path)
+        out = tmp_path / "out"
+        assert run("color_transfer", color_transfer.main,
+                   [str(src), str(tgt), "--iters", "3", "--output", str(out), "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"process {writer.pid}" in err, err
+        assert not out.exists() and stage.exists()            # the live run's files are left alone
+    finally:
+        writer.kill()
+        writer.wait()
