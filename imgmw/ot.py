@@ -78,7 +78,11 @@ def check_gmm(g: GMM, name: str, *, normalised: bool = True) -> GMM:
     _, info = torch.linalg.cholesky_ex(c)
     if bool((info > 0).any()):  # not numerically SPD: jitter may repair round-off, never a negative eigenvalue
         lam = torch.linalg.eigvalsh(c.double())
-        if bool((lam[..., 0] < -_weight_tol(c.dtype) * lam[..., -1].abs().clamp_min(1e-300)).any()):
+        # round-off of a covariance computed from moments (an EM fit of near-constant data, say) is relative to
+        # the second moment Σ + m mᵀ of the data, which was about the previous means: at least O(1) for data
+        # on the image scale. −I or diag(1, −5) are far beyond it in every dtype.
+        scale = (lam.abs().amax(-1) + m.double().square().sum(-1)).clamp_min(1.0)
+        if bool((lam[..., 0] < -_weight_tol(c.dtype) * scale).any()):
             raise ValueError(f"{name}.covariances must be symmetric positive definite: an eigenvalue is "
                              f"{float(lam[..., 0].min()):.3g}")
     try:
