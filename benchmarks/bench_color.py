@@ -1,10 +1,10 @@
 """Colour-transfer benchmark: imgmw's methods against classical baselines on the sample pairs, in one run.
 
 Methods (each without and with a regrain post-process, Pitié et al. 2007):
-- ``flow``: imgmw's default (``transfer_colours``: Lab, K=10, L* held at its monotone match to the target's
+- ``flow``: imgmw's default (``transfer_colours``: Lab, K=20, L* held at its monotone match to the target's
   while the MW2 flow moves a*, b*; with regrain, followed by a 30-step polish flow). ``flow`` is the
   default method, so ``flow+regrain`` is what ``python -m apps.color_transfer`` does.
-- ``map``: imgmw's GMM-OT barycentric map (Lab, K=10).
+- ``map``: imgmw's GMM-OT barycentric map (Lab, K=20).
 - ``reinhard``: per-channel mean/std matching in Lab (Reinhard et al. 2001), written here with kornia.
 - ``mkl``: the linear Monge map between the Gaussians of the colours (closed form, POT's
   ``ot.gaussian.bures_wasserstein_mapping``), applied to every pixel.

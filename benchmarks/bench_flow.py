@@ -81,15 +81,14 @@ def texture_rows(size: int, iters: int) -> list[dict]:
 
     from imgmw.image import load_image
     from imgmw.metrics import patch_sliced_w2
-    from imgmw.texture import MIN_WEIGHT, synthesize_texture
-    from imgmw.warm import FitPolicy
+    from imgmw.texture import TEXTURE_POLICY, synthesize_texture
 
     rows = []
     for name in EXEMPLARS:
         exemplar = load_image(DATA / name)
         for config_name, config in _configs().items():
             if config["policy"] is not None and not config["fixed_weights"]:
-                config = dict(config, policy=FitPolicy(min_weight=MIN_WEIGHT))
+                config = dict(config, policy=TEXTURE_POLICY)
             out = synthesize_texture(exemplar, (size, size), iters=iters, generator=torch.Generator().manual_seed(0),
                                      **config)
             seconds = out.seconds  # the optimisation loop only (not the target fits nor the refit diagnostic)

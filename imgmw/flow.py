@@ -102,7 +102,7 @@ def _factor(schedule: str | Callable[[int], float], step: int, iters: int) -> fl
 
 
 def _check_args(x: Tensor, iters: int, lr: float, step: str, schedule, point_mass: Tensor | None,
-                max_step: float | None, divergence_factor: float) -> None:
+                max_step: float | None, precondition, divergence_factor: float) -> None:
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise ValueError(f"x must be a floating-point tensor, got {type(x).__name__ if not isinstance(x, Tensor) else x.dtype}")
     if not isinstance(iters, int) or isinstance(iters, bool) or iters < 0:
@@ -112,9 +112,10 @@ def _check_args(x: Tensor, iters: int, lr: float, step: str, schedule, point_mas
     check_choice("step", step, STEP_RULES)
     if not callable(schedule):
         check_choice("schedule", schedule, SCHEDULES)
+    for name, value in (("point_mass", point_mass), ("max_step", max_step), ("precondition", precondition)):
+        if value is not None and step != "gd":
+            raise ValueError(f"{name} applies to the 'gd' step rule only")
     if point_mass is not None:
-        if step != "gd":
-            raise ValueError("point_mass applies to the 'gd' step rule only")
         if point_mass.shape != x.shape[:-1] or not bool((point_mass > 0).all()):
             raise ValueError(f"point_mass must be positive with shape {tuple(x.shape[:-1])}, got {tuple(point_mass.shape)}")
     if max_step is not None and not (0 < max_step < math.inf):
@@ -153,9 +154,7 @@ def run_flow(x: Tensor, objective: Objective, *, iters: int, lr: float, step: st
     Raises:
         FlowDivergence: non-finite or exploding loss or variables; the message names ``lr``.
     """
-    _check_args(x, iters, lr, step, schedule, point_mass, max_step, divergence_factor)
-    if precondition is not None and step != "gd":
-        raise ValueError("precondition applies to the 'gd' step rule only")
+    _check_args(x, iters, lr, step, schedule, point_mass, max_step, precondition, divergence_factor)
     var = x.detach().clone().requires_grad_(True)
     opt: torch.optim.Optimizer | None = None
     if step == "adam":

@@ -74,7 +74,7 @@ from .checkpoint import save_atomic
 from .em import fit_gmm
 from .flow import refit_mw2, run_flow
 from .gmm import GMM
-from .losses import MW2Loss, fit_target, relative_reg_covar
+from .losses import TARGET_ITER, TARGET_TOL, MW2Loss, fit_target, relative_reg_covar
 from .patches import gather_patches, gaussian_pyramid, patch_grid
 from .validation import check_choice
 
@@ -98,9 +98,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_LR = 0.01                                    # Adam step on the pixels (the paper's; see the module doc)
 DEFAULT_CONTENT_WEIGHT = 0.0                         # the paper's: no content term (init at the content)
 STYLE_SAMPLES = 8192                                 # style feature vectors per layer for the target fits
-TARGET_ITERS = 200                                   # maximum EM steps of each target fit (k-means++ start)
-TARGET_TOL = 1e-5                                    # ... stopped when the mean log-likelihood changes less
-REG_FACTOR = 1e-4                                    # ε_r = REG_FACTOR × λ_max (the paper's heuristic)
 _FORMAT = "imgmw.style_model"
 
 
@@ -429,7 +426,7 @@ class StyleModel:
 
 @torch.no_grad()
 def fit_style_gmms(extractor: FeatureExtractor, style: Tensor, k: int = 3, *, n_samples: int = STYLE_SAMPLES,
-                   n_iter: int = TARGET_ITERS, generator: torch.Generator | None = None) -> StyleModel:
+                   n_iter: int = TARGET_ITER, generator: torch.Generator | None = None) -> StyleModel:
     """Fit the targets ``ν_ℓ``: for each layer, a ``K``-component GMM to up to ``n_samples`` feature vectors
     of ``style [3, H, W]`` (all positions if fewer) by :func:`imgmw.losses.fit_target` (at most ``n_iter``
     EM steps from k-means++, ``reg_covar = 1e-4 × λ_max`` of the features' covariance)."""
@@ -459,7 +456,7 @@ class StyleLoss(nn.Module):
     def __init__(self, model: StyleModel, *, n_init_iter: int = 30, generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.terms = nn.ModuleList(
-            MW2Loss(g, warm_start=True, reg_covar=relative_reg_covar(g, REG_FACTOR),
+            MW2Loss(g, warm_start=True, reg_covar=relative_reg_covar(g),
                     n_iter=_positive_int("n_init_iter", n_init_iter), generator=generator) for g in model.gmms)
         self.register_buffer("weights", torch.tensor([1.0 / d ** 2 for d in model.dims]))
 
@@ -629,7 +626,7 @@ def style_distances(image: Tensor, model: StyleModel, extractor: FeatureExtracto
     out = []
     for target, pts in zip(model.gmms, feats.points):
         target = target.to(device=pts.device, dtype=pts.dtype)
-        reg = relative_reg_covar(target, REG_FACTOR)
+        reg = relative_reg_covar(target)
         if fresh:
             out.append(float(refit_mw2(pts[0], target, reg_covar=reg, n_iter=n_iter, generator=generator)))
             continue

@@ -40,7 +40,7 @@ from .validation import check_choice
 from .warm import FitPolicy
 
 __all__ = ["gaussian_random_field", "fit_patch_gmms", "PatchMW2Loss", "synthesize_texture",
-           "texture_n_scales", "SynthesisResult", "OPTIMIZERS", "MIN_COARSE_SIDE", "DEFAULT_PATCHES",
+           "texture_n_scales", "SynthesisResult", "OPTIMIZERS", "MIN_COARSE_SIDE", "DEFAULT_PATCHES", "TEXTURE_POLICY",
            "ADAM_LR"]
 
 OPTIMIZERS = ("adam", "lbfgs")
@@ -48,6 +48,7 @@ MIN_COARSE_SIDE = 16          # the paper's rule: the coarsest pyramid level kee
 TARGET_PATCHES = 8192         # exemplar patches per scale used to fit ν_s (all of them if fewer)
 TARGET_ITERS = 150            # maximum EM steps of each target fit (k-means++ start)
 MIN_WEIGHT = 0.05             # learned weights below MIN_WEIGHT / K trigger a re-seed (imgmw.warm.FitPolicy)
+TEXTURE_POLICY = FitPolicy(min_weight=MIN_WEIGHT)  # the synthesis's default fit keeping
 DEFAULT_PATCHES = 2048        # patches drawn per scale per optimiser step
 ADAM_LR = 0.03                # initial Adam step (decayed linearly to 0), see synthesize_texture
 EIG_FLOOR = 1e-10             # relative eigenvalue floor of the colour pseudo-inverse square root
@@ -275,7 +276,7 @@ class PatchMW2Loss(nn.Module):
     def __init__(self, exemplar: Tensor, patch: int = 4, n_components: int = 4, n_scales: int | None = None,
                  n_patches: int = DEFAULT_PATCHES, periodic: bool = False,
                  generator: torch.Generator | None = None, *, fixed_weights: bool = False,
-                 policy: FitPolicy | None = FitPolicy(min_weight=MIN_WEIGHT), n_target_patches: int = TARGET_PATCHES,
+                 policy: FitPolicy | None = TEXTURE_POLICY, n_target_patches: int = TARGET_PATCHES,
                  n_target_iter: int = TARGET_ITERS, n_init_iter: int = 10) -> None:
         super().__init__()
         u = _as_image(exemplar, "exemplar").detach()
@@ -399,7 +400,7 @@ class SynthesisResult:
 def synthesize_texture(exemplar: Tensor, size: tuple[int, int], *, patch: int = 4, n_components: int = 4,
                        n_scales: int | None = None, n_patches: int = DEFAULT_PATCHES, iters: int = 300,
                        lr: float | None = None, optimizer: str = "adam", periodic: bool = False,
-                       fixed_weights: bool = False, policy: FitPolicy | None = FitPolicy(min_weight=MIN_WEIGHT),
+                       fixed_weights: bool = False, policy: FitPolicy | None = TEXTURE_POLICY,
                        diagnose: bool = True, generator: torch.Generator | None = None,
                        callback: Callable[[int, Tensor, Tensor], None] | None = None) -> SynthesisResult:
     """Synthesise an ``H × W`` texture like ``exemplar`` by minimising :class:`PatchMW2Loss`.

@@ -103,7 +103,8 @@ def test_bad_arguments_are_value_errors():
                           (dict(lr=1.0, schedule="cosine"), "schedule"),
                           (dict(lr=1.0, point_mass=torch.ones(3)), "point_mass"),
                           (dict(lr=1.0, step="adam", point_mass=torch.ones(2)), "point_mass"),
-                          (dict(lr=1.0, max_step=-1.0), "max_step")):
+                          (dict(lr=1.0, max_step=-1.0), "max_step"),
+                          (dict(lr=1.0, step="adam", max_step=1.0), "max_step")):
         kwargs.setdefault("iters", 1)
         with pytest.raises(ValueError, match=match):
             run_flow(x, lambda v, _: v.sum()[None], **kwargs)
