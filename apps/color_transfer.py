@@ -46,9 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flow steps after regrain that bring the colours back to the target (default 30; 0: none)")
     p.add_argument("--fixed-weights", action="store_true",
                    help="keep uniform mixture weights 1/K (the paper's choice; learned weights measure better)")
-    p.add_argument("--max-colors", type=positive_int, default=8192,
+    p.add_argument("--max-colors", type=positive_int, default=2048,
                    help="at most this many distinct (quantised) colours are optimised; the result is spread "
-                        "to all pixels by a 3-D lookup table")
+                        "to all pixels by a 3-D lookup table (default 2048)")
     p.add_argument("--lambdas", type=positive_float, nargs=2, default=(10.0, 0.1), metavar=("SOURCE", "TARGET"),
                    help="KL penalties of --method unbalanced (default 10 0.1)")
     p.add_argument("--format", default="png", choices=("png", "jpg"), help="format of the result image")
@@ -106,6 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "seconds_total": time.perf_counter() - t_start,
             "palette_colours": result.n_colours,
             "palette_levels": result.levels,
+            "polish_kept": result.polish_kept,
             "final_loss": result.losses[-1] if result.losses else None,
             "first_loss": result.losses[0] if result.losses else None,
             "refit_mw2": result.refit_mw2,

@@ -114,7 +114,9 @@ def test_map_methods_move_colours_towards_target(pair):
 
 def test_unbalanced_flow_does_not_copy_an_outlier_colour(pair):
     """A green square (4% of the target, a colour absent from the source) is copied by the balanced flow
-    but not by the unbalanced one (λ = (10, 0.1)); the flows alone, all three coordinates moving."""
+    but not by the unbalanced one (λ = (10, 0.1)); the flows alone, all three coordinates moving. How much
+    green the balanced flow makes in 100 steps depends on the seed (0.9–3.2 % over seeds 0–5, whether its
+    warm start refits every 25 or 50 steps); the unbalanced flow made none on every seed."""
     source, target = pair
     green = torch.tensor([0.0, 1.0, 0.0])
     planted = target.clone()
@@ -127,7 +129,7 @@ def test_unbalanced_flow_does_not_copy_an_outlier_colour(pair):
     flows = dict(iters=100, seed=0, luminance="free", regrain=False, diagnose=False)
     balanced = transfer_colours(source, planted, method="flow", **flows)
     unbalanced = transfer_colours(source, planted, method="unbalanced", **flows)
-    assert green_fraction(balanced.image) > 0.02
+    assert green_fraction(balanced.image) > 0.005
     assert green_fraction(unbalanced.image) < 0.2 * green_fraction(balanced.image)
 
 
@@ -199,3 +201,83 @@ def test_velocity_smoother_averages_over_neighbouring_colours():
     assert float((smoother(ramp) - ramp).abs().median()) < 0.05
     with pytest.raises(ValueError, match="sigma"):
         VelocitySmoother(colours, mass, 0.0)
+
+
+def _corner_lut_reference(img, pal, new_colours):
+    """The LUT spelled out: splat each palette displacement on its 8 grid corners (trilinear weight × count),
+    normalise, and read each pixel back as the trilinear average over the corners that received a splat."""
+    n = pal.levels + 1
+    disp = (new_colours - pal.colours).double()
+    lut = torch.zeros(n, n, n, 3, dtype=torch.float64)
+    den = torch.zeros(n, n, n, dtype=torch.float64)
+
+    def corners(rgb):
+        g = rgb.double().clamp(0, 1) * pal.levels
+        base = g.floor().clamp_max(pal.levels - 1)
+        frac = g - base
+        for c in range(8):
+            off = torch.tensor([(c >> 2) & 1, (c >> 1) & 1, c & 1])
+            idx = (base.long() + off)
+            yield idx, torch.where(off.bool(), frac, 1 - frac).prod(-1)
+
+    for idx, w in corners(pal.colours):
+        wc = w * pal.counts.double()
+        lut.index_put_((idx[:, 0], idx[:, 1], idx[:, 2]), wc[:, None] * disp, accumulate=True)
+        den.index_put_((idx[:, 0], idx[:, 1], idx[:, 2]), wc, accumulate=True)
+    lut = lut / den.clamp_min(1e-300)[..., None]
+    pix = image_to_points(img).double()
+    num, tot = torch.zeros_like(pix), torch.zeros(pix.shape[0], dtype=torch.float64)
+    for idx, w in corners(pix):
+        w = w * (den[idx[:, 0], idx[:, 1], idx[:, 2]] > 0)
+        num += w[:, None] * lut[idx[:, 0], idx[:, 1], idx[:, 2]]
+        tot += w
+    return points_to_image((pix + num / tot.clamp_min(1e-12)[:, None]).float(), *img.shape[-2:]).clamp(0, 1)
+
+
+def test_lut_matches_the_corner_by_corner_definition(pair):
+    source, _ = pair
+    pal = build_palette(source, max_colors=300)
+    g = torch.Generator().manual_seed(1)
+    new = (pal.colours + 0.1 * torch.randn(pal.colours.shape, generator=g)).clamp(0, 1)
+    torch.testing.assert_close(apply_palette_lut(source, pal, new), _corner_lut_reference(source, pal, new),
+                               atol=2e-6, rtol=0)
+
+
+def test_monotone_match_preserves_order_and_ties_and_matches_quantiles():
+    from imgmw.colour import monotone_match
+
+    g = torch.Generator().manual_seed(0)
+    values = torch.cat([torch.rand(300, generator=g, dtype=torch.float64), torch.full((200,), 0.5,
+                                                                                     dtype=torch.float64)])
+    target = torch.randn(1000, generator=g, dtype=torch.float64) * 2 + 5
+    out = monotone_match(values, torch.ones_like(values), target, torch.ones_like(target))
+    order = values.argsort()
+    assert bool((out[order].diff() >= 0).all())                         # order preserved
+    assert out[300:].unique().numel() == 1                             # 200 equal values: one output
+    # the outputs are distributed like the target: their quartiles are the target's
+    out = monotone_match(values[:300], torch.ones(300, dtype=torch.float64), target, torch.ones_like(target))
+    q = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], dtype=torch.float64)
+    torch.testing.assert_close(torch.quantile(out, q), torch.quantile(target, q), atol=0.05, rtol=0)
+
+
+def test_polish_keeps_its_best_iterate(pair):
+    """The polish may end farther from the target than it started (it descends MW2 between two fits); the
+    kept colours are the best of the scored iterates, so their sliced W2 to the target palette never exceeds
+    the regrained image's own."""
+    from imgmw.colour import _BestIterate
+    from imgmw.metrics import random_directions, weighted_sliced_w2
+
+    source, target = pair
+    pal, tgt = build_palette(source, 300), build_palette(target, 300)
+    keeper = _BestIterate(pal, tgt, "rgb")
+    d = random_directions(64, 3, 0, dtype=pal.colours.dtype)
+    score = lambda x: float(weighted_sliced_w2(x, tgt.colours, d, x_weight=pal.counts, y_weight=tgt.counts))  # noqa: E731
+    keeper.offer(0, pal.colours)
+    closer = pal.colours + 0.5 * (tgt.colours.mean(0) - pal.colours.mean(0))
+    farther = pal.colours - 0.5 * (tgt.colours.mean(0) - pal.colours.mean(0))
+    assert score(closer) < score(pal.colours) < score(farther)
+    keeper.offer(5, closer)
+    keeper.offer(10, farther)
+    assert keeper.step == 5 and torch.equal(keeper.x, closer)
+    result = transfer_colours(source, target, iters=20, polish_iters=10, diagnose=False)
+    assert result.polish_kept in (0, 5, 10)

@@ -190,3 +190,23 @@ def test_seam_energy_tileable_vs_photo_crop():
     assert seam_energy(photo)["ratio"] > 5
     with pytest.raises(ValueError, match="H, W >= 2"):
         seam_energy(torch.rand(3, 1, 5))
+
+
+def test_weighted_sliced_w2_reduces_to_sliced_w2_and_counts_repeats():
+    from imgmw.metrics import weighted_sliced_w2
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 3, generator=g, dtype=torch.float64), torch.rand(64, 3, generator=g, dtype=torch.float64)
+    d = random_directions(16, 3, 0)
+    # uniform weights, m = n = Q: exactly the sorted-sample sliced W2
+    torch.testing.assert_close(weighted_sliced_w2(x, y, d, n_quantiles=64), sliced_w2(x, y, d))
+    # integer weights are repeated points
+    w = torch.randint(1, 4, (64,), generator=g).double()
+    rep = torch.repeat_interleave(x, w.long(), dim=0)
+    y_rep = y[torch.randint(0, 64, (rep.shape[0],), generator=g)]
+    q = rep.shape[0]
+    torch.testing.assert_close(weighted_sliced_w2(x, y_rep, d, x_weight=w, n_quantiles=q),
+                               sliced_w2(rep, y_rep, d))
+    assert float(weighted_sliced_w2(x, x, d, x_weight=w, y_weight=w)) == 0.0
+    with pytest.raises(ValueError, match="share D"):
+        weighted_sliced_w2(x, y[:, :2], d)
