@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 __all__ = ["AppError", "AppParser", "seed", "add_common_args", "check_input_file", "resolve_device", "staged_output",
-           "write_json", "run", "positive_int", "positive_float"]
+           "write_json", "run", "positive_int", "positive_float", "check_pixel_adam_lr"]
 
 
 class AppError(Exception):
@@ -52,6 +52,14 @@ def positive_float(text: str) -> float:
     if not (0 < value < float("inf")):
         raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
     return value
+
+
+def check_pixel_adam_lr(lr: float | None) -> None:
+    """Adam moves every pixel by about ``lr`` per step whatever the gradient's size, and pixels live in
+    [0, 1]: ``lr >= 1`` throws them to the clamp at every step (the result is saturated noise)."""
+    if lr is not None and lr >= 1:
+        raise AppError(f"--lr {lr:g} is too large for Adam on pixels in [0, 1] (each step moves a pixel by about "
+                       "lr); use a value below 1")
 
 
 def seed(text: str) -> int:

@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from apps._cli import (AppError, AppParser, add_common_args, check_input_file, positive_float, positive_int,
-                       resolve_device, run, staged_output, write_json)
+from apps._cli import (AppError, AppParser, add_common_args, check_input_file, check_pixel_adam_lr, positive_float,
+                       positive_int, resolve_device, run, staged_output, write_json)
 
 NAME = "style_transfer"
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -80,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise AppError(f"--restart-every must be >= 0, got {args.restart_every}")
     if args.weights is not None and args.features == "patches":
         raise AppError("--weights is for --features vgg19 (or auto); drop it or change --features")
+    check_pixel_adam_lr(args.lr)
 
     import torch
     from tqdm import tqdm

@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from apps._cli import AppError, AppParser, add_common_args, positive_float, positive_int, resolve_device, run, \
-    staged_output, write_json
+from apps._cli import AppError, AppParser, add_common_args, check_pixel_adam_lr, positive_float, positive_int, \
+    resolve_device, run, staged_output, write_json
 
 PROG = "texture_synth"
 DEFAULT_EXEMPLAR = Path(__file__).resolve().parent.parent / "data" / "wood.png"
@@ -191,6 +191,8 @@ def _metrics(args: argparse.Namespace, size: tuple[int, int], exemplar, result, 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     size = _check_args(args)
+    if args.optimizer == "adam":
+        check_pixel_adam_lr(args.lr)
     start = time.perf_counter()
 
     import torch

@@ -16,8 +16,13 @@ pixels) with one of three step rules:
 The schedule ``s(t)`` is ``"constant"``, ``"linear"`` (from 1 to 0 over ``iters``) or a callable.
 ``project(x)`` runs in place after every step (e.g. clamping pixels to [0, 1]); ``callback(t, E_t, x)``
 after every step; ``stop(history)`` ends the flow early (see :func:`plateau`). A non-finite loss or
-point, or a loss above ``divergence_factor ×`` the largest of the first ``DIVERGENCE_WARMUP`` losses,
-raises :class:`FlowDivergence`, which names the step size.
+point, a loss above ``divergence_factor ×`` the largest of the first ``DIVERGENCE_WARMUP`` losses, or
+``DIVERGENCE_WARMUP`` losses in a row above ``STALL_GROWTH ×`` the starting loss (a step so large that the
+projection pins the variables to a worse state, e.g. Adam with ``lr = 1e30`` on pixels clamped to [0, 1])
+raises :class:`FlowDivergence`, which names the step size. A descent flow never sits at ten times its
+starting loss. The ``"gd"`` cap divides by each point's step length computed without overflow, so a
+huge ``lr`` with ``max_step`` takes steps of length ``max_step`` (before: an overflowing norm made it a
+silent no-op).
 
 :func:`refit_mw2` answers whether a loss still describes its points: the ``MW2²`` between a **fresh** EM
 fit of the points (k-means++, ``n_iter`` steps, best of ``n_init`` seeds by likelihood) and the target. A
@@ -29,7 +34,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager
+from typing import Callable, ContextManager, Sequence
 
 import torch
 from torch import Tensor
@@ -39,11 +44,13 @@ from .gmm import GMM
 from .ot import mw2
 from .validation import check_choice, check_points
 
-__all__ = ["STEP_RULES", "SCHEDULES", "FlowDivergence", "FlowResult", "run_flow", "plateau", "refit_mw2"]
+__all__ = ["STEP_RULES", "SCHEDULES", "FlowDivergence", "FlowResult", "run_flow", "plateau", "check_divergence",
+           "refit_mw2"]
 
 STEP_RULES = ("gd", "adam", "lbfgs")
 SCHEDULES = ("constant", "linear")
 DIVERGENCE_WARMUP = 5  # losses of the first steps that set the divergence reference
+STALL_GROWTH = 10.0    # this many times the starting loss, DIVERGENCE_WARMUP steps in a row: diverged
 
 Objective = Callable[[Tensor, int], Tensor]
 Callback = Callable[[int, float, Tensor], None]
@@ -164,7 +171,6 @@ def run_flow(x: Tensor, objective: Objective, *, iters: int, lr: float, step: st
     inv_mass = None if point_mass is None else point_mass.detach().to(var).reciprocal().unsqueeze(-1)
     result = FlowResult(var.detach())
     terms: list[Tensor] = []
-    reference = 0.0
     start = time.perf_counter()
     for t in range(iters):
         with (step_context() if step_context is not None else contextlib.nullcontext()):
@@ -172,11 +178,9 @@ def run_flow(x: Tensor, objective: Objective, *, iters: int, lr: float, step: st
         if project is not None:
             with torch.no_grad():
                 project(var)
-        loss = float(value.detach().sum())
-        if t < DIVERGENCE_WARMUP:
-            reference = max(reference, abs(loss))
-        _check_divergence(loss, var, t, lr, reference, divergence_factor)
-        result.losses.append(loss)
+        result.losses.append(float(value.detach().sum()))
+        check_divergence(result.losses, var, lr, factor=divergence_factor)
+        loss = result.losses[-1]
         terms.append(value.detach())
         if callback is not None:
             callback(t, loss, var.detach())
@@ -200,8 +204,9 @@ def _step(var: Tensor, objective: Objective, t: int, lr: float, opt: torch.optim
             delta = lr * grad if inv_mass is None else lr * inv_mass * grad
             if precondition is not None:
                 delta = precondition(delta)
-            if max_step is not None:
-                norm = torch.linalg.vector_norm(delta, dim=-1, keepdim=True)
+            if max_step is not None:  # ‖δ‖ as top · ‖δ / top‖: no overflow for huge steps
+                top = delta.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(delta.dtype).tiny)
+                norm = top * torch.linalg.vector_norm(delta / top, dim=-1, keepdim=True)
                 delta = delta * (max_step / norm.clamp_min(max_step))
             var -= delta
         return value
@@ -218,19 +223,38 @@ def _step(var: Tensor, objective: Objective, t: int, lr: float, opt: torch.optim
             first.append(out.detach())
         return total
 
-    opt.step(closure)
+    try:
+        opt.step(closure)
+    except (ValueError, RuntimeError) as err:
+        if not first:  # the objective failed at the step's own start: not the step size's fault
+            raise
+        raise FlowDivergence(f"the flow diverged at step {t}: the objective failed at a trial point of the line "
+                             f"search ({err}); lower the step size (lr={lr:g})") from err
     return first[0]
 
 
-def _check_divergence(loss: float, var: Tensor, t: int, lr: float, reference: float, factor: float) -> None:
+def check_divergence(losses: list[float], variables: Tensor | Sequence[Tensor], lr: float, *,
+                     factor: float = 1e6, what: str = "flow") -> None:
+    """Raise :class:`FlowDivergence` (naming ``lr``) when the losses so far (``losses[t]`` after step ``t``)
+    and the ``variables`` after the last step show a divergence (see the module docstring): a non-finite
+    last loss or variable, a last loss above ``factor ×`` the largest of the first ``DIVERGENCE_WARMUP``
+    losses, or ``DIVERGENCE_WARMUP`` losses in a row above ``STALL_GROWTH ×`` the first. Used by
+    :func:`run_flow` and by the generative trainer (``what="training"``). One host synchronisation."""
+    t, loss = len(losses) - 1, losses[-1]
+    hint = f"lower the step size (lr={lr:g})"
     if not math.isfinite(loss):
-        raise FlowDivergence(f"the flow diverged at step {t}: the loss became {loss}; lower the step size (lr={lr:g})")
+        raise FlowDivergence(f"the {what} diverged at step {t}: the loss became {loss}; {hint}")
+    reference = max(abs(v) for v in losses[:DIVERGENCE_WARMUP])
     if reference > 0 and loss > factor * reference:
-        raise FlowDivergence(f"the flow diverged at step {t}: the loss grew to {loss:.3g} from {reference:.3g}; "
-                             f"lower the step size (lr={lr:g})")
-    if not bool(torch.isfinite(var).all()):
-        raise FlowDivergence(f"the flow diverged at step {t}: the variables became non-finite; lower the step size "
-                             f"(lr={lr:g})")
+        raise FlowDivergence(f"the {what} diverged at step {t}: the loss grew to {loss:.3g} from {reference:.3g}; "
+                             f"{hint}")
+    recent = losses[-DIVERGENCE_WARMUP:]
+    if t >= DIVERGENCE_WARMUP and losses[0] > 0 and min(recent) > STALL_GROWTH * losses[0]:
+        raise FlowDivergence(f"the {what} diverged: from step {t + 1 - DIVERGENCE_WARMUP} to {t} the loss stayed above "
+                             f"{min(recent):.3g}, more than {STALL_GROWTH:g}x its starting {losses[0]:.3g}; {hint}")
+    tensors = [variables] if isinstance(variables, Tensor) else list(variables)
+    if not bool(torch.stack([torch.isfinite(v).all() for v in tensors]).all()):
+        raise FlowDivergence(f"the {what} diverged at step {t}: the variables became non-finite; {hint}")
 
 
 @torch.no_grad()

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from .checkpoint import save_atomic
 from .em import em_step, fit_gmm
+from .flow import check_divergence
 from .gmm import GMM
 from .losses import relative_reg_covar
 from .ot import mw2
@@ -252,12 +253,13 @@ class MW2GeneratorTrainer:
         target = self.fit_real(self.real_batch())
         loss = mw2(self.fit_generated(self.net(self.latent(self.batch))), target)
         value = float(loss.detach())
-        if not math.isfinite(value):
-            raise FloatingPointError(f"the MW2 loss became {value} at step {self.step_count}; "
-                                     "lower the learning rate or raise reg_covar")
+        lr = self.optimizer.param_groups[0]["lr"]
+        check_divergence(self.history + [value], list(self.net.parameters()), lr, what="training")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        # a step that made the weights non-finite is caught here, before a checkpoint can store it
+        check_divergence(self.history + [value], list(self.net.parameters()), lr, what="training")
         self.step_count += 1
         self.history.append(value)
         return value

@@ -73,3 +73,18 @@ def test_a_second_run_into_a_folder_being_written_is_refused(tmp_path, capsys):
     finally:
         writer.kill()
         writer.wait()
+
+
+@pytest.mark.parametrize("name, argv", [("texture_synth", ["--lr", "1e30", "--size", "32"]),
+                                        ("style_transfer", ["--lr", "2"])])
+def test_an_adam_step_of_a_pixel_range_or_more_is_refused(name, argv, tmp_path, capsys):
+    app = importlib.import_module(f"apps.{name}")
+    assert_clean_failure(lambda a: run(name, app.main, a), capsys, argv, tmp_path / "out", "--lr")
+
+
+def test_a_diverging_generator_training_exits_2_before_writing(tmp_path, capsys):
+    """Adam at lr = 1e3 sends the 2-D ring generator's loss to ~1e33 within a few steps: one line naming lr,
+    exit 2, no checkpoint with non-finite optimiser state left behind."""
+    app = importlib.import_module("apps.train_generator")
+    assert_clean_failure(lambda a: run("train_generator", app.main, a), capsys,
+                         ["--lr", "1e3", "--iters", "40"], tmp_path / "out", "lr=1000")

@@ -134,3 +134,35 @@ def test_precondition_acts_on_every_gd_step():
     torch.testing.assert_close(out.x, torch.full((2, 1), 1.0, dtype=torch.float64))
     with pytest.raises(ValueError, match="precondition"):
         run_flow(x0, _quadratic(c), iters=1, lr=0.5, step="adam", precondition=lambda d: d)
+
+
+def test_a_projected_flow_pinned_far_above_its_start_is_a_divergence():
+    """Adam with lr = 1e30 on values clamped to [0, 1]: every step throws them to the clamp, the loss stays
+    finite and far above its start; the stall rule names lr. A sane lr on the same problem runs through."""
+    target = torch.full((64, 3), 0.5)
+    objective = lambda x, _: ((x - target) ** 2).sum()[None]  # noqa: E731
+    start = torch.full((64, 3), 0.45)
+    with pytest.raises(FlowDivergence, match=r"more than 10x its starting .*lr=1e\+30"):
+        run_flow(start, objective, iters=20, lr=1e30, step="adam", project=lambda x: x.clamp_(0, 1))
+    ok = run_flow(start, objective, iters=20, lr=0.01, step="adam", project=lambda x: x.clamp_(0, 1))
+    assert ok.losses[-1] < ok.losses[0]
+
+
+def test_a_huge_gd_step_with_a_cap_moves_by_the_cap():
+    """``max_step`` caps each point's step even when ``lr·∇`` overflows the norm (was a silent no-op)."""
+    x = torch.zeros(5, 3)
+    result = run_flow(x, _quadratic(torch.ones(5, 3)), iters=1, lr=1e30, max_step=0.1)
+    torch.testing.assert_close(result.x.norm(dim=-1), torch.full((5,), 0.1))
+
+
+def test_lbfgs_line_search_failure_is_a_divergence_but_a_bad_start_is_not():
+    def objective(x, _):
+        if not bool((x.abs() < 1e6).all()):
+            raise ValueError("points far outside the data range")
+        return (x ** 2).sum()[None]
+
+    with pytest.raises(FlowDivergence, match=r"trial point of the line search .*lr=1e\+30"):
+        run_flow(torch.ones(4, 2), objective, iters=3, lr=1e30, step="lbfgs")
+    with pytest.raises(ValueError, match="far outside") as info:
+        run_flow(torch.full((4, 2), 1e7), objective, iters=3, lr=1.0, step="lbfgs")
+    assert not isinstance(info.value, FlowDivergence)
