@@ -16,12 +16,16 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-__all__ = ["AppError", "AppParser", "seed", "add_common_args", "check_input_file", "resolve_device", "staged_output",
+__all__ = ["AppError", "Interrupted", "AppParser", "seed", "check_output", "add_common_args", "check_input_file", "resolve_device", "staged_output",
            "write_json", "run", "positive_int", "positive_float", "check_pixel_adam_lr"]
 
 
 class AppError(Exception):
     """A user-facing problem (bad flag value, unreadable input, unwritable output): exit code 2."""
+
+
+class Interrupted(AppError):
+    """Ctrl-C during a run that had already saved something (a checkpoint): the message says what; exit 130."""
 
 
 class AppParser(argparse.ArgumentParser):
@@ -105,16 +109,23 @@ def resolve_device(name: str):
     return torch.device(name)
 
 
-def _check_writable(final: Path) -> None:
+def check_output(final: Path) -> None:
+    """An ``AppError`` unless files can be created where ``final`` is or will be: a real trial write (and
+    removal) of a temporary file in its nearest existing ancestor, so read-only mounts, ``/sys``-like
+    trees and full disks are reported before any compute (``os.access`` accepts some of them)."""
+    final = Path(final)
     parent = final
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise AppError(f"output path {final} is not a directory (it is under the file {parent})")
+        raise AppError(f"--output {final} is not a directory (it is under the file {parent})")
     if final.exists() and not final.is_dir():
-        raise AppError(f"output path {final} exists and is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise AppError(f"output directory {final} is not writable")
+        raise AppError(f"--output {final} exists and is not a directory")
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".imgmw-write-test-"):
+            pass
+    except OSError as err:
+        raise AppError(f"cannot write to --output {final}: {err.strerror or err}") from None
 
 
 STAGE_OWNER = ".owner"  # file in a staging directory holding the writing process's id
@@ -144,26 +155,53 @@ def _claim(final: Path, existing: Path) -> None:
         shutil.rmtree(stage, ignore_errors=True)
 
 
+MANIFEST = ".imgmw-files"  # in an output folder: the files the last run wrote there, one relative path per line
+
+
+def _remove_stale_temporaries(final: Path) -> None:
+    """Temporary files of the atomic writers (``.NAME.*.tmp``, ``.NAME.tmp``) left in ``final`` by a killed run
+    (called once the folder is claimed, so no live run can own them)."""
+    if final.is_dir():
+        for tmp in final.glob(".*.tmp"):
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
+
+
+def _previous_files(final: Path) -> set[str]:
+    try:
+        return {line for line in (final / MANIFEST).read_text().splitlines() if line}
+    except OSError:
+        return set()
+
+
 @contextlib.contextmanager
 def staged_output(final: Path) -> Iterator[Path]:
     """Write into a temporary directory next to ``final``; move the files into ``final`` only on success.
 
     On any exception the temporary directory is removed, so a failed run leaves no partial output. The
     staging directory records the writing process: a later run into the same ``final`` removes the staging
-    left by a killed run, and refuses to start while a live run is still writing there.
+    and temporary files left by a killed run, and refuses to start while a live run is still writing there.
+    ``final`` is written as a whole: files that the previous run wrote there (listed in its ``MANIFEST``) and
+    this one did not (old frames, a ``result.jpg`` beside a new ``result.png``) are removed; files the user
+    put there are left alone.
     """
     final = Path(final)
-    _check_writable(final)
+    check_output(final)
     parent = final.parent if final.parent != Path("") else Path(".")
     existing = parent
     while not existing.exists():
         existing = existing.parent
     _claim(final, existing)
-    stage = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=existing))
-    (stage / STAGE_OWNER).write_text(str(os.getpid()))
+    _remove_stale_temporaries(final)
+    try:
+        stage = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=existing))
+        (stage / STAGE_OWNER).write_text(str(os.getpid()))
+    except OSError as err:
+        raise AppError(f"cannot write to --output {final}: {err.strerror or err}") from None
     try:
         yield stage
         final.mkdir(parents=True, exist_ok=True)
+        written = []
         for path in sorted(stage.rglob("*")):
             target = final / path.relative_to(stage)
             if path.name == STAGE_OWNER and path.parent == stage:
@@ -172,6 +210,15 @@ def staged_output(final: Path) -> Iterator[Path]:
                 target.mkdir(parents=True, exist_ok=True)
             else:
                 os.replace(path, target)
+                written.append(path.relative_to(stage).as_posix())
+        root = final.resolve()
+        for stale in _previous_files(final) - set(written):
+            path = (final / stale).resolve()
+            if path.is_relative_to(root) and path.is_file():
+                path.unlink()
+        manifest = final / f".{MANIFEST}.tmp"
+        manifest.write_text("".join(f"{name}\n" for name in written))
+        os.replace(manifest, final / MANIFEST)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
@@ -200,6 +247,9 @@ def run(prog: str, main: Callable[[Sequence[str] | None], int], argv: Sequence[s
     """Call ``main(argv)``; turn user-facing errors into one line on stderr and exit code 2."""
     try:
         return main(argv)
+    except Interrupted as err:
+        print(f"{prog}: interrupted; {err}", file=sys.stderr)
+        return 130
     except AppError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
@@ -208,6 +258,10 @@ def run(prog: str, main: Callable[[Sequence[str] | None], int], argv: Sequence[s
         return 2
     except ArithmeticError as err:  # imgmw.flow.FlowDivergence: a step size too large for the problem
         print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a write that failed after the checks (disk full, a file removed under us)
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"{prog}: error: could not write or read a file{where}: {err.strerror or err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; nothing written", file=sys.stderr)

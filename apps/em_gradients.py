@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable
+
+from apps._cli import AppError, AppParser, check_output, positive_int, run, seed, staged_output, write_json
 
 PROG = "em_gradients"
 COMMANDS = ("accuracy", "flow", "stability", "scaling")
@@ -48,46 +49,18 @@ SEPARATIONS = {"separated": 4.0, "moderate": 2.0, "overlapping": 1.0}  # stabili
 DENSE_LIMIT_BYTES = 256 * 2**20  # dense AI is attempted while its Jacobians fit in this budget
 
 
-class UsageError(Exception):
-    """A bad command line: reported as one line on stderr with exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(message)
-
-
 # --------------------------------------------------------------------------- command line
-def _int_at_least(low: int, name: str) -> Callable[[str], int]:
-    """An argparse ``type`` accepting integers ``>= low`` (named ``name`` in error messages)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        return value
-
-    parse.__name__ = name
-    return parse
-
-
-non_negative_int = _int_at_least(0, "non-negative integer")
-positive_int = _int_at_least(1, "positive integer")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    common = _Parser(add_help=False)
+    common = AppParser(add_help=False)
     common.add_argument("--output", type=Path, default=None,
                         help="output directory (default outputs/em_gradients/<command>/)")
     common.add_argument("--quick", action="store_true", help="tiny sizes (seconds): for tests and smoke runs")
-    common.add_argument("--seed", type=non_negative_int, default=0, help="seed of every random draw")
+    common.add_argument("--seed", type=seed, default=0, help="seed of every random draw")
     common.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     common.add_argument("--dtype", choices=("float64", "float32"), default="float64")
     common.add_argument("--threads", type=positive_int, default=1, help="CPU threads for torch")
     common.add_argument("--quiet", action="store_true", help="no progress bars")
-    p = _Parser(prog=f"python -m apps.{PROG}", description=__doc__.split("\n\n")[0])
+    p = AppParser(prog=f"python -m apps.{PROG}", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
     helps = {"accuracy": "gradient accuracy of OS / implicit / dense AI against AD (n and T sweeps)",
              "flow": "2-D particle flow minimising MW2² with each gradient mode",
@@ -117,7 +90,7 @@ def _setup(args: argparse.Namespace):
 
     torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda requested but CUDA is not available")
+        raise AppError("--device cuda requested but CUDA is not available")
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     return device, getattr(torch, args.dtype)
@@ -235,7 +208,7 @@ def _need_mw2(command: str):
     try:
         from imgmw.ot import mw2
     except ImportError as err:
-        raise UsageError(f"'{command}' needs imgmw.ot.mw2, which cannot be imported ({err})") from err
+        raise AppError(f"'{command}' needs imgmw.ot.mw2, which cannot be imported ({err})") from err
     return mw2
 
 
@@ -277,18 +250,17 @@ def fixed_point_error(gmm, x, fixed_weights: bool = False):
     return diff.square().sum(-1) / diff.shape[-1]
 
 
-def _write(out: Path, results: dict, figures: dict) -> list[Path]:
-    """Write ``results.json`` and the matplotlib figures; returns the written paths."""
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, fig in figures.items():
-        path = out / f"{name}.png"
-        fig.savefig(path, dpi=110, bbox_inches="tight")
-        paths.append(path)
-    path = out / "results.json"
-    path.write_text(json.dumps(results, indent=2, allow_nan=True))
-    paths.append(path)
-    return paths
+def _write(out: Path, results: dict, figures: dict) -> list[str]:
+    """Write ``results.json`` (strict JSON: non-finite numbers become ``null``) and the matplotlib figures
+    into ``out`` as a whole (:func:`apps._cli.staged_output`); returns the written file names."""
+    names = []
+    with staged_output(out) as stage:
+        for name, fig in figures.items():
+            fig.savefig(stage / f"{name}.png", dpi=110, bbox_inches="tight")
+            names.append(f"{name}.png")
+        write_json(results, stage / "results.json")
+        names.append("results.json")
+    return names
 
 
 def _pyplot():
@@ -552,8 +524,8 @@ def _ellipses(ax, gmm, **kw) -> None:
 def _flow_figures(runs: dict, target, results: dict) -> dict:
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(runs), figsize=(4 * len(runs), 4), squeeze=False, sharex=True, sharey=True)
-    for ax, (mode, run) in zip(axes[0], runs.items()):
-        frames = run["frames"].cpu()
+    for ax, (mode, trace) in zip(axes[0], runs.items()):
+        frames = trace["frames"].cpu()
         for i in range(0, frames.shape[1], 4):
             ax.plot(frames[:, i, 0], frames[:, i, 1], lw=0.5, color="0.6")
         ax.scatter(frames[0, :, 0], frames[0, :, 1], s=4, color="0.7", label="start")
@@ -564,8 +536,8 @@ def _flow_figures(runs: dict, target, results: dict) -> dict:
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig2, ax = plt.subplots(figsize=(5, 3.5))
-    for mode, run in runs.items():
-        ax.semilogy(run["energies"], label=f"{LABELS[mode]} ({run['seconds']:.2g} s)")
+    for mode, trace in runs.items():
+        ax.semilogy(trace["energies"], label=f"{LABELS[mode]} ({trace['seconds']:.2g} s)")
     ax.set_xlabel("step")
     ax.set_ylabel("MW2²(fit, ν) seen by the step")
     ax.legend(fontsize=7)
@@ -779,19 +751,24 @@ def _scaling_figures(results: dict) -> dict:
 RUNNERS = {"accuracy": run_accuracy, "flow": run_flow, "stability": run_stability, "scaling": run_scaling}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit code (2 for a bad command line)."""
-    try:
-        args = _parse(argv)
-        out = args.output if args.output is not None else Path("outputs") / PROG / args.command
-        results, figures = RUNNERS[args.command](args)
-    except (UsageError, ArithmeticError) as err:  # ArithmeticError: imgmw.flow.FlowDivergence
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
+def _main(argv: list[str] | None) -> int:
+    args = _parse(argv)
+    out = args.output if args.output is not None else Path("outputs") / PROG / args.command
+    check_output(out)  # before the study: an unusable --output is reported at once
+    results, figures = RUNNERS[args.command](args)
     results["seed"], results["device"], results["dtype"] = args.seed, args.device, args.dtype
-    paths = _write(out, results, figures)
-    print(f"{PROG} {args.command}: wrote {', '.join(str(p) for p in paths)}")
+    names = _write(out, results, figures)
+    print(f"{PROG} {args.command}: wrote {', '.join(names)} in {out}/")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code (2: one line on stderr for a bad command line, an
+    unusable --output or a diverging flow; 130: interrupted)."""
+    try:
+        return run(PROG, _main, argv)
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
 
 
 if __name__ == "__main__":

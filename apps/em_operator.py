@@ -22,13 +22,14 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from apps._cli import (AppError, AppParser, Interrupted, check_output, positive_float, positive_int, resolve_device,
+                       run, seed, staged_output, write_json)
 
 PROG = "em_operator"
 CHECKPOINT = "checkpoint.pt"
@@ -43,33 +44,24 @@ WEIGHT_SPREAD = 0.5
 ARCH_KEYS = ("k", "dim", "iters", "hidden", "n_points", "batch", "lr", "seed", "residual_every_step")
 
 
-class UsageError(Exception):
-    """A bad command line: reported as one line on stderr with exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=f"python -m apps.{PROG}", description=__doc__.split("\n\n")[0],
+    p = AppParser(prog=f"python -m apps.{PROG}", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--k", type=int, default=4, help="components K of the mixtures and of the layer")
-    p.add_argument("--dim", type=int, default=2, help="dimension D of the points")
-    p.add_argument("--n-points", type=int, default=256, help="points N per data set")
-    p.add_argument("--iters", type=int, default=3, help="unrolled EM steps T of the layer")
+    p.add_argument("--k", type=positive_int, default=4, help="components K of the mixtures and of the layer")
+    p.add_argument("--dim", type=positive_int, default=2, help="dimension D of the points")
+    p.add_argument("--n-points", type=positive_int, default=256, help="points N per data set")
+    p.add_argument("--iters", type=positive_int, default=3, help="unrolled EM steps T of the layer")
     p.add_argument("--train-steps", type=int, default=1000, help="total optimiser steps")
-    p.add_argument("--batch", type=int, default=32, help="data sets per training step")
-    p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (cosine-decayed to 0)")
-    p.add_argument("--hidden", type=int, default=64, help="hidden width of the correction MLPs")
+    p.add_argument("--batch", type=positive_int, default=32, help="data sets per training step")
+    p.add_argument("--lr", type=positive_float, default=1e-2, help="Adam learning rate (cosine-decayed to 0)")
+    p.add_argument("--hidden", type=positive_int, default=64, help="hidden width of the correction MLPs")
     p.add_argument("--final-only", dest="residual_every_step", action="store_false",
                    help="correct only after the last EM step instead of after every step")
-    p.add_argument("--eval-sets", type=int, default=EVAL_SETS, help="held-out data sets")
+    p.add_argument("--eval-sets", type=positive_int, default=EVAL_SETS, help="held-out data sets")
     p.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: at the end only)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights and of the training stream")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the weights and of the training stream")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=positive_int, default=1,
                    help="CPU threads for torch (the per-step tensors are small: more threads mostly add overhead)")
     p.add_argument("--output", type=Path, default=Path("outputs") / PROG)
     p.add_argument("--resume", action="store_true", help=f"continue from OUTPUT/{CHECKPOINT}")
@@ -78,43 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    for name in ("k", "dim", "n_points", "iters", "batch", "hidden", "eval_sets", "threads"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.train_steps < 0 or args.save_every < 0:
-        raise UsageError("--train-steps and --save-every must be >= 0")
+        raise AppError("--train-steps and --save-every must be >= 0")
     if args.n_points < args.k:
-        raise UsageError(f"--n-points ({args.n_points}) must be >= --k ({args.k})")
-    if not (args.lr > 0 and math.isfinite(args.lr)):
-        raise UsageError(f"--lr must be a finite number > 0, got {args.lr}")
-    if args.seed < 0:
-        raise UsageError(f"--seed must be >= 0, got {args.seed}")
-    _check_writable(args.output)
+        raise AppError(f"--n-points ({args.n_points}) must be >= --k ({args.k})")
+    check_output(args.output)
     if args.resume and not (args.output / CHECKPOINT).is_file():
-        raise UsageError(f"--resume: no checkpoint at {args.output / CHECKPOINT}")
-
-
-def _check_writable(out: Path) -> None:
-    """The output directory must exist as a writable directory or be creatable; nothing is created here."""
-    probe = out
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if not probe.is_dir():
-        raise UsageError(f"--output: {probe} is not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"--output: {probe} is not writable")
-
-
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: CUDA is not available on this machine")
-    return torch.device(name)
+        raise AppError(f"--resume: no checkpoint at {args.output / CHECKPOINT}")
 
 
 # --------------------------------------------------------------------------- data
@@ -182,19 +144,30 @@ def save_checkpoint(path: Path, layer, opt, sched, step: int, history: dict[str,
 def load_checkpoint(path: Path, layer, opt, sched, args: argparse.Namespace) -> tuple[int, dict[str, list[float]]]:
     """Restore the state saved by :func:`save_checkpoint`; returns ``(step, history)``.
 
-    Raises :class:`UsageError` when the checkpoint was trained with other settings in ``ARCH_KEYS``
+    Raises :class:`apps._cli.AppError` when the file is not such a checkpoint or was trained with other settings in ``ARCH_KEYS``
     (``--train-steps`` may differ: the cosine schedule then continues with the new total).
     """
     import torch
 
-    state = torch.load(path, map_location=next(layer.parameters()).device, weights_only=True)
+    try:
+        state = torch.load(path, map_location=next(layer.parameters()).device, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - text, truncated or foreign files: one clear line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise AppError(f"--resume: {path} is not a readable checkpoint ({first})") from None
+    keys = ("model", "optimizer", "scheduler", "step", "history", "settings")
+    if not isinstance(state, dict) or not all(key in state for key in keys):
+        raise AppError(f"--resume: {path} is not an em_operator checkpoint (expected the keys {', '.join(keys)})")
     saved, now = state["settings"], _settings(args)
     diff = [f"--{key.replace('_', '-')}" for key in ARCH_KEYS if saved.get(key) != now[key]]
     if diff:
-        raise UsageError(f"--resume: checkpoint {path} was trained with different {', '.join(diff)}")
-    layer.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
+        raise AppError(f"--resume: checkpoint {path} was trained with different {', '.join(diff)}")
+    try:
+        layer.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0]
+        raise AppError(f"--resume: {path} does not fit this model ({first})") from None
     return int(state["step"]), {key: list(values) for key, values in state["history"].items()}
 
 
@@ -214,8 +187,9 @@ def _plain_em_nll(x, init, iters: int) -> float:
 
 
 def train(layer, opt, sched, args: argparse.Namespace, device, start: int, history: dict[str, list[float]],
-          ckpt: Path) -> dict[str, list[float]]:
-    """Optimiser steps ``start .. train_steps − 1``.
+          ckpt: Path, saved: list[int]) -> dict[str, list[float]]:
+    """Optimiser steps ``start .. train_steps − 1``; the steps of the periodic checkpoints written to ``ckpt``
+    are appended to ``saved``.
 
     ``history["loss"]`` is the per-point training loss of each step, ``history["em_loss"]`` the same
     quantity for plain EM (T steps) on the same batch: their difference is the gain of the layer,
@@ -224,6 +198,7 @@ def train(layer, opt, sched, args: argparse.Namespace, device, start: int, histo
     import torch
     from tqdm import tqdm
 
+    from imgmw.flow import check_divergence
     from imgmw.layers import nll_loss
 
     bar = tqdm(range(start, args.train_steps), initial=start, total=args.train_steps, disable=args.quiet,
@@ -231,6 +206,8 @@ def train(layer, opt, sched, args: argparse.Namespace, device, start: int, histo
     for step in bar:
         x, init = make_batch(args.batch, args, _train_seed(args.seed, step), device)
         loss = nll_loss(layer(x, init=init)[2], n_points=args.n_points)
+        check_divergence(history["loss"] + [float(loss.detach())], list(layer.parameters()), args.lr,
+                         what="training")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(layer.parameters(), 1.0)
@@ -242,7 +219,9 @@ def train(layer, opt, sched, args: argparse.Namespace, device, start: int, histo
         gain = (sum(history["em_loss"][recent]) - sum(history["loss"][recent])) / len(history["loss"][recent])
         bar.set_postfix(loss=f"{history['loss'][-1]:.4f}", gain_vs_em=f"{gain:+.4f}")
         if args.save_every and (step + 1) % args.save_every == 0:
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
             save_checkpoint(ckpt, layer, opt, sched, step + 1, history, args)
+            saved.append(step + 1)
     return history
 
 
@@ -304,17 +283,11 @@ def save_plot(path: Path, history: dict[str, list[float]], table: dict[str, floa
     plt.close(fig)
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
-def run(args: argparse.Namespace) -> int:
+def _execute(args: argparse.Namespace) -> int:
     """Train (or resume), evaluate, and write checkpoint, plot and metrics (torch uses ``--threads``)."""
     import torch
 
-    device = _device(args.device)
+    device = resolve_device(args.device)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
@@ -329,38 +302,46 @@ def _run(args: argparse.Namespace, device) -> int:
     ckpt = args.output / CHECKPOINT
     start, history = (load_checkpoint(ckpt, layer, opt, sched, args) if args.resume
                       else (0, {"loss": [], "em_loss": []}))
-    args.output.mkdir(parents=True, exist_ok=True)
     clock.append((time.perf_counter(), time.process_time()))
-    history = train(layer, opt, sched, args, device, start, history, ckpt)
-    save_checkpoint(ckpt, layer, opt, sched, max(start, args.train_steps), history, args)
-    clock.append((time.perf_counter(), time.process_time()))
-    table = evaluate(layer, args, device)
-    clock.append((time.perf_counter(), time.process_time()))
-    save_plot(args.output / "loss.png", history, table, args.iters)
-    names = ("setup", "train", "evaluate")
-    metrics = {"settings": _settings(args), "device": str(device), "resumed_from_step": start,
-               "steps": len(history["loss"]), "final_train_loss": history["loss"][-1] if history["loss"] else None,
-               "final_loss": history["loss"][-1] if history["loss"] else None,
-               "table": table, "init": "k-means++ (imgmw.init.init_gmm), the same initial GMM for all rows",
-               "timings_s": {name: b[0] - a[0] for name, a, b in zip(names, clock, clock[1:])},
-               "cpu_s": {name: b[1] - a[1] for name, a, b in zip(names, clock, clock[1:])}}
-    _write_json(args.output / "metrics.json", metrics)
+    with staged_output(args.output) as out:
+        saved: list[int] = []
+        try:
+            history = train(layer, opt, sched, args, device, start, history, ckpt, saved)
+        except KeyboardInterrupt:
+            if not saved:
+                raise
+            raise Interrupted(f"{ckpt} holds step {saved[-1]}; continue with --resume") from None
+        save_checkpoint(out / CHECKPOINT, layer, opt, sched, max(start, args.train_steps), history, args)
+        clock.append((time.perf_counter(), time.process_time()))
+        table = evaluate(layer, args, device)
+        clock.append((time.perf_counter(), time.process_time()))
+        save_plot(out / "loss.png", history, table, args.iters)
+        names = ("setup", "train", "evaluate")
+        metrics = {"settings": _settings(args), "device": str(device), "resumed_from_step": start,
+                   "steps": len(history["loss"]),
+                   "final_train_loss": history["loss"][-1] if history["loss"] else None,
+                   "final_loss": history["loss"][-1] if history["loss"] else None,
+                   "table": table, "init": "k-means++ (imgmw.init.init_gmm), the same initial GMM for all rows",
+                   "timings_s": {name: b[0] - a[0] for name, a, b in zip(names, clock, clock[1:])},
+                   "cpu_s": {name: b[1] - a[1] for name, a, b in zip(names, clock, clock[1:])}}
+        write_json(metrics, out / "metrics.json")
     if not args.quiet:
         print_table(table, args.iters)
         print(f"wrote {ckpt}, {args.output / 'loss.png'}, {args.output / 'metrics.json'}")
     return 0
 
 
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    _check_args(args)
+    return _execute(args)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit code (2 for a bad command line)."""
-    parser = build_parser()
+    """Command-line entry point; returns the exit code (2: one line on stderr for a bad command line, input or
+    divergence; 130: interrupted)."""
     try:
-        args = parser.parse_args(argv)
-        _check_args(args)
-        return run(args)
-    except UsageError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
+        return run(PROG, _main, argv)
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
 

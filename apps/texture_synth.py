@@ -79,6 +79,21 @@ def _check_args(args: argparse.Namespace) -> tuple[int, int]:
     return size
 
 
+def _check_counts(args: argparse.Namespace, exemplar_hw: tuple[int, int], size: tuple[int, int], n_scales: int) -> None:
+    """``--k`` against ``--n-patches`` and the patch positions of every scale, before the fits, in flag words."""
+    from imgmw.texture import patch_positions
+
+    if args.n_patches < args.k:
+        raise AppError(f"--n-patches {args.n_patches} is below --k {args.k}: each scale's fit needs at least one "
+                       "patch per component; raise --n-patches or lower --k")
+    for name, hw, wrap in (("exemplar", exemplar_hw, False), ("output", size, args.tileable)):
+        for h, w, count in patch_positions(hw, args.patch, n_scales, wrap):
+            if count < args.k:
+                raise AppError(f"--k {args.k} is more than the {count} positions of {args.patch}x{args.patch} "
+                               f"patches on the {name}'s {h}x{w} level; lower --k or --patch, set fewer --scales "
+                               f"or use a larger {'exemplar' if name == 'exemplar' else '--size'}")
+
+
 def _progress(args: argparse.Namespace, out_dir: Path):
     """``(callback, bar)``: updates a tqdm bar with the per-scale losses and saves frames if asked."""
     from tqdm import tqdm
@@ -203,8 +218,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     device = resolve_device(args.device)
     exemplar = load_image(args.exemplar)
-    texture_n_scales(tuple(exemplar.shape[-2:]), size, args.patch, args.scales)  # too small: ValueError
+    n_scales = texture_n_scales(tuple(exemplar.shape[-2:]), size, args.patch, args.scales)  # too small: ValueError
     args.n_patches = args.n_patches or DEFAULT_PATCHES
+    _check_counts(args, tuple(exemplar.shape[-2:]), size, n_scales)
     args.lr = args.lr or (ADAM_LR if args.optimizer == "adam" else 1.0)
     generator = torch.Generator().manual_seed(args.seed)
 

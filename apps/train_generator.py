@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from apps._cli import (AppError, AppParser, add_common_args, positive_float, positive_int, resolve_device, run,
-                       staged_output, write_json)
+from apps._cli import (AppError, AppParser, Interrupted, add_common_args, positive_float, positive_int,
+                       resolve_device, run, staged_output, write_json)
 
 NAME = "train_generator"
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -201,15 +201,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     with staged_output(args.output) as out:
         bar = tqdm(total=args.iters, initial=min(start, args.iters), desc="train", disable=args.quiet, file=sys.stderr)
 
+        saved: list[int] = []
+
         def progress(step: int, loss: float) -> None:
             bar.update(1)
             bar.set_postfix(mw2=f"{loss:.3g}")
             if args.save_every and step % args.save_every == 0:
                 args.output.mkdir(parents=True, exist_ok=True)
                 save_checkpoint(ckpt, checkpoint_state())
+                saved.append(step)
 
         t_train = time.perf_counter()
-        trainer.train(max(0, args.iters - start), progress)
+        try:
+            trainer.train(max(0, args.iters - start), progress)
+        except KeyboardInterrupt:
+            if not saved:
+                raise
+            raise Interrupted(f"{ckpt} holds step {saved[-1]}; continue with --resume") from None
         bar.close()
         t_train = time.perf_counter() - t_train
         save_checkpoint(out / CHECKPOINT, checkpoint_state())

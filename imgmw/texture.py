@@ -41,7 +41,7 @@ from .warm import FitPolicy
 
 __all__ = ["gaussian_random_field", "fit_patch_gmms", "PatchMW2Loss", "synthesize_texture",
            "texture_n_scales", "SynthesisResult", "OPTIMIZERS", "MIN_COARSE_SIDE", "DEFAULT_PATCHES", "TEXTURE_POLICY",
-           "ADAM_LR"]
+           "ADAM_LR", "patch_positions", "check_patch_counts"]
 
 OPTIMIZERS = ("adam", "lbfgs")
 MIN_COARSE_SIDE = 16          # the paper's rule: the coarsest pyramid level keeps sides >= 16 px
@@ -100,6 +100,33 @@ def texture_n_scales(exemplar_hw: tuple[int, int], output_hw: tuple[int, int], p
                 f"the {name} ({h}x{w}) is too small for {patch}x{patch} patches at {n_scales} scale(s): its "
                 f"coarsest level has a side of {coarse} px; use a larger {name}, fewer scales or a smaller patch")
     return n_scales
+
+
+def patch_positions(hw: tuple[int, int], patch: int, n_scales: int, periodic: bool = False) -> list[tuple[int, int, int]]:
+    """``[(h_s, w_s, positions_s)]`` for the ``n_scales`` pyramid levels of an ``(H, W)`` image (sides
+    ``⌊side / 2^s⌋``): the number of ``patch × patch`` positions, ``h·w`` when ``periodic`` (patches wrap)
+    and ``(h − p + 1)(w − p + 1)`` otherwise."""
+    out, (h, w) = [], hw
+    for _ in range(n_scales):
+        out.append((h, w, h * w if periodic else max(0, h - patch + 1) * max(0, w - patch + 1)))
+        h, w = h // 2, w // 2
+    return out
+
+
+def check_patch_counts(exemplar_hw: tuple[int, int], output_hw: tuple[int, int], patch: int, n_scales: int,
+                       n_components: int, n_patches: int, periodic: bool = False) -> None:
+    """ValueError, before any fit, when a scale cannot supply ``n_components`` patches: ``n_patches`` below
+    ``n_components`` (each output fit draws ``n_patches`` patches), or a level of the exemplar or of the
+    output with fewer patch positions than components. Messages name the parameters."""
+    if n_patches < n_components:
+        raise ValueError(f"n_patches={n_patches} is below n_components={n_components}: every scale's output fit "
+                         "needs at least one patch per component")
+    for name, hw, wrap in (("exemplar", exemplar_hw, False), ("output", output_hw, periodic)):
+        for s, (h, w, count) in enumerate(patch_positions(hw, patch, n_scales, wrap)):
+            if count < n_components:
+                raise ValueError(f"the {name}'s level {s} ({h}x{w}) has {count} positions for {patch}x{patch} "
+                                 f"patches, fewer than n_components={n_components}: lower n_components, the "
+                                 f"patch size or the number of scales, or use a larger {name}")
 
 
 # ---------------------------------------------------------------------------------- Gaussian random field
@@ -432,6 +459,9 @@ def synthesize_texture(exemplar: Tensor, size: tuple[int, int], *, patch: int = 
     if not (isinstance(lr, (int, float)) and 0 < lr < math.inf):
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
     n_scales = texture_n_scales(tuple(u.shape[-2:]), (height, width), patch, n_scales)
+    _positive_int("n_components", n_components)
+    _positive_int("n_patches", n_patches)
+    check_patch_counts(tuple(u.shape[-2:]), (height, width), patch, n_scales, n_components, n_patches, periodic)
     start = time.perf_counter()
     loss_fn = PatchMW2Loss(u, patch, n_components, n_scales, n_patches, periodic, generator,
                            fixed_weights=fixed_weights, policy=policy)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 import pytest
 
@@ -51,7 +52,24 @@ def test_a_killed_runs_staging_is_removed_by_the_next_run(tmp_path, capsys):
     assert run("color_transfer", color_transfer.main,
                [str(src), str(tgt), "--iters", "3", "--polish-iters", "0", "--output", str(out), "--quiet"]) == 0
     assert not stage.exists()
-    assert sorted(p.name for p in out.iterdir()) == ["comparison.png", "metrics.json", "result.png"]
+    assert sorted(p.name for p in out.iterdir()) == [".imgmw-files", "comparison.png", "metrics.json", "result.png"]
+
+
+def test_a_reused_output_folder_is_written_as_a_whole(tmp_path, capsys):
+    """A rerun into the same folder removes what the previous run wrote and this one did not (frames, a result
+    in the other format) and the atomic writers' temporary files a killed run left; the user's files stay."""
+    from apps import color_transfer
+
+    src, tgt = _small_pair(tmp_path)
+    out = tmp_path / "out"
+    base = [str(src), str(tgt), "--iters", "3", "--polish-iters", "0", "--output", str(out), "--quiet"]
+    assert run("color_transfer", color_transfer.main, base + ["--save-every", "1", "--format", "jpg"]) == 0
+    assert (out / "frame_00001.png").exists() and (out / "result.jpg").exists()
+    (out / "notes.txt").write_text("mine")
+    (out / ".checkpoint.pt.abc123.tmp").write_bytes(b"half")
+    assert run("color_transfer", color_transfer.main, base) == 0
+    assert sorted(p.name for p in out.iterdir()) == [".imgmw-files", "comparison.png", "metrics.json", "notes.txt",
+                                                     "result.png"]
 
 
 def test_a_second_run_into_a_folder_being_written_is_refused(tmp_path, capsys):
@@ -88,3 +106,45 @@ def test_a_diverging_generator_training_exits_2_before_writing(tmp_path, capsys)
     app = importlib.import_module("apps.train_generator")
     assert_clean_failure(lambda a: run("train_generator", app.main, a), capsys,
                          ["--lr", "1e3", "--iters", "40"], tmp_path / "out", "lr=1000")
+
+
+def _disk_full(*args, **kwargs):
+    import errno
+
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("name, argv, writer", [
+    ("color_transfer", ["--iters", "3", "--polish-iters", "0"], "PIL.Image.Image.save"),
+    ("train_generator", ["--iters", "5"], "imgmw.checkpoint.os.fdopen"),
+])
+def test_a_full_disk_gives_one_line_and_leaves_nothing(name, argv, writer, tmp_path, capsys, monkeypatch):
+    """The image writer (PIL) or the checkpoint writer fails with ENOSPC after the compute: one line, exit 2,
+    no output folder and no staging left."""
+    app = importlib.import_module(f"apps.{name}")
+    if name == "color_transfer":
+        argv = [str(p) for p in _small_pair(tmp_path)] + argv
+    monkeypatch.setattr(writer, _disk_full)
+    assert_clean_failure(lambda a: run(name, app.main, a), capsys, argv, tmp_path / "out", "No space left on device")
+
+
+def test_an_unwritable_output_is_refused_before_the_compute(tmp_path, capsys):
+    """A trial write, not os.access: a path under a read-only directory fails at once, naming the folder."""
+    import os
+
+    from apps import color_transfer
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK) and os.geteuid() == 0:  # root writes anywhere: use /proc instead
+            out = Path("/proc/imgmw-out")
+        else:
+            out = locked / "out"
+        src, tgt = _small_pair(tmp_path)
+        assert run("color_transfer", color_transfer.main, [str(src), str(tgt), "--output", str(out), "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "cannot write to --output" in err, err
+    finally:
+        locked.chmod(0o700)

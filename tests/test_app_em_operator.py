@@ -43,6 +43,8 @@ def test_help_is_lazy_and_works():
     (["--n-points", "3", "--k", "4"], "--n-points"),
     (["--k", "two"], "--k"),
     (["--resume"], "--resume"),
+    (["--seed", "99999999999999999999"], "--seed"),
+    (["--lr", "-1"], "--lr"),
 ])
 def test_bad_flags_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, argv, needle):
     out = tmp_path / "out"
@@ -101,7 +103,7 @@ def test_checkpoint_round_trip_gives_same_outputs(tmp_path):
     assert torch.equal(a[0].means, b[0].means) and torch.equal(a[2], b[2])
 
 
-def test_resume_continues_an_interrupted_run_exactly(tmp_path, monkeypatch):
+def test_resume_continues_an_interrupted_run_exactly(tmp_path, monkeypatch, capsys):
     steps = ["--train-steps", "6", "--save-every", "2"]
     full = tmp_path / "full"
     assert app.main(TINY + steps + ["--output", str(full)]) == 0
@@ -117,8 +119,9 @@ def test_resume_continues_an_interrupted_run_exactly(tmp_path, monkeypatch):
         return real_make_batch(n_sets, args, seed, device)
 
     monkeypatch.setattr(app, "make_batch", interrupting_make_batch)
-    with pytest.raises(KeyboardInterrupt):
-        app.main(TINY + steps + ["--output", str(part)])
+    assert app.main(TINY + steps + ["--output", str(part)]) == 130
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds step 4; continue with --resume" in err, err
     monkeypatch.setattr(app, "make_batch", real_make_batch)
     assert _load(part / app.CHECKPOINT)["step"] == 4 and not (part / "metrics.json").exists()
 
@@ -133,3 +136,31 @@ def test_resume_continues_an_interrupted_run_exactly(tmp_path, monkeypatch):
     # resuming with another architecture is a usage error, and leaves the checkpoint alone
     assert app.main(TINY + steps + ["--output", str(part), "--resume", "--hidden", "16"]) == 2
     assert _load(part / app.CHECKPOINT)["step"] == 6
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint\n", None, "foreign"])
+def test_resume_from_a_bad_checkpoint_is_one_line(tmp_path, capsys, content):
+    """A text file, a truncated checkpoint and another program's torch file: exit 2, one line naming --resume."""
+    out = tmp_path / "out"
+    if content is None:  # truncated: the first half of a real checkpoint
+        assert app.main(TINY + ["--train-steps", "2", "--output", str(out)]) == 0
+        data = (out / app.CHECKPOINT).read_bytes()
+        (out / app.CHECKPOINT).write_bytes(data[: len(data) // 2])
+    else:
+        out.mkdir()
+        if content == "foreign":
+            torch.save({"weights": torch.zeros(3)}, out / app.CHECKPOINT)
+        else:
+            (out / app.CHECKPOINT).write_bytes(content)
+    capsys.readouterr()
+    assert app.main(TINY + ["--train-steps", "4", "--output", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--resume" in err and "checkpoint" in err, err
+
+
+def test_a_diverging_training_is_reported_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert app.main(TINY + ["--train-steps", "30", "--lr", "1e30", "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "diverged" in err and "lr=1e+30" in err, err
+    assert not out.exists()
