@@ -58,6 +58,8 @@ def check_gmm(g: GMM, name: str, *, normalised: bool = True) -> GMM:
     with a positive total), symmetric positive-definite covariances. One host synchronisation."""
     if not isinstance(g, GMM):
         raise ValueError(f"{name} must be an imgmw.GMM, got {type(g).__name__}")
+    if g.n_components < 1:
+        raise ValueError(f"{name} must have at least one component, got K = {g.n_components}")
     w, m, c = g.weights.detach(), g.means.detach(), g.covariances.detach()
     mass = w.sum(-1)
     stats = torch.stack([w.min(), (mass - 1).abs().max(), mass.min(), (c - c.mT).abs().amax(), c.abs().amax(),
@@ -421,6 +423,14 @@ def gmm_ot_map(x: Tensor, source: GMM, target: GMM, method: str = "bary", genera
         raise ValueError(f"x must hold at least one point and only finite values, got shape {tuple(x.shape)}")
     source, target = source.detach(), target.detach()
     bshape = torch.broadcast_shapes(bshape, x.shape[:-2])
+    if plan is not None:
+        want = (source.n_components, target.n_components)
+        if not isinstance(plan, Tensor) or plan.dim() < 2 or tuple(plan.shape[-2:]) != want:
+            raise ValueError(f"plan must be a tensor [*B, {want[0]}, {want[1]}] (source x target components), got "
+                             f"{tuple(plan.shape) if isinstance(plan, Tensor) else type(plan).__name__}")
+        if not bool(torch.isfinite(plan).all()) or bool((plan < 0).any()):
+            raise ValueError("plan must hold finite, non-negative masses")
+        plan = plan.to(source.means)
     with torch.no_grad():
         plan = gmm_ot_plan(source, target) if plan is None else plan
         cond = plan / source.weights.unsqueeze(-1).clamp_min(torch.finfo(plan.dtype).tiny)  # row conditionals

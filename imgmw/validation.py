@@ -26,7 +26,7 @@ def check_points(x: Tensor) -> Tensor:
     if x.dim() < 2:
         raise ValueError(f"x must have shape [*B, N, D] (at least 2 dims), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
-        raise ValueError(f"x must be a floating-point tensor (float32/float64), got {x.dtype}; use x.float()")
+        raise TypeError(f"x must be a floating-point tensor (float32/float64), got {x.dtype}; use x.float()")
     if x.dtype in (torch.float16, torch.bfloat16):
         raise TypeError(f"x is {x.dtype}; EM needs float32 or float64 (Cholesky factors in half precision are "
                         "neither available nor accurate): use x.float()")

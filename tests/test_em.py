@@ -480,7 +480,7 @@ def test_fit_gmm_rejects_non_finite_points(bad):
 def test_fit_gmm_rejects_wrong_rank_and_dtype():
     with pytest.raises(ValueError, match=r"x must have shape \[\*B, N, D\]"):
         fit_gmm(torch.randn(10, dtype=F64), 1)
-    with pytest.raises(ValueError, match="floating"):
+    with pytest.raises(TypeError, match="floating"):
         fit_gmm(torch.arange(20).reshape(10, 2), 1)
 
 

@@ -234,7 +234,7 @@ def test_app_patches_end_to_end(tmp_path):
     out = tmp_path / "out"
     assert _main([str(content), str(style), "--features", "patches", "--iters", "30", "--n-samples", "512",
                   "--lr", "0.02", "--output", str(out), "--quiet", "--save-every", "15"]) == 0
-    names = sorted(p.name for p in out.iterdir())
+    names = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
     assert names == ["comparison.png", "frame_00015.png", "frame_00030.png", "metrics.json", "style_gmm.pt",
                      "stylised.png"]
     assert Image.open(out / "stylised.png").size == (48, 32)
