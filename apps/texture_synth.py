@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from apps._cli import AppError, AppParser, add_common_args, check_pixel_adam_lr, positive_float, positive_int, \
-    resolve_device, run, staged_output, write_json
+from apps._cli import AppError, AppParser, add_common_args, check_input_file, check_pixel_adam_lr, positive_float, \
+    positive_int, resolve_device, run, staged_output, write_json
 
 PROG = "texture_synth"
 DEFAULT_EXEMPLAR = Path(__file__).resolve().parent.parent / "data" / "wood.png"
@@ -43,8 +43,11 @@ METRIC_PATCH = 4    # patch sliced-W2 in metrics.json always uses 4×4 patches, 
 def build_parser() -> argparse.ArgumentParser:
     p = AppParser(prog=f"python -m apps.{PROG}", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("exemplar", nargs="?", type=Path, default=DEFAULT_EXEMPLAR,
-                   help="exemplar image (any format Pillow reads)")
+    p.add_argument("exemplar", nargs="*", type=Path, default=[DEFAULT_EXEMPLAR],
+                   help="exemplar image (any format Pillow reads); several with --mix: a texture between them")
+    p.add_argument("--mix", type=float, nargs="+", default=None, metavar="W",
+                   help="one weight >= 0 per exemplar (normalised): synthesise from the MW2 barycentre of their "
+                        "patch mixtures (default: equal weights)")
     p.add_argument("--size", default=DEFAULT_SIZE, help="output size: N (N×N) or WxH, e.g. 640x360")
     p.add_argument("--patch", type=positive_int, default=4,
                    help="patch side p (4 or 8; D = 3p²). 8 follows larger structures but costs ~5x per step")
@@ -76,6 +79,14 @@ def _check_args(args: argparse.Namespace) -> tuple[int, int]:
                        f"use at most {MAX_PATCH}, typically 4 or 8")
     if args.save_every < 0:
         raise AppError(f"--save-every must be >= 0, got {args.save_every}")
+    for path in args.exemplar:
+        check_input_file(path, "exemplar")
+    if args.mix is not None:
+        if len(args.mix) != len(args.exemplar):
+            raise AppError(f"--mix needs one weight per exemplar: {len(args.exemplar)} exemplar(s), "
+                           f"{len(args.mix)} weight(s)")
+        if not all(math.isfinite(w) and w >= 0 for w in args.mix) or sum(args.mix) <= 0:
+            raise AppError(f"--mix weights must be finite, >= 0 and not all zero, got {args.mix}")
     return size
 
 
@@ -115,12 +126,12 @@ def _progress(args: argparse.Namespace, out_dir: Path):
     return callback, bar
 
 
-def _comparison(exemplar, result, tileable: bool):
-    """``exemplar | result`` at the result's height, or ``exemplar | result | 2×2 tiling of result`` at
+def _comparison(exemplars, result, tileable: bool):
+    """``exemplar(s) | result`` at the result's height, or ``exemplar(s) | result | 2×2 tiling of result`` at
     twice its height when tileable (the tiling at full resolution, so a seam would show)."""
     from imgmw.image import side_by_side
 
-    images = [exemplar, result]
+    images = [*exemplars, result]
     if tileable:
         images.append(result.repeat(1, 2, 2))
     height = result.shape[-2] * (2 if tileable else 1)
@@ -176,12 +187,27 @@ def _plot_loss_pillow(curves: dict[str, list[float]], path: Path) -> None:
     img.save(path)
 
 
-def _metrics(args: argparse.Namespace, size: tuple[int, int], exemplar, result, device, total: float,
-             patch_sw: dict, seams: dict) -> dict[str, Any]:
+def _scores(init, image, exemplar) -> dict[str, Any]:
+    """Patch sliced-W2 (4×4), structure distance and near-copy fraction (15×15) of the noise start and of the
+    result against one exemplar (:mod:`imgmw.metrics`)."""
+    from imgmw.metrics import (COPY_RATIO, STRUCTURE_PATCH, near_copy_fraction, patch_sliced_w2,
+                               structure_distance)
+
+    return {"patch_sliced_w2": {"patch": METRIC_PATCH, "init": patch_sliced_w2(init, exemplar, patch=METRIC_PATCH),
+                                "result": patch_sliced_w2(image, exemplar, patch=METRIC_PATCH)},
+            "structure_distance": {"patch": STRUCTURE_PATCH, "init": structure_distance(init, exemplar),
+                                   "result": structure_distance(image, exemplar)},
+            "near_copy_fraction": {"patch": STRUCTURE_PATCH, "distance_over_contrast_below": COPY_RATIO,
+                                   "result": near_copy_fraction(image, exemplar)}}
+
+
+def _metrics(args: argparse.Namespace, size: tuple[int, int], exemplars, result, device, total: float,
+             scores: list[dict], seams: dict) -> dict[str, Any]:
     losses = result.losses
     return {
         "settings": {
-            "exemplar": str(args.exemplar), "exemplar_size": list(exemplar.shape[-2:]), "size": list(size),
+            "exemplar": [str(p) for p in args.exemplar], "mix": args.mix,
+            "exemplar_size": [list(e.shape[-2:]) for e in exemplars], "size": list(size),
             "patch": args.patch, "k": args.k, "scales": result.n_scales, "n_patches": args.n_patches,
             "iters": args.iters, "optimizer": args.optimizer, "lr": args.lr, "tileable": args.tileable,
             "fixed_weights": args.fixed_weights, "seed": args.seed, "device": str(device),
@@ -198,7 +224,10 @@ def _metrics(args: argparse.Namespace, size: tuple[int, int], exemplar, result, 
         "refit_mw2": float(result.refit_mw2.sum()),
         "refit_mw2_per_scale": result.refit_mw2.tolist(),
         "fit_keeping": result.fit,
-        "patch_sliced_w2": patch_sw,
+        # against each exemplar, in the order given
+        "patch_sliced_w2": [sc["patch_sliced_w2"] for sc in scores],
+        "structure_distance": [sc["structure_distance"] for sc in scores],
+        "near_copy_fraction": [sc["near_copy_fraction"] for sc in scores],
         "seam_energy": seams,
     }
 
@@ -213,14 +242,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     from imgmw.image import load_image, save_image
-    from imgmw.metrics import patch_sliced_w2, seam_energy
+    from imgmw.metrics import seam_energy
     from imgmw.texture import ADAM_LR, DEFAULT_PATCHES, synthesize_texture, texture_n_scales
 
     device = resolve_device(args.device)
-    exemplar = load_image(args.exemplar)
-    n_scales = texture_n_scales(tuple(exemplar.shape[-2:]), size, args.patch, args.scales)  # too small: ValueError
+    exemplars = [load_image(path) for path in args.exemplar]
+    hw = (min(e.shape[-2] for e in exemplars), min(e.shape[-1] for e in exemplars))
+    n_scales = texture_n_scales(hw, size, args.patch, args.scales)  # too small: ValueError
     args.n_patches = args.n_patches or DEFAULT_PATCHES
-    _check_counts(args, tuple(exemplar.shape[-2:]), size, n_scales)
+    for exemplar in exemplars:
+        _check_counts(args, tuple(exemplar.shape[-2:]), size, n_scales)
     args.lr = args.lr or (ADAM_LR if args.optimizer == "adam" else 1.0)
     generator = torch.Generator().manual_seed(args.seed)
 
@@ -228,20 +259,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         callback, bar = _progress(args, stage)
         try:
             result = synthesize_texture(
-                exemplar.to(device), size, patch=args.patch, n_components=args.k, n_scales=args.scales,
-                n_patches=args.n_patches, iters=args.iters, lr=args.lr, optimizer=args.optimizer,
-                periodic=args.tileable, fixed_weights=args.fixed_weights, generator=generator, callback=callback)
+                [e.to(device) for e in exemplars], size, patch=args.patch, n_components=args.k,
+                n_scales=args.scales, n_patches=args.n_patches, iters=args.iters, lr=args.lr,
+                optimizer=args.optimizer, periodic=args.tileable, mix=args.mix, fixed_weights=args.fixed_weights,
+                generator=generator, callback=callback)
         finally:
             bar.close()
         image, init = result.image.cpu(), result.init.cpu()
         save_image(image, stage / "texture.png")
-        save_image(_comparison(exemplar, image, args.tileable), stage / "comparison.png")
+        save_image(_comparison(exemplars, image, args.tileable), stage / "comparison.png")
         _plot_loss(result.losses, stage / "loss.png")
-        patch_sw = {"patch": METRIC_PATCH, "init": patch_sliced_w2(init, exemplar, patch=METRIC_PATCH),
-                    "result": patch_sliced_w2(image, exemplar, patch=METRIC_PATCH)}
+        scores = [_scores(init, image, exemplar) for exemplar in exemplars]
         seams = {"init": seam_energy(init), "result": seam_energy(image)}
-        metrics = _metrics(args, size, exemplar, result, device, time.perf_counter() - start, patch_sw, seams)
+        metrics = _metrics(args, size, exemplars, result, device, time.perf_counter() - start, scores, seams)
         write_json(metrics, stage / "metrics.json")
+    patch_sw = scores[0]["patch_sliced_w2"]
 
     if not args.quiet:
         print(f"patch sliced-W2 to the exemplar: {patch_sw['init']:.4g} (noise) -> {patch_sw['result']:.4g} "

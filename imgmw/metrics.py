@@ -24,11 +24,14 @@ import torch
 from torch import Tensor
 
 from .image import image_to_points
-from .patches import gaussian_pyramid, n_scales_for, patch_grid, random_patches
+from .patches import gather_patches, gaussian_pyramid, n_scales_for, patch_grid, random_patches
 
-__all__ = ["random_directions", "sliced_w2", "weighted_sliced_w2", "color_sliced_w2", "color_w2_exact", "gaussian_color_w2",
+__all__ = ["random_directions", "sliced_w2", "weighted_sliced_w2", "nearest_patch_rms", "structure_distance",
+           "near_copy_fraction", "STRUCTURE_PATCH", "COPY_RATIO", "color_sliced_w2", "color_w2_exact", "gaussian_color_w2",
            "luminance_ssim", "false_edges", "patch_sliced_w2", "seam_energy", "EDGE_THRESHOLD"]
 
+STRUCTURE_PATCH = 15   # structure_distance: side of the compared patches (large enough to see veins and stripes)
+COPY_RATIO = 0.1       # near_copy_fraction: a patch within this fraction of its own contrast of an exemplar patch
 EDGE_THRESHOLD = 0.03  # false_edges: a luminance gradient above this (L*/100 per pixel, Sobel) is an edge
 
 
@@ -302,6 +305,71 @@ def _level_sliced_w2(a: Tensor, b: Tensor, patch: int, n_samples: int, theta: Te
     pa = random_patches(a, patch, n, generator)[0]
     pb = random_patches(b, patch, n, generator)[0]
     return float(sliced_w2(pa, pb, theta))
+
+
+# -------------------------------------------------------------------------------------------- structure
+
+def nearest_patch_rms(result: Tensor, exemplar: Tensor, patch: int = STRUCTURE_PATCH, n_samples: int = 1024,
+                      seed: int = 0, chunk: int = 4096, *, with_contrast: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """RMS distance of random ``patch × patch`` patches of ``result [3, H, W]`` to their nearest patch of
+    ``exemplar [3, H', W']``: ``[n]`` with ``n = min(n_samples, positions of result)``.
+
+    ``d(q) = min_e sqrt(‖q − e‖² / (3 p²))`` over **every** exemplar position (stride 1), so a verbatim
+    copy of an exemplar region scores exactly 0. Result positions are drawn without replacement with a
+    generator seeded by ``seed``. Computed in float64 by ``‖q‖² + ‖e‖² − 2 q·e`` over chunks of ``chunk``
+    exemplar patches (``O(n · chunk)`` memory); the nearest patch's distance is then recomputed directly,
+    so a copy scores exactly 0. ``with_contrast``: also return each result patch's RMS deviation from its
+    own mean ``[n]`` (what :func:`near_copy_fraction` compares the distance with).
+    """
+    a, b = _check_image(result, "result"), _check_image(exemplar, "exemplar")
+    _positive_int("patch", patch)
+    _positive_int("n_samples", n_samples)
+    for name, img in (("result", a), ("exemplar", b)):
+        if min(img.shape[-2:]) < patch:
+            raise ValueError(f"{name} ({img.shape[-2]}x{img.shape[-1]}) is smaller than the {patch}x{patch} patches")
+    with torch.no_grad():
+        n = min(n_samples, math.prod(patch_grid(*a.shape[-2:], patch)))
+        q = random_patches(a[None].double(), patch, n, _generator(seed))[0]           # [n, 3p²]
+        q_sq = q.square().sum(-1, keepdim=True)
+        best = torch.full((n,), math.inf, dtype=torch.float64, device=q.device)
+        where = torch.zeros(n, dtype=torch.long, device=q.device)
+        rows, cols = patch_grid(*b.shape[-2:], patch)
+        for start in range(0, rows * cols, chunk):
+            pos = torch.arange(start, min(start + chunk, rows * cols), device=b.device)
+            e = gather_patches(b[None].double(), patch, pos)[0]                         # [c, 3p²]
+            value, index = (q_sq + e.square().sum(-1)[None] - 2 * q @ e.T).min(-1)
+            closer = value < best
+            best, where = torch.where(closer, value, best), torch.where(closer, pos[index], where)
+        # the distance to the nearest patch recomputed directly: exact (0 for a copy), no cancellation
+        nearest = gather_patches(b[None].double(), patch, where)[0]
+        dist = (q - nearest).square().mean(-1).sqrt()
+        if not with_contrast:
+            return dist
+        return dist, (q - q.mean(-1, keepdim=True)).square().mean(-1).sqrt()
+
+
+def structure_distance(result: Tensor, exemplar: Tensor, patch: int = STRUCTURE_PATCH, n_samples: int = 1024,
+                       seed: int = 0) -> float:
+    """Mean of :func:`nearest_patch_rms`: how far the result's large patches are from *any* exemplar patch.
+
+    Broken structures (a vein cut into blotches, a stripe smeared) have no close exemplar patch, so they
+    raise it, while local colour and 4×4 statistics (what :func:`patch_sliced_w2` sees) can stay right.
+    Lower is better; a verbatim copy scores 0, so read it with :func:`near_copy_fraction`. Another crop of
+    the same photograph is the reference level a synthesis should reach.
+    """
+    return float(nearest_patch_rms(result, exemplar, patch, n_samples, seed).mean())
+
+
+def near_copy_fraction(result: Tensor, exemplar: Tensor, patch: int = STRUCTURE_PATCH, n_samples: int = 1024,
+                       seed: int = 0, ratio: float = COPY_RATIO) -> float:
+    """Fraction of the result's ``patch × patch`` patches that nearly copy an exemplar patch: their
+    :func:`nearest_patch_rms` is at most ``ratio`` (default 0.1) times their own contrast (RMS deviation
+    from the patch mean). Relative to contrast, so that flat patches (a uniform stripe, a clear sky), which
+    are close to many exemplar patches without copying anything, do not count; a verbatim copy always does."""
+    if not ratio > 0:
+        raise ValueError(f"ratio must be > 0, got {ratio!r}")
+    dist, contrast = nearest_patch_rms(result, exemplar, patch, n_samples, seed, with_contrast=True)
+    return float((dist <= ratio * contrast).double().mean())
 
 
 # ------------------------------------------------------------------------------------------------ seams

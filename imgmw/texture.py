@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from .flow import refit_mw2, run_flow
 from .gmm import GMM
 from .losses import MW2Loss, data_reg_covar, fit_target
+from .ot import gmm_barycentre
 from .patches import gather_patches, gaussian_pyramid, n_scales_for, patch_grid, random_patches
 from .validation import check_choice
 from .warm import FitPolicy
@@ -65,6 +66,32 @@ def _as_image(img: Tensor, name: str) -> Tensor:
     if not img.is_floating_point() or not bool(torch.isfinite(img).all()):
         raise ValueError(f"{name} must be a finite float tensor, got dtype {img.dtype}")
     return img if img.dim() == 4 else img.unsqueeze(0)
+
+
+def _exemplar_list(exemplar: Tensor | Sequence[Tensor], mix: Sequence[float] | Tensor | None
+                   ) -> tuple[list[Tensor], list[float]]:
+    """Exemplars as ``[1, 3, H, W]`` tensors and their mixing weights ``λ`` (normalised to sum to one)."""
+    images = [exemplar] if isinstance(exemplar, Tensor) else list(exemplar)
+    if not images:
+        raise ValueError("give at least one exemplar")
+    images = [_as_image(img, f"exemplar {i}" if len(images) > 1 else "exemplar").detach()
+              for i, img in enumerate(images)]
+    if mix is None:
+        lam = [1.0 / len(images)] * len(images)
+    else:
+        lam = [float(v) for v in mix]
+        if len(lam) != len(images) or not all(math.isfinite(v) and v >= 0 for v in lam) or sum(lam) <= 0:
+            raise ValueError(f"mix must be {len(images)} finite weights >= 0, not all zero (one per exemplar), "
+                             f"got {list(mix)!r}")
+        lam = [v / sum(lam) for v in lam]
+    if len({(img.dtype, img.device) for img in images}) > 1:
+        raise ValueError("the exemplars must share dtype and device")
+    return images, lam
+
+
+def _common_size(images: list[Tensor]) -> tuple[int, int]:
+    """The smallest height and width over the exemplars (what limits the pyramid)."""
+    return min(img.shape[-2] for img in images), min(img.shape[-1] for img in images)
 
 
 def _check_size(size: tuple[int, int]) -> tuple[int, int]:
@@ -255,7 +282,10 @@ class PatchMW2Loss(nn.Module):
     """Multi-scale patch ``MW2²`` loss of an image against an exemplar (see the module docstring).
 
     Args:
-        exemplar: ``[3, h, w]`` or ``[1, 3, h, w]`` float image; its dtype and device are the loss's.
+        exemplar: ``[3, h, w]`` or ``[1, 3, h, w]`` float image; its dtype and device are the loss's. A list
+            of exemplars is a texture **mix**: at every scale the target is the MW2 barycentre
+            (:func:`imgmw.gmm_barycentre`, weights ``mix``) of the exemplars' patch mixtures, with the
+            ``mix``-weighted mean of their ``reg_covar``; the pyramid follows the smallest exemplar.
         patch: patch side ``p`` (patch vectors have ``D = 3p²`` entries).
         n_components: ``K`` on both sides.
         n_scales: pyramid levels ``S``; ``None``: the most whose coarsest exemplar level keeps sides
@@ -270,6 +300,7 @@ class PatchMW2Loss(nn.Module):
             default here) lets EM estimate them on both sides — see below.
         policy: the warm starts' :class:`imgmw.warm.FitPolicy` (default: re-seed learned weights below
             ``MIN_WEIGHT / K``); ``None``: the paper's plain Algorithm 3.
+        mix: ``λ``, one weight ``>= 0`` per exemplar (normalised to sum to one; default uniform).
         n_target_patches, n_target_iter: see :func:`fit_patch_gmms`.
         n_init_iter: EM steps of the first fit of the synthesis at each scale (started from ``ν_s``).
 
@@ -300,24 +331,32 @@ class PatchMW2Loss(nn.Module):
         >>> loss_fn(x).backward()     # x.grad: the pixel gradient of Σ_s MW2²
     """
 
-    def __init__(self, exemplar: Tensor, patch: int = 4, n_components: int = 4, n_scales: int | None = None,
-                 n_patches: int = DEFAULT_PATCHES, periodic: bool = False,
-                 generator: torch.Generator | None = None, *, fixed_weights: bool = False,
-                 policy: FitPolicy | None = TEXTURE_POLICY, n_target_patches: int = TARGET_PATCHES,
-                 n_target_iter: int = TARGET_ITERS, n_init_iter: int = 10) -> None:
+    def __init__(self, exemplar: Tensor | Sequence[Tensor], patch: int = 4, n_components: int = 4,
+                 n_scales: int | None = None, n_patches: int = DEFAULT_PATCHES, periodic: bool = False,
+                 generator: torch.Generator | None = None, *, mix: Sequence[float] | Tensor | None = None,
+                 fixed_weights: bool = False, policy: FitPolicy | None = TEXTURE_POLICY,
+                 n_target_patches: int = TARGET_PATCHES, n_target_iter: int = TARGET_ITERS,
+                 n_init_iter: int = 10) -> None:
         super().__init__()
-        u = _as_image(exemplar, "exemplar").detach()
+        images, lam = _exemplar_list(exemplar, mix)
+        hw = _common_size(images)
         _positive_int("patch", patch)
         _positive_int("n_patches", n_patches)
         _positive_int("n_init_iter", n_init_iter)
         if n_scales is None:
-            n_scales = texture_n_scales(tuple(u.shape[-2:]), tuple(u.shape[-2:]), patch)
-        targets = _fit_levels(u, patch, n_components, n_scales, n_target_patches, n_target_iter, fixed_weights,
-                              generator)
+            n_scales = texture_n_scales(hw, hw, patch)
+        fits = [_fit_levels(u, patch, n_components, n_scales, n_target_patches, n_target_iter, fixed_weights,
+                            generator) for u in images]
+        if len(images) == 1:
+            targets = fits[0]
+        else:  # texture mixing: each scale's target is the MW2 barycentre of the exemplars' patch mixtures
+            targets = [(gmm_barycentre([f[s][0] for f in fits], lam),
+                        sum(weight * f[s][1] for weight, f in zip(lam, fits))) for s in range(n_scales)]
+        self.mix = lam
         self.patch, self.n_components, self.n_scales = patch, n_components, n_scales
         self.n_patches, self.periodic, self.generator = n_patches, bool(periodic), generator
         self.fixed_weights = fixed_weights
-        self.exemplar_size = tuple(u.shape[-2:])
+        self.exemplar_size = hw
         self.scales = nn.ModuleList(
             MW2Loss(t, warm_start=True, fixed_weights=fixed_weights, reg_covar=reg, n_iter=n_init_iter,
                     policy=policy, generator=generator) for t, reg in targets)
@@ -424,13 +463,17 @@ class SynthesisResult:
     fit: list = field(default_factory=list)
 
 
-def synthesize_texture(exemplar: Tensor, size: tuple[int, int], *, patch: int = 4, n_components: int = 4,
-                       n_scales: int | None = None, n_patches: int = DEFAULT_PATCHES, iters: int = 300,
-                       lr: float | None = None, optimizer: str = "adam", periodic: bool = False,
+def synthesize_texture(exemplar: Tensor | Sequence[Tensor], size: tuple[int, int], *, patch: int = 4,
+                       n_components: int = 4, n_scales: int | None = None, n_patches: int = DEFAULT_PATCHES,
+                       iters: int = 300, lr: float | None = None, optimizer: str = "adam", periodic: bool = False,
+                       mix: Sequence[float] | Tensor | None = None,
                        fixed_weights: bool = False, policy: FitPolicy | None = TEXTURE_POLICY,
                        diagnose: bool = True, generator: torch.Generator | None = None,
                        callback: Callable[[int, Tensor, Tensor], None] | None = None) -> SynthesisResult:
     """Synthesise an ``H × W`` texture like ``exemplar`` by minimising :class:`PatchMW2Loss`.
+
+    ``exemplar`` may be a list with ``mix`` weights (texture mixing, see :class:`PatchMW2Loss`); the noise
+    start then has the colour statistics of the exemplar with the largest weight.
 
     The pixels start at :func:`gaussian_random_field` (``periodic`` as requested) clamped to [0, 1] and
     are optimised by Adam (``lr`` default 0.03, decayed linearly to 0 over ``iters`` steps) or L-BFGS
@@ -451,22 +494,25 @@ def synthesize_texture(exemplar: Tensor, size: tuple[int, int], *, patch: int = 
     linear decay from 0.02 / 0.03 / 0.04 / 0.05 gives 0.0060 / 0.0055 / 0.0054 / 0.0062 after 200; a
     constant 0.02 turns the pixels noisy (the finest scale's loss rises).
     """
-    u = _as_image(exemplar, "exemplar").detach()
+    images, lam = _exemplar_list(exemplar, mix)
+    u = images[max(range(len(lam)), key=lam.__getitem__)]  # the noise start: the heaviest exemplar's field
     height, width = _check_size(size)
     check_choice("optimizer", optimizer, OPTIMIZERS)
     _positive_int("iters", iters)
     lr = (ADAM_LR if optimizer == "adam" else 1.0) if lr is None else lr
     if not (isinstance(lr, (int, float)) and 0 < lr < math.inf):
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
-    n_scales = texture_n_scales(tuple(u.shape[-2:]), (height, width), patch, n_scales)
+    n_scales = texture_n_scales(_common_size(images), (height, width), patch, n_scales)
     _positive_int("n_components", n_components)
     _positive_int("n_patches", n_patches)
-    check_patch_counts(tuple(u.shape[-2:]), (height, width), patch, n_scales, n_components, n_patches, periodic)
+    for img in images:
+        check_patch_counts(tuple(img.shape[-2:]), (height, width), patch, n_scales, n_components, n_patches,
+                           periodic)
     start = time.perf_counter()
-    loss_fn = PatchMW2Loss(u, patch, n_components, n_scales, n_patches, periodic, generator,
+    loss_fn = PatchMW2Loss(images, patch, n_components, n_scales, n_patches, periodic, generator, mix=lam,
                            fixed_weights=fixed_weights, policy=policy)
     init = gaussian_random_field(u, (height, width), periodic=periodic, generator=generator).clamp(0, 1)
-    grey = _is_grey(u)
+    grey = all(_is_grey(img) for img in images)
     x0 = (init[:1] if grey else init).unsqueeze(0)   # [1, 1 or 3, H, W]
     setup = time.perf_counter() - start
     drawn = [-1]

@@ -56,8 +56,11 @@ def test_synthesis_beats_the_noise_start(exemplar, tmp_path):
     ex, result = load_image(exemplar), load_image(out / "texture.png")
     assert result.shape == (3, 48, 48)
     psw_result = patch_sliced_w2(result, ex)
-    assert psw_result == pytest.approx(metrics["patch_sliced_w2"]["result"], rel=0.05)  # PNG rounding only
-    assert psw_result < metrics["patch_sliced_w2"]["init"] / 2
+    assert psw_result == pytest.approx(metrics["patch_sliced_w2"][0]["result"], rel=0.05)  # PNG rounding only
+    assert psw_result < metrics["patch_sliced_w2"][0]["init"] / 2
+    structure = metrics["structure_distance"][0]
+    assert structure["result"] < structure["init"]          # closer to real exemplar patches than the noise
+    assert 0 <= metrics["near_copy_fraction"][0]["result"] < 0.5
 
 
 def test_non_square_size_is_honoured(exemplar, tmp_path):
@@ -109,7 +112,7 @@ def bad_files(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("case, flags, match", [
     ("not_image", [], "not an image"),
-    ("missing", [], "no such file"),
+    ("missing", [], "does not exist"),
     ("tiny", [], "too small"),
     (None, ["--size", "0"], "size"),
     (None, ["--size", "100000"], "size"),
@@ -158,3 +161,22 @@ def test_subprocess_run_and_fast_help(exemplar, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert str(out) in proc.stdout and (out / "texture.png").is_file()
     assert torch.equal(torch.tensor(load_image(out / "texture.png").shape), torch.tensor([3, 32, 32]))
+
+
+@pytest.mark.slow
+def test_mixing_two_exemplars(tmp_path):
+    """--mix 0.5 0.5 between stripes and veins: every exemplar is scored, and the result sits between them
+    (closer in patch statistics to each exemplar than the other exemplar is)."""
+    from imgmw.metrics import patch_sliced_w2
+
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    Image.open(ROOT / "data" / "stripes.png").crop((0, 0, 64, 64)).save(a)
+    Image.open(ROOT / "data" / "veins.png").crop((0, 0, 64, 64)).save(b)
+    out = tmp_path / "mix"
+    assert main([str(a), str(b), "--mix", "0.5", "0.5", "--size", "48", "--iters", "120", "--output", str(out),
+                 "--quiet"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["settings"]["mix"] == [0.5, 0.5] and len(metrics["patch_sliced_w2"]) == 2
+    ea, eb = load_image(a), load_image(b)
+    across = patch_sliced_w2(ea, eb)
+    assert all(m["result"] < across for m in metrics["patch_sliced_w2"])

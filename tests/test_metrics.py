@@ -210,3 +210,48 @@ def test_weighted_sliced_w2_reduces_to_sliced_w2_and_counts_repeats():
     assert float(weighted_sliced_w2(x, x, d, x_weight=w, y_weight=w)) == 0.0
     with pytest.raises(ValueError, match="share D"):
         weighted_sliced_w2(x, y[:, :2], d)
+
+
+def _shuffled_blocks(img: torch.Tensor, block: int = 8, seed: int = 0) -> torch.Tensor:
+    c, h, w = img.shape
+    h, w = h // block * block, w // block * block
+    blocks = img[:, :h, :w].reshape(c, h // block, block, w // block, block).permute(1, 3, 0, 2, 4)
+    blocks = blocks.reshape(-1, c, block, block)[torch.randperm((h // block) * (w // block),
+                                                                generator=torch.Generator().manual_seed(seed))]
+    return blocks.reshape(h // block, w // block, c, block, block).permute(2, 0, 3, 1, 4).reshape(c, h, w)
+
+
+@pytest.mark.parametrize("name, copies", [("bricks.png", 0.5), ("stripes.png", 0.5), ("veins.png", 0.5),
+                                         ("hubble.png", 0.05)])
+def test_structure_distance_ranks_a_real_crop_above_noise_and_shuffled_blocks(name, copies):
+    """Another crop of the same structured image is closer to the exemplar's 15×15 patches than a random-phase
+    field with the same spectrum and colours, and than the crop cut into shuffled 8×8 blocks; the exemplar
+    itself is all near-copies at distance 0. The other crop's near-copy fraction is the level a synthesis
+    is read against: below 5 % on a photograph, up to ~26 % on these drawn images, whose fine weave, mortar
+    grid and repeated brick tints recur exactly."""
+    from imgmw.image import load_image
+    from imgmw.metrics import near_copy_fraction, structure_distance
+    from imgmw.texture import gaussian_random_field
+
+    img = load_image(DATA / name)
+    exemplar, crop = img[:, :, :128], img[:, :, 128:]
+    field = gaussian_random_field(exemplar, (256, 128), generator=torch.Generator().manual_seed(0)).clamp(0, 1)
+    d = {key: structure_distance(v, exemplar, n_samples=256) for key, v in
+         [("crop", crop), ("field", field), ("shuffled", _shuffled_blocks(crop))]}
+    assert d["crop"] < d["field"] and d["crop"] < d["shuffled"], d
+    assert structure_distance(exemplar, exemplar, n_samples=256) == 0.0
+    assert near_copy_fraction(exemplar, exemplar, n_samples=256) == 1.0
+    assert near_copy_fraction(crop, exemplar, n_samples=256) < copies
+
+
+def test_nearest_patch_rms_matches_a_brute_force_search():
+    from imgmw.metrics import nearest_patch_rms
+    from imgmw.patches import extract_patches, random_patches
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(3, 20, 22, generator=g), torch.rand(3, 18, 17, generator=g)
+    got = nearest_patch_rms(a, b, patch=5, n_samples=30, seed=3, chunk=7)
+    q = random_patches(a[None].double(), 5, 30, torch.Generator().manual_seed(3))[0]
+    e = extract_patches(b[None].double(), 5)[0]
+    want = ((q[:, None] - e[None]).square().mean(-1)).amin(-1).sqrt()
+    torch.testing.assert_close(got, want)

@@ -6,6 +6,8 @@ patch means, NumPy eigenvectors for the split, and ``torch.autograd.gradcheck`` 
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -269,3 +271,33 @@ def test_grey_exemplar_gives_a_grey_synthesis():
     colour = synthesize_texture(_stripes(40, 40), (24, 24), n_components=2, n_scales=1, iters=3,
                                 generator=torch.Generator().manual_seed(0))
     assert not torch.equal(colour.image[0], colour.image[1])
+
+
+def test_mix_weights_one_zero_reproduce_the_first_exemplars_targets():
+    from imgmw.image import load_image
+    from imgmw.texture import PatchMW2Loss
+
+    root = Path(__file__).resolve().parents[1] / "data"
+    a = load_image(root / "stripes.png")[:, :64, :64].double()
+    b = load_image(root / "veins.png")[:, :64, :64].double()
+    single = PatchMW2Loss(a, n_scales=2, generator=torch.Generator().manual_seed(0))
+    mixed = PatchMW2Loss([a, b], n_scales=2, mix=[1.0, 0.0], generator=torch.Generator().manual_seed(0))
+    for s, m in zip(single.targets, mixed.targets):
+        torch.testing.assert_close(m.weights, s.weights)
+        torch.testing.assert_close(m.means, s.means, atol=1e-7, rtol=0)
+        torch.testing.assert_close(m.covariances, s.covariances, atol=1e-7, rtol=1e-6)
+    half = PatchMW2Loss([a, b], n_scales=2, mix=[1.0, 1.0], generator=torch.Generator().manual_seed(0))
+    assert half.mix == [0.5, 0.5]
+    assert not torch.allclose(half.targets[0].means, single.targets[0].means)
+    with pytest.raises(ValueError, match="mix must be 2"):
+        PatchMW2Loss([a, b], n_scales=2, mix=[1.0])
+
+
+def test_mixed_synthesis_is_deterministic_for_a_seed():
+    from imgmw.image import load_image
+
+    root = Path(__file__).resolve().parents[1] / "data"
+    a, b = load_image(root / "stripes.png")[:, :48, :48], load_image(root / "bricks.png")[:, :48, :48]
+    runs = [synthesize_texture([a, b], (32, 32), mix=[0.3, 0.7], iters=5, n_scales=1,
+                               generator=torch.Generator().manual_seed(4)).image for _ in range(2)]
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
