@@ -8,13 +8,19 @@ fitted to the exemplar's patches in MW2 (:mod:`imgmw.texture`). Pixels are clamp
 Outputs (under ``--output``, default ``outputs/texture_synth/``): ``texture.png`` (the result),
 ``comparison.png`` (exemplar | result, plus a 2×2 tiling of the result with ``--tileable``),
 ``loss.png`` (loss per scale against the step), ``metrics.json`` (settings, timings, final loss per
-scale, patch sliced-W2 to the exemplar and seam energy of the initial noise and of the result) and, with
+scale, the scores below and seam energy of the initial noise and of the result) and, with
 ``--save-every N``, ``frames/step_NNNNN.png``. Nothing is written when the run fails.
+
+With several exemplars the targets are, at every scale, the MW2 barycentre of their patch mixtures with the
+``--mix`` weights (texture mixing). ``metrics.json`` scores the result against every exemplar: 4×4 patch
+sliced-W2, the structure distance (RMS distance of 15×15 patches to their nearest exemplar patch) and the
+near-copy fraction (:mod:`imgmw.metrics`).
 
 Examples::
 
     python -m apps.texture_synth                                  # data/wood.png -> 256x256
     python -m apps.texture_synth data/brick.png --size 640x360 --tileable
+    python -m apps.texture_synth data/stripes.png data/veins.png --mix 0.3 0.7
 """
 from __future__ import annotations
 

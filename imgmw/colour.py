@@ -395,6 +395,12 @@ def transfer_colours(source: Tensor, target: Tensor, *, method: str = "flow", co
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
     if not isinstance(polish_iters, int) or polish_iters < 0:
         raise ValueError(f"polish_iters must be an integer >= 0, got {polish_iters!r}")
+    for name, img in (("source", source), ("target", target)):
+        if not isinstance(img, Tensor) or img.dim() != 3 or img.shape[0] != 3 or not img.is_floating_point():
+            raise ValueError(f"{name} must be a float RGB image [3, H, W], got "
+                             f"{tuple(img.shape) if isinstance(img, Tensor) else type(img).__name__}")
+        if not bool(torch.isfinite(img).all()):
+            raise ValueError(f"{name} contains NaN or inf")
     t0 = time.perf_counter()
     gen = torch.Generator(device=source.device).manual_seed(seed)
     tgt_pal = build_palette(target, max_colors)

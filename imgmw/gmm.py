@@ -134,6 +134,8 @@ class GMM:
     def _check_points(self, x: Tensor) -> None:
         if x.dim() < 2 or x.shape[-1] != self.n_features:
             raise ValueError(f"points must be [*B, N, {self.n_features}], got shape {tuple(x.shape)}")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("points contain NaN or inf; a density of a non-finite point is not defined")
 
     # ----------------------------------------------------------------- sampling
     def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:

@@ -107,6 +107,8 @@ def sliced_w2(x: Tensor, y: Tensor, directions: Tensor) -> Tensor:
         raise ValueError(f"x and y must be [m, D] with the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
     if directions.dim() != 2 or directions.shape[1] != x.shape[1]:
         raise ValueError(f"directions must have shape [P, {x.shape[1]}], got {tuple(directions.shape)}")
+    if not bool(torch.isfinite(x).all() & torch.isfinite(y).all()):
+        raise ValueError("x and y must be finite (no NaN or inf)")
     px = torch.sort(directions @ x.T, dim=1).values                             # [P, m]
     py = torch.sort(directions @ y.T, dim=1).values
     return (px - py).square().mean().sqrt()

@@ -10,6 +10,9 @@ from PIL import Image
 
 from apps._cli import run
 from imgmw import GMM, fit_gmm, gmm_ot_map, mw2
+from imgmw.colour import transfer_colours
+from imgmw.metrics import sliced_w2, structure_distance
+from imgmw.texture import synthesize_texture
 from tests.app_checks import assert_clean_failure
 from tests.test_app_color import ROOT
 
@@ -46,6 +49,9 @@ APP_CASES = [
     ("texture_synth", ["{src}", "--size", "32", "--scales", "20"], "scales"),
     ("texture_synth", ["{src}", "--optimizer", "sgd"], "--optimizer"),
     ("texture_synth", ["{src}", "--save-every", "-1"], "--save-every"),
+    ("texture_synth", ["{src}", "{tgt}", "--mix", "1"], "--mix"),
+    ("texture_synth", ["{src}", "{tgt}", "--mix", "0", "0"], "--mix"),
+    ("texture_synth", ["{src}", "{tmp}/missing.png", "--mix", "1", "1"], "missing.png"),
     ("style_transfer", ["{tmp}/missing.png", "{tgt}"], "missing.png"),
     ("style_transfer", ["{src}", "{tmp}/missing.png"], "missing.png"),
     ("style_transfer", ["{src}", "{tgt}", "--lr", "2"], "--lr"),
@@ -130,6 +136,18 @@ LIBRARY_CASES = {
     "mw2: no component": (lambda: mw2(_g(0), _g(1)), ValueError, "component"),
     "mw2: dimensions differ": (lambda: mw2(_g(2, 2), _g(2, 3)), ValueError, "D"),
     "mw2: negative penalty": (lambda: mw2(_g(2), _g(2), unbalanced=(-1.0, 1.0)), ValueError, "lam"),
+    "GMM.log_prob: NaN point": (lambda: _g(2).log_prob(torch.tensor([[float("nan"), 0.0]], dtype=torch.float64)),
+                                ValueError, "NaN"),
+    "sliced_w2: inf point": (lambda: sliced_w2(torch.tensor([[float("inf"), 0.0]]), torch.zeros(1, 2),
+                                               torch.ones(1, 2)), ValueError, "finite"),
+    "transfer_colours: NaN image": (lambda: transfer_colours(torch.full((3, 8, 8), float("nan")), torch.rand(3, 8, 8)),
+                                    ValueError, "source contains NaN"),
+    "transfer_colours: grey image": (lambda: transfer_colours(torch.rand(8, 8), torch.rand(3, 8, 8)), ValueError,
+                                     r"\[3, H, W\]"),
+    "synthesize_texture: mix of the wrong length": (
+        lambda: synthesize_texture([torch.rand(3, 32, 32)] * 2, (32, 32), mix=[1.0], iters=1), ValueError, "mix"),
+    "structure_distance: result smaller than the patch": (
+        lambda: structure_distance(torch.rand(3, 8, 8), torch.rand(3, 32, 32)), ValueError, "smaller"),
     "gmm_ot_map: mis-shaped plan": (lambda: gmm_ot_map(torch.zeros(4, 2, dtype=torch.float64), _g(2), _g(3),
                                                        plan=torch.ones(3, 3, dtype=torch.float64) / 9),
                                     ValueError, "plan"),
