@@ -28,12 +28,14 @@ from torch.autograd.function import once_differentiable
 from .gmm import GMM
 
 __all__ = ["gaussian_w2_cost", "bures_cost", "bures_forward", "bures_backward", "flatten_batch", "psd_sqrt",
-           "gaussian_monge_maps", "bures_barycentre"]
+           "gaussian_monge_maps", "bures_barycentre", "ROUNDOFF_TOL"]
 
 # Elements of the D×D matrices formed at once by the pairwise trace term.
 PAIR_CHUNK_ELEMENTS = 1 << 22
 # Below this many elements (pairs × D²) the backward does every pair at once instead of the support only.
 DENSE_BACKWARD_ELEMENTS = 1 << 12
+# Fixed-point iterations (barycentres) stop at latest when a relative change is below this many dtype eps.
+ROUNDOFF_TOL = 16
 
 
 def _eig_floor(lam: Tensor) -> Tensor:
@@ -213,13 +215,16 @@ def bures_barycentre(covariances: Tensor, weights: Tensor, *, init: Tensor | Non
         covariances: ``[*B, J, D, D]`` SPD matrices ``Σ_j``.
         weights: ``[*B, J]`` non-negative weights ``ω_j`` summing to one.
         init: ``[*B, D, D]`` starting point (default ``Σ_j ω_j Σ_j``).
-        n_iter: maximum number of fixed-point steps; tol: stop when ``‖S⁺ − S‖_F ≤ tol · ‖S‖_F``.
+        n_iter: maximum number of fixed-point steps; tol: stop when ``‖S⁺ − S‖_F ≤ tol · ‖S‖_F`` (``tol`` is
+            raised to ``ROUNDOFF_TOL × eps`` of the dtype, the level at which rounding makes the iterates
+            jitter: in float32 a tolerance of 1e-12 was never met and every call ran all ``n_iter`` steps).
 
     Returns ``[*B, D, D]``. Fixed point of Álvarez-Esteban et al. (2016),
     ``S ← S^{-½} (Σ_j ω_j (S^½ Σ_j S^½)^½)² S^{-½}``, written with ``S = L Lᵀ`` as
     ``S ← L⁻ᵀ R² L⁻¹`` where ``R = Σ_j ω_j (Lᵀ Σ_j L)^½``: the same iterate, no symmetric square root of ``S``.
     """
     s = (weights[..., None, None] * covariances).sum(-3) if init is None else init
+    tol = max(tol, ROUNDOFF_TOL * torch.finfo(s.dtype).eps)  # float32 iterates jitter at ~eps: stop there
     for _ in range(n_iter):
         chol = torch.linalg.cholesky(s)
         lu = chol.unsqueeze(-3)

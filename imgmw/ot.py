@@ -37,8 +37,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .bures import (bures_backward, bures_barycentre, bures_forward, flatten_batch, gaussian_monge_maps,
-                    gaussian_w2_cost)
+from .bures import (ROUNDOFF_TOL, bures_backward, bures_barycentre, bures_forward, flatten_batch,
+                    gaussian_monge_maps, gaussian_w2_cost)
 from .gmm import GMM
 from .stats import chunk_bounds
 
@@ -524,7 +524,8 @@ def gmm_barycentre(gmms: GMM | Sequence[GMM], weights: Sequence[float] | Tensor 
        ``m_k = Σ ω m_il`` and ``Σ_k`` = the Gaussian W2 barycentre of ``{Σ_il}`` with weights ``ω_k``
        (:func:`imgmw.bures.bures_barycentre`), each the exact minimiser for fixed plans.
 
-    Each step cannot increase ``F``; iteration stops when ``F`` changes by less than ``tol·(1 + F)``.
+    Each step cannot increase ``F``; iteration stops when ``F`` changes by less than ``tol·(1 + F)`` (``tol``
+    at least ``ROUNDOFF_TOL × eps`` of the dtype).
     With ``K = 1`` the plans are trivial and the result is the Gaussian W2 barycentre.
 
     Args:
@@ -548,6 +549,7 @@ def gmm_barycentre(gmms: GMM | Sequence[GMM], weights: Sequence[float] | Tensor 
     means_flat = inputs.means.movedim(0, -3).flatten(-3, -2)  # [*B, M·K, D]
     covs_flat = inputs.covariances.movedim(0, -4).flatten(-4, -3)  # [*B, M·K, D, D]
     previous = math.inf
+    tol = max(tol, ROUNDOFF_TOL * torch.finfo(bary.means.dtype).eps)  # see imgmw.bures.bures_barycentre
     for _ in range(n_iter):
         lifted = GMM(bary.weights.unsqueeze(0), bary.means.unsqueeze(0), bary.covariances.unsqueeze(0))
         cost = gaussian_w2_cost(lifted, inputs)  # [M, *B, K, K]
