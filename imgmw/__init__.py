@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "GMM": "gmm",
-    "EMResult": "em", "e_step": "em", "em_step": "em", "fit_gmm": "em", "m_step": "em",
+    "EMResult": "em", "e_step": "em", "em_step": "em", "fit_gmm": "em", "m_step": "mstep", "em_map": "mstep",
     "WarmStartEM": "warm", "FitPolicy": "warm",
     "run_flow": "flow", "refit_mw2": "flow", "FlowDivergence": "flow",
     "GaussianMixture": "estimator",

@@ -26,11 +26,11 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from .colour import apply_palette_lut, build_palette, colour_flow, fit_colour_gmm, from_scaled_space, to_scaled_space
 from .flow import run_flow
 from .gmm import GMM
 from .losses import relative_reg_covar
-from .ot import barycentre_weights
-from .ot import check_gmm, mw2
+from .ot import barycentre_weights, check_gmm, mw2
 from .warm import WarmStartEM
 
 __all__ = ["INITS", "stack_targets", "barycentre_objective", "barycentre_flow", "demo_targets",
@@ -175,8 +175,6 @@ def colour_targets(images: Sequence[Tensor], k: int = 10, *, colorspace: str = "
     Colours live in ``colorspace`` scaled to O(1) (:func:`imgmw.colour.to_scaled_space`); see
     :func:`imgmw.colour.fit_colour_gmm`.
     """
-    from .colour import build_palette, fit_colour_gmm
-
     return [fit_colour_gmm(build_palette(img, max_colors), colorspace, k, generator=generator) for img in images]
 
 
@@ -205,8 +203,6 @@ def recolour_to_gmm(image: Tensor, target: GMM, *, colorspace: str = "lab", iter
     (:func:`imgmw.colour.build_palette`) flows by :func:`imgmw.colour.colour_flow` and every pixel follows
     through the 3-D lookup table :func:`imgmw.colour.apply_palette_lut`. Returns ``(image, loss history)``.
     """
-    from .colour import apply_palette_lut, build_palette, colour_flow, from_scaled_space, to_scaled_space
-
     palette = build_palette(image, max_colors)
     if palette.colours.shape[0] < target.n_components:
         raise ValueError(f"the image to recolour has only {palette.colours.shape[0]} distinct colours, fewer than "

@@ -1,7 +1,8 @@
 """Batched, differentiable EM for Gaussian mixtures.
 
-One EM step is the map ``θ' = F(θ, X)``: an E-step (responsibilities in the log domain) fused with the
-accumulation of additive sufficient statistics (:mod:`imgmw.stats`), then the M-step
+One EM step is the map ``θ' = F(θ, X)`` (:func:`imgmw.mstep.em_map`): an E-step (responsibilities in the log
+domain) fused with the accumulation of additive sufficient statistics (:mod:`imgmw.stats`), then the M-step
+(:func:`imgmw.mstep.m_step`)
 
     w_k = s0_k / Σ_j s0_j,   m_k = c_k + s1_k / s0_k,   Σ_k = s2_k / s0_k − δ_k δ_kᵀ + ε_r I,
 
@@ -22,9 +23,10 @@ import torch
 from torch import Tensor
 
 from .gmm import GMM
+from .implicit import implicit_em_fixed_point
 from .init import INIT_METHODS, init_gmm
-from .linalg import add_to_diagonal, symmetrize
-from .stats import QuadFeatures, SuffStats, accumulate_stats, e_step, quad_features
+from .mstep import em_map, m_step
+from .stats import e_step, quad_features
 from .validation import check_choice, check_points, check_reg_covar, point_weights
 
 __all__ = ["EMResult", "GRAD_MODES", "m_step", "em_step", "fit_gmm", "e_step"]
@@ -52,35 +54,6 @@ class EMResult:
     converged: Tensor
 
 
-def m_step(stats: SuffStats, prev: GMM, *, reg_covar: float = 1e-6, fixed_weights: bool = False) -> GMM:
-    """New parameters from sufficient statistics (see the module docstring).
-
-    ``prev`` supplies the shift's meaning (``stats.shift`` are its means) and the parameters that a
-    component with (numerically) no mass keeps. ``fixed_weights`` keeps ``prev.weights`` (Algorithm 2).
-    """
-    dtype = stats.s0.dtype
-    eps = torch.finfo(dtype).eps
-    nk = stats.s0 + 10 * eps  # the same offset as scikit-learn, so weights never vanish
-    mean_mass = stats.total / stats.s0.shape[-1]
-    empty = stats.s0 <= 10 * eps * mean_mass.unsqueeze(-1)
-    delta = stats.s1 / nk.unsqueeze(-1)
-    means = stats.shift + delta
-    cov = stats.s2 / nk[..., None, None] - delta.unsqueeze(-1) * delta.unsqueeze(-2)
-    cov = add_to_diagonal(symmetrize(cov), reg_covar)
-    means = torch.where(empty.unsqueeze(-1), prev.means, means)
-    cov = torch.where(empty[..., None, None], prev.covariances, cov)
-    weights = prev.weights if fixed_weights else nk / nk.sum(-1, keepdim=True)
-    return GMM(weights, means, cov)
-
-
-def _step(gmm: GMM, x: Tensor, weight: Tensor | None, reg_covar: float, fixed_weights: bool,
-          chunk_size: int | None, features: QuadFeatures | None = None) -> tuple[GMM, Tensor]:
-    """One EM step; returns ``(F(θ, X), mean log-likelihood under θ [*B])`` (``features``: the fit's
-    cached quadratic features of ``x``, see :func:`imgmw.stats.quad_features`)."""
-    stats = accumulate_stats(gmm, x, weight, chunk_size, features)
-    return m_step(stats, gmm, reg_covar=reg_covar, fixed_weights=fixed_weights), stats.log_lik / stats.total
-
-
 def _check_gmm_matches(gmm: GMM, x: Tensor) -> None:
     if gmm.batch_shape != x.shape[:-2] or gmm.n_features != x.shape[-1]:
         raise ValueError(
@@ -106,7 +79,7 @@ def em_step(gmm: GMM, x: Tensor, *, mask: Tensor | None = None, sample_weight: T
     check_reg_covar(reg_covar)
     _check_gmm_matches(gmm, x)
     x, weight = point_weights(x, mask, sample_weight, 1)
-    return _step(gmm, x, weight, reg_covar, fixed_weights, chunk_size)[0]
+    return em_map(gmm, x, weight, reg_covar, fixed_weights, chunk_size)[0]
 
 
 def _freeze(done: Tensor, old: GMM, new: GMM) -> GMM:
@@ -184,7 +157,7 @@ def fit_gmm(x: Tensor, n_components: int, *, n_iter: int = 100, tol: float | Non
         features = quad_features(x, weight)  # φ(X) once per fit (small D), shared by every step
     for _ in range(n_free):
         with torch.set_grad_enabled(track and torch.is_grad_enabled()):
-            new, ll = _step(gmm, x, weight, reg_covar, fixed_weights, chunk_size, features)
+            new, ll = em_map(gmm, x, weight, reg_covar, fixed_weights, chunk_size, features)
             gmm = _freeze(done, gmm, new)
         steps = steps + (~done).long()
         if tol is not None:
@@ -213,9 +186,8 @@ def _last_step(gmm: GMM, x: Tensor, weight: Tensor | None, reg_covar: float, fix
     """The final, differentiable step of the ``one_step`` and ``implicit`` modes."""
     prev = gmm.detach()
     if grad == "one_step":
-        new, ll = _step(prev, x, weight, reg_covar, fixed_weights, chunk_size)
+        new, ll = em_map(prev, x, weight, reg_covar, fixed_weights, chunk_size)
     else:
-        from .implicit import implicit_em_fixed_point
 
         new, ll = implicit_em_fixed_point(prev, x, weight, reg_covar=reg_covar, fixed_weights=fixed_weights,
                                           chunk_size=chunk_size, **(implicit_options or {}))

@@ -41,7 +41,9 @@ from .em import em_step, fit_gmm
 from .flow import check_divergence
 from .gmm import GMM
 from .losses import relative_reg_covar
+from .metrics import random_directions, sliced_w2
 from .ot import mw2
+from .patches import extract_patches
 
 __all__ = ["DATASETS", "EM_MODES", "SampleData", "ring_of_gaussians", "load_samples", "make_generator",
            "MW2GeneratorTrainer", "generated_sliced_w2", "sample_grid", "save_checkpoint", "load_checkpoint"]
@@ -104,8 +106,6 @@ def load_samples(name: str, *, image: Tensor | None = None, patch: int = 4, n_tr
         return SampleData(ring_of_gaussians(n_train, generator=g, dtype=dtype, device=device),
                           ring_of_gaussians(n_test, generator=g, dtype=dtype, device=device), (2,))
     if name == "patches":
-        from .patches import extract_patches
-
         if not isinstance(image, Tensor) or image.dim() != 3 or image.shape[0] != 3:
             raise ValueError("image must be an RGB image tensor [3, H, W] for the 'patches' data set")
         points = extract_patches(image.to(device=device, dtype=dtype)[None], patch)[0]
@@ -324,8 +324,6 @@ def load_checkpoint(path: str | os.PathLike, map_location: torch.device | str | 
 def generated_sliced_w2(generated: Tensor, held_out: Tensor, *, n_proj: int = 128, seed: int = 0) -> float:
     """Sliced W2 (:func:`imgmw.metrics.sliced_w2`) between ``generated [m, D]`` and ``held_out [m, D]``
     along ``n_proj`` directions drawn from ``seed`` (:func:`imgmw.metrics.random_directions`), in float64."""
-    from .metrics import random_directions, sliced_w2
-
     theta = random_directions(n_proj, held_out.shape[-1], seed, device=held_out.device)
     return float(sliced_w2(generated.to(theta.dtype), held_out.to(theta.dtype), theta))
 

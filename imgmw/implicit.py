@@ -61,7 +61,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .em import _step
+from .mstep import em_map
 from .gmm import GMM
 
 __all__ = [
@@ -138,7 +138,7 @@ def phi_to_theta(phi: Tensor, n_components: int, n_features: int, weights: Tenso
 
 @dataclass(frozen=True)
 class _StepConfig:
-    """Static arguments of one EM step (see :func:`imgmw.em._step`)."""
+    """Static arguments of one EM step (see :func:`imgmw.mstep.em_map`)."""
 
     reg_covar: float
     fixed_weights: bool
@@ -149,7 +149,7 @@ def phi_step(phi: Tensor, x: Tensor, weight: Tensor | None, fixed: Tensor | None
              cfg: _StepConfig) -> Tensor:
     """``F̃(φ, X) = φ(F(θ(φ), X))`` ``[*B, p]``; ``fixed [*B, K]`` are the weights when they are fixed."""
     theta = phi_to_theta(phi, k, x.shape[-1], fixed)
-    new, _ = _step(theta, x, weight, cfg.reg_covar, cfg.fixed_weights, cfg.chunk_size)
+    new, _ = em_map(theta, x, weight, cfg.reg_covar, cfg.fixed_weights, cfg.chunk_size)
     return theta_to_phi(new, cfg.fixed_weights)
 
 
@@ -460,7 +460,7 @@ class _ImplicitEMStep(torch.autograd.Function):
     def forward(x: Tensor, weight: Tensor | None, w0: Tensor, m0: Tensor, s0: Tensor,
                 cfg: _ImplicitConfig) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         c = cfg.step
-        new, ll = _step(GMM(w0, m0, s0), x, weight, c.reg_covar, c.fixed_weights, c.chunk_size)
+        new, ll = em_map(GMM(w0, m0, s0), x, weight, c.reg_covar, c.fixed_weights, c.chunk_size)
         return new.weights.clone(), new.means, new.covariances, ll
 
     @staticmethod
@@ -510,7 +510,7 @@ def implicit_em_fixed_point(prev: GMM, x: Tensor, weight: Tensor | None = None, 
         callback: called with the :class:`AdjointSolveInfo` of every backward pass.
 
     Returns:
-        ``(GMM θ_T, mean log-likelihood [*B] under θ_{T−1})``, as :func:`imgmw.em._step`.
+        ``(GMM θ_T, mean log-likelihood [*B] under θ_{T−1})``, as :func:`imgmw.mstep.em_map`.
     """
     _check_options(solver, tol, max_iter)
     if callback is not None and not callable(callback):

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .gmm import GMM
 from .linalg import add_to_diagonal, symmetrize
+from .mstep import m_step
 from .stats import SMALL_D, SuffStats, chunk_bounds, quad_point_features, quad_stats_about, stats_from_resp
 
 __all__ = ["INIT_METHODS", "init_gmm", "kmeans_plus_plus", "data_moments"]
@@ -143,8 +144,6 @@ def init_gmm(x: Tensor, n_components: int, method: str = "kmeans++", *, weight: 
     See the module docstring for the methods. Weights are the assigned masses (use
     ``fixed_weights`` in :func:`imgmw.fit_gmm` for uniform ones).
     """
-    from .em import m_step  # local import: em imports this module
-
     with torch.no_grad():
         x = x.detach()
         mean, cov = data_moments(x, weight)

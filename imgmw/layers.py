@@ -51,7 +51,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .em import m_step
+from .mstep import m_step
 from .gmm import GMM
 from .linalg import add_to_diagonal
 from .stats import accumulate_stats, chunk_bounds, e_step

@@ -75,6 +75,7 @@ from .em import fit_gmm
 from .flow import refit_mw2, run_flow
 from .gmm import GMM
 from .losses import TARGET_ITER, TARGET_TOL, MW2Loss, fit_target, relative_reg_covar
+from .ot import mw2
 from .patches import gather_patches, gaussian_pyramid, patch_grid
 from .validation import check_choice
 
@@ -617,8 +618,6 @@ def style_distances(image: Tensor, model: StyleModel, extractor: FeatureExtracto
     :class:`StyleLoss`; ``fresh=True`` starts from k-means++ instead (best of three,
     :func:`imgmw.flow.refit_mw2`): the refit diagnostic of the loss.
     """
-    from .ot import mw2
-
     x = _as_batch(image, "image")[:1]
     extractor.check_size(*x.shape[-2:])
     generator = torch.Generator().manual_seed(seed)

@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .em import fit_gmm, m_step
+from .em import fit_gmm
+from .mstep import m_step
 from .gmm import GMM
 from .stats import accumulate_stats
 from .validation import check_points, check_reg_covar, point_weights
