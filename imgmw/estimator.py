@@ -1,11 +1,17 @@
 """A scikit-learn-compatible Gaussian-mixture estimator on top of the batched EM core.
 
 Accepts NumPy arrays or tensors ``[N, D]``; fitted attributes are NumPy arrays named as in
-``sklearn.mixture.GaussianMixture`` (full covariances).
+``sklearn.mixture.GaussianMixture`` (full covariances). The estimator contract is implemented here without
+importing scikit-learn (an optional dependency): ``get_params`` / ``set_params`` from the constructor's
+signature (so ``sklearn.base.clone``, ``GridSearchCV`` and pipelines work), ``__sklearn_is_fitted__``, the
+``"density_estimator"`` type, and a :class:`ConvergenceWarning` when a fit stops at ``max_iter`` (a subclass of
+scikit-learn's when it is installed, so filters written for scikit-learn apply).
 """
 from __future__ import annotations
 
+import inspect
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -15,11 +21,20 @@ from .em import fit_gmm
 from .gmm import GMM
 from .linalg import cholesky_inverse_transpose, safe_cholesky
 
-__all__ = ["GaussianMixture", "NotFittedError"]
+__all__ = ["GaussianMixture", "NotFittedError", "ConvergenceWarning"]
+
+try:  # scikit-learn is optional: subclass its warning when present, so its filters and tests see ours
+    from sklearn.exceptions import ConvergenceWarning as _SklearnConvergenceWarning
+except ImportError:  # pragma: no cover - exercised only without scikit-learn
+    _SklearnConvergenceWarning = UserWarning
 
 
 class NotFittedError(ValueError, AttributeError):
     """Raised when a method needs a fitted model (the same bases as scikit-learn's NotFittedError)."""
+
+
+class ConvergenceWarning(_SklearnConvergenceWarning):
+    """EM stopped at ``max_iter`` before its lower bound changed by less than ``tol``."""
 
 
 def _seed_generator(random_state, device: torch.device) -> torch.Generator:
@@ -33,6 +48,14 @@ def _seed_generator(random_state, device: torch.device) -> torch.Generator:
     else:
         raise ValueError(f"random_state must be None, an int or a numpy RandomState, got {random_state!r}")
     return gen
+
+
+def _same(a, b) -> bool:
+    """Whether a parameter equals its default (arrays compare by identity: defaults are ``None``)."""
+    try:
+        return bool(a is b or a == b)
+    except (TypeError, ValueError):  # arrays: ambiguous truth value
+        return False
 
 
 class GaussianMixture:
@@ -52,6 +75,7 @@ class GaussianMixture:
         (3,)
     """
 
+    _estimator_type = "DensityEstimator"
     _INIT = {"kmeans": "kmeans", "k-means++": "kmeans++", "kmeans++": "kmeans++", "random": "random",
              "random_from_data": "random_from_data"}
 
@@ -75,6 +99,39 @@ class GaussianMixture:
         self.fixed_weights = fixed_weights
         self.device = device
         self.dtype = dtype
+
+    # ----------------------------------------------------------------- estimator contract
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        return [name for name, p in inspect.signature(cls.__init__).parameters.items()
+                if name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+    def get_params(self, deep: bool = True) -> dict:
+        """The constructor's parameters and their current values (scikit-learn's ``get_params``)."""
+        return {name: getattr(self, name) for name in self._param_names()}
+
+    def set_params(self, **params) -> "GaussianMixture":
+        """Set constructor parameters by name; unknown names raise ValueError (scikit-learn's ``set_params``)."""
+        valid = set(self._param_names())
+        for name, value in params.items():
+            if name not in valid:
+                raise ValueError(f"invalid parameter {name!r} for GaussianMixture; valid ones: {sorted(valid)}")
+            setattr(self, name, value)
+        return self
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return hasattr(self, "means_")
+
+    def __sklearn_tags__(self):
+        """scikit-learn ≥ 1.6 reads the estimator type from tags (only scikit-learn calls this)."""
+        from sklearn.utils import Tags, TargetTags
+
+        return Tags(estimator_type="density_estimator", target_tags=TargetTags(required=False))
+
+    def __repr__(self) -> str:
+        defaults = {name: p.default for name, p in inspect.signature(type(self).__init__).parameters.items()}
+        changed = [f"{k}={v!r}" for k, v in self.get_params().items() if not _same(v, defaults.get(k))]
+        return f"GaussianMixture({', '.join(changed)})"
 
     # ----------------------------------------------------------------- helpers
     def _validate_params(self) -> None:
@@ -169,6 +226,9 @@ class GaussianMixture:
         self._store(result.gmm[best])
         self.converged_ = bool(result.converged[best])
         self.n_iter_ = int(result.n_iter[best])
+        if not self.converged_ and self.tol > 0:
+            warnings.warn(f"EM did not converge in max_iter={self.max_iter} steps (tol={self.tol:g}); raise max_iter "
+                          "or tol, or check the data", ConvergenceWarning, stacklevel=3)
         self.lower_bound_ = float(result.lower_bound[best])
         self.n_features_in_ = d
         return result.log_resp[best].argmax(-1).cpu().numpy()

@@ -6,6 +6,7 @@ imgmw's fitted parameters copied into a scikit-learn object for the scores and i
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -195,3 +196,50 @@ def test_bad_parameters_raise(kwargs, match):
     x = np.random.default_rng(0).normal(size=(10, 2))
     with pytest.raises(ValueError, match=match):
         GaussianMixture(**{"n_components": 2, **kwargs}).fit(x)
+
+
+def test_clone_get_set_params_and_repr():
+    from sklearn.base import clone
+
+    from imgmw import GaussianMixture as GM
+
+    gm = GM(3, random_state=0, max_iter=7, reg_covar=1e-4)
+    params = gm.get_params()
+    assert params["n_components"] == 3 and params["max_iter"] == 7 and params["device"] == "cpu"
+    twin = clone(gm)
+    assert twin is not gm and twin.get_params() == params and not hasattr(twin, "means_")
+    assert gm.set_params(n_components=2) is gm and gm.n_components == 2
+    with pytest.raises(ValueError, match="invalid parameter 'bogus'"):
+        gm.set_params(bogus=1)
+    assert repr(GM(3, random_state=0)) == "GaussianMixture(n_components=3, random_state=0)"
+
+
+def test_works_in_grid_search_and_pipelines():
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.utils.validation import check_is_fitted
+
+    from imgmw import GaussianMixture as GM
+
+    rng = np.random.RandomState(0)
+    x = np.concatenate([rng.randn(200, 2) * 0.3 - 2, rng.randn(200, 2) * 0.3 + 2])
+    search = GridSearchCV(GM(random_state=0), {"n_components": [1, 2, 3]}, cv=3).fit(x)
+    assert search.best_params_["n_components"] >= 2              # two clear clusters: K=1 scores worse
+    pipe = make_pipeline(StandardScaler(), GM(2, random_state=0)).fit(x)
+    check_is_fitted(pipe[-1])
+    assert pipe.score(x) > GM(1, random_state=0).fit(StandardScaler().fit_transform(x)).score(
+        StandardScaler().fit_transform(x))
+
+
+def test_stopping_at_max_iter_warns_like_scikit_learn():
+    from sklearn.exceptions import ConvergenceWarning as SklearnWarning
+
+    from imgmw import GaussianMixture as GM
+
+    x = np.random.RandomState(1).randn(300, 2)
+    with pytest.warns(SklearnWarning, match="max_iter=1"):
+        GM(3, max_iter=1, random_state=0).fit(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GM(3, max_iter=200, random_state=0).fit(x)                 # converges: no warning
