@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=positive_float, default=None,
                    help="step size (default: adam 0.03, decayed linearly to 0 over --iters; lbfgs 1)")
     p.add_argument("--tileable", action="store_true", help="periodic synthesis: the output tiles seamlessly")
+    p.add_argument("--stages", type=positive_int, default=1,
+                   help="coarse-to-fine stages: 40%% of --iters at 1/2^(N-1) of the size, the rest shared by the "
+                        "larger sizes (see imgmw.texture and the README's structure table)")
     p.add_argument("--fixed-weights", action="store_true",
                    help="keep uniform mixture weights (the paper's choice; collapses more often, see imgmw.texture)")
     add_common_args(p, PROG, iters=DEFAULT_ITERS)
@@ -215,7 +218,8 @@ def _metrics(args: argparse.Namespace, size: tuple[int, int], exemplars, result,
             "exemplar": [str(p) for p in args.exemplar], "mix": args.mix,
             "exemplar_size": [list(e.shape[-2:]) for e in exemplars], "size": list(size),
             "patch": args.patch, "k": args.k, "scales": result.n_scales, "n_patches": args.n_patches,
-            "iters": args.iters, "optimizer": args.optimizer, "lr": args.lr, "tileable": args.tileable,
+            "iters": args.iters, "stages": args.stages, "optimizer": args.optimizer, "lr": args.lr,
+            "tileable": args.tileable,
             "fixed_weights": args.fixed_weights, "seed": args.seed, "device": str(device),
         },
         "timings": {
@@ -268,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 [e.to(device) for e in exemplars], size, patch=args.patch, n_components=args.k,
                 n_scales=args.scales, n_patches=args.n_patches, iters=args.iters, lr=args.lr,
                 optimizer=args.optimizer, periodic=args.tileable, mix=args.mix, fixed_weights=args.fixed_weights,
-                generator=generator, callback=callback)
+                stages=args.stages, generator=generator, callback=callback)
         finally:
             bar.close()
         image, init = result.image.cpu(), result.init.cpu()

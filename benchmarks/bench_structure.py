@@ -62,8 +62,9 @@ def main() -> None:
               f"{near_copy_fraction(crop, exemplar):7.3f} {patch_sliced_w2(crop, exemplar):9.4f}")
         for label, kwargs in configs.items():
             t0 = time.perf_counter()
-            result = synthesize_texture(exemplar, (args.size, args.size), iters=args.iters, diagnose=False,
-                                        generator=torch.Generator().manual_seed(0), **kwargs).image
+            settings = {"iters": args.iters} | kwargs
+            result = synthesize_texture(exemplar, (args.size, args.size), diagnose=False,
+                                        generator=torch.Generator().manual_seed(0), **settings).image
             seconds = time.perf_counter() - t0
             print(f"{name:9s} {label:28s} {seconds:7.1f} {structure_distance(result, exemplar):10.4f} "
                   f"{near_copy_fraction(result, exemplar):7.3f} {patch_sliced_w2(result, exemplar):9.4f}", flush=True)

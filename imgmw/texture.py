@@ -51,6 +51,7 @@ TARGET_ITERS = 150            # maximum EM steps of each target fit (k-means++ s
 MIN_WEIGHT = 0.05             # learned weights below MIN_WEIGHT / K trigger a re-seed (imgmw.warm.FitPolicy)
 TEXTURE_POLICY = FitPolicy(min_weight=MIN_WEIGHT)  # the synthesis's default fit keeping
 DEFAULT_PATCHES = 2048        # patches drawn per scale per optimiser step
+COARSE_SHARE = 0.4  # synthesize_texture(stages > 1): fraction of the steps spent at the coarsest size
 ADAM_LR = 0.03                # initial Adam step (decayed linearly to 0), see synthesize_texture
 EIG_FLOOR = 1e-10             # relative eigenvalue floor of the colour pseudo-inverse square root
 
@@ -466,14 +467,27 @@ class SynthesisResult:
 def synthesize_texture(exemplar: Tensor | Sequence[Tensor], size: tuple[int, int], *, patch: int = 4,
                        n_components: int = 4, n_scales: int | None = None, n_patches: int = DEFAULT_PATCHES,
                        iters: int = 300, lr: float | None = None, optimizer: str = "adam", periodic: bool = False,
-                       mix: Sequence[float] | Tensor | None = None,
+                       mix: Sequence[float] | Tensor | None = None, init: Tensor | None = None, stages: int = 1,
                        fixed_weights: bool = False, policy: FitPolicy | None = TEXTURE_POLICY,
                        diagnose: bool = True, generator: torch.Generator | None = None,
                        callback: Callable[[int, Tensor, Tensor], None] | None = None) -> SynthesisResult:
     """Synthesise an ``H × W`` texture like ``exemplar`` by minimising :class:`PatchMW2Loss`.
 
     ``exemplar`` may be a list with ``mix`` weights (texture mixing, see :class:`PatchMW2Loss`); the noise
-    start then has the colour statistics of the exemplar with the largest weight.
+    start then has the colour statistics of the exemplar with the largest weight. ``init`` (``[3, H, W]``)
+    replaces the noise start (e.g. an upsampled coarser synthesis).
+
+    ``stages > 1`` synthesises coarse to fine: ``iters`` steps in all, ``COARSE_SHARE`` of them at
+    ``1/2^(stages−1)`` of the output size against
+    the exemplars reduced as much (:func:`imgmw.patches.gaussian_pyramid`; the pyramid depth of each coarser
+    stage by the default rule), the result upsampled (bilinear; circularly padded when ``periodic``) as the
+    next stage's start, up to the full size (``n_scales`` there); the other stages share the remaining steps
+    equally. Long structures are laid out where a 4×4 patch sees them, then refined (measured in
+    ``benchmarks/bench_structure.py``; the README's texture section). Giving the full-size stage as many
+    steps as the coarse one undid part of the layout (veins: structure distance 0.060 with 200/150/150
+    steps, 0.067 with 300/300/300). The result's ``losses``, ``init``,
+    ``n_scales``, ``refit_mw2`` and ``fit`` are the final stage's; ``seconds`` and ``setup_seconds`` add up
+    the stages; ``callback`` steps count on across stages.
 
     The pixels start at :func:`gaussian_random_field` (``periodic`` as requested) clamped to [0, 1] and
     are optimised by Adam (``lr`` default 0.03, decayed linearly to 0 over ``iters`` steps) or L-BFGS
@@ -495,6 +509,63 @@ def synthesize_texture(exemplar: Tensor | Sequence[Tensor], size: tuple[int, int
     constant 0.02 turns the pixels noisy (the finest scale's loss rises).
     """
     images, lam = _exemplar_list(exemplar, mix)
+    height, width = _check_size(size)
+    if not isinstance(stages, int) or stages < 1:
+        raise ValueError(f"stages must be an integer >= 1, got {stages!r}")
+    _positive_int("iters", iters)
+    common = dict(patch=patch, n_components=n_components, n_patches=n_patches, lr=lr,
+                  optimizer=optimizer, periodic=periodic, mix=lam, fixed_weights=fixed_weights, policy=policy,
+                  generator=generator)
+    pyramids = [gaussian_pyramid(img, stages) for img in images]
+    steps = _stage_steps(iters, stages)
+    result, seconds, setup = None, 0.0, 0.0
+    for stage in range(stages):
+        factor = 2 ** (stages - 1 - stage)
+        shape = (max(1, height // factor), max(1, width // factor))
+        start = init if stage == 0 else _upsample(result.image, shape, periodic)
+        if stage == 0 and init is not None and factor > 1:
+            start = _upsample(_as_image(init, "init")[0], shape, periodic)
+        hook = None if callback is None else (
+            lambda step, image, per_scale, offset=sum(steps[:stage]): callback(offset + step, image, per_scale))
+        result = _synthesize_once([p[stages - 1 - stage] for p in pyramids], shape, init=start, iters=steps[stage],
+                                  n_scales=n_scales if factor == 1 else None,
+                                  diagnose=diagnose and factor == 1, callback=hook, **common)
+        seconds, setup = seconds + result.seconds, setup + result.setup_seconds
+    result.seconds, result.setup_seconds = seconds, setup
+    return result
+
+
+def _stage_steps(iters: int, stages: int) -> list[int]:
+    """``iters`` split over the stages, coarsest first: ``COARSE_SHARE`` to the coarsest stage, the rest in equal
+    parts (at least one step each)."""
+    if stages == 1:
+        return [iters]
+    first = max(1, round(COARSE_SHARE * iters))
+    rest = [max(1, (iters - first) // (stages - 1))] * (stages - 1)
+    rest[-1] += max(0, iters - first - sum(rest))
+    return [first, *rest]
+
+
+def _upsample(image: Tensor, shape: tuple[int, int], periodic: bool) -> Tensor:
+    """``image [3, h, w]`` resized to ``shape`` bilinearly; periodic images wrap (one pixel of circular padding)."""
+    x = image[None]
+    if not periodic:
+        return torch.nn.functional.interpolate(x, size=shape, mode="bilinear", align_corners=False)[0].clamp(0, 1)
+    h, w = x.shape[-2:]
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="circular")
+    big = torch.nn.functional.interpolate(padded, scale_factor=(shape[0] / h, shape[1] / w), mode="bilinear",
+                                          align_corners=False)
+    top, left = round(shape[0] / h), round(shape[1] / w)
+    return big[0, :, top:top + shape[0], left:left + shape[1]].clamp(0, 1)
+
+
+def _synthesize_once(images: list[Tensor], size: tuple[int, int], *, patch: int, n_components: int,
+                     n_scales: int | None, n_patches: int, iters: int, lr: float | None, optimizer: str,
+                     periodic: bool, mix: list[float], fixed_weights: bool, policy: FitPolicy | None,
+                     diagnose: bool, generator: torch.Generator | None,
+                     callback: Callable[[int, Tensor, Tensor], None] | None, init: Tensor | None) -> SynthesisResult:
+    """One synthesis at one size (the body of :func:`synthesize_texture`)."""
+    images, lam = _exemplar_list(images, mix)
     u = images[max(range(len(lam)), key=lam.__getitem__)]  # the noise start: the heaviest exemplar's field
     height, width = _check_size(size)
     check_choice("optimizer", optimizer, OPTIMIZERS)
@@ -511,7 +582,13 @@ def synthesize_texture(exemplar: Tensor | Sequence[Tensor], size: tuple[int, int
     start = time.perf_counter()
     loss_fn = PatchMW2Loss(images, patch, n_components, n_scales, n_patches, periodic, generator, mix=lam,
                            fixed_weights=fixed_weights, policy=policy)
-    init = gaussian_random_field(u, (height, width), periodic=periodic, generator=generator).clamp(0, 1)
+    if init is None:
+        init = gaussian_random_field(u, (height, width), periodic=periodic, generator=generator).clamp(0, 1)
+    else:
+        init = _as_image(init, "init")[0].detach().to(u).clamp(0, 1)
+        if tuple(init.shape[-2:]) != (height, width):
+            raise ValueError(f"init must be an image of the output size {height}x{width}, got "
+                             f"{tuple(init.shape[-2:])}")
     grey = all(_is_grey(img) for img in images)
     x0 = (init[:1] if grey else init).unsqueeze(0)   # [1, 1 or 3, H, W]
     setup = time.perf_counter() - start

@@ -301,3 +301,21 @@ def test_mixed_synthesis_is_deterministic_for_a_seed():
     runs = [synthesize_texture([a, b], (32, 32), mix=[0.3, 0.7], iters=5, n_scales=1,
                                generator=torch.Generator().manual_seed(4)).image for _ in range(2)]
     torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+
+
+def test_coarse_to_fine_stages_run_every_size_and_count_steps_on():
+    from imgmw.image import load_image
+
+    ex = load_image(Path(__file__).resolve().parents[1] / "data" / "bricks.png")[:, :64, :64]
+    steps, shapes = [], []
+    result = synthesize_texture(ex, (32, 48), stages=2, iters=3, n_scales=1, diagnose=False,
+                                generator=torch.Generator().manual_seed(0),
+                                callback=lambda step, image, _: (steps.append(step), shapes.append(image.shape)))
+    assert result.image.shape == (3, 32, 48) and result.init.shape == (3, 32, 48)
+    assert steps == list(range(3))                                  # 3 steps in all: 1 coarse, 2 fine
+    assert shapes[0][-2:] == (16, 24) and shapes[-1][-2:] == (32, 48)
+    tiled = synthesize_texture(ex, (32, 32), stages=2, iters=2, n_scales=1, periodic=True, diagnose=False,
+                               generator=torch.Generator().manual_seed(0))
+    assert tiled.image.shape == (3, 32, 32)
+    with pytest.raises(ValueError, match="stages"):
+        synthesize_texture(ex, (32, 32), stages=0, iters=2)
