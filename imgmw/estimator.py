@@ -202,11 +202,23 @@ class GaussianMixture:
     # ----------------------------------------------------------------- fitting
     def fit(self, X, y=None) -> "GaussianMixture":
         """Fit by EM (``n_init`` restarts run as one batched fit; the best lower bound is kept)."""
-        self.fit_predict(X, y)
+        self._fit(X)
+        self._warn_if_not_converged()
         return self
 
     def fit_predict(self, X, y=None) -> np.ndarray:
         """Fit and return the labels of ``X`` under the final parameters (equals ``fit(X).predict(X)``)."""
+        labels = self._fit(X)
+        self._warn_if_not_converged()
+        return labels
+
+    def _warn_if_not_converged(self) -> None:
+        if not self.converged_ and self.tol > 0:  # stacklevel 3: the caller of fit / fit_predict
+            warnings.warn(f"EM did not converge in max_iter={self.max_iter} steps (tol={self.tol:g}); raise max_iter "
+                          "or tol, or check the data", ConvergenceWarning, stacklevel=3)
+
+    def _fit(self, X) -> np.ndarray:
+        """The fit; returns the labels of ``X``."""
         self._validate_params()
         x = self._tensor(X, match_fitted=self.warm_start)  # a cold refit may change the feature count
         n, d = x.shape
@@ -226,9 +238,6 @@ class GaussianMixture:
         self._store(result.gmm[best])
         self.converged_ = bool(result.converged[best])
         self.n_iter_ = int(result.n_iter[best])
-        if not self.converged_ and self.tol > 0:
-            warnings.warn(f"EM did not converge in max_iter={self.max_iter} steps (tol={self.tol:g}); raise max_iter "
-                          "or tol, or check the data", ConvergenceWarning, stacklevel=3)
         self.lower_bound_ = float(result.lower_bound[best])
         self.n_features_in_ = d
         return result.log_resp[best].argmax(-1).cpu().numpy()

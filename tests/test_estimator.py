@@ -53,6 +53,7 @@ def test_estimator_converged_and_n_iter_match_sklearn(sklearn_fit, close_rel):
     close_rel(gm.means_, sk.means_, 1e-8, "means_")
 
 
+@pytest.mark.filterwarnings("ignore::imgmw.estimator.ConvergenceWarning")  # max_iter=2 stops early on purpose
 def test_fit_predict_equals_fit_then_predict(blobs):
     x = blobs(200, 3, 2, seed=21, spread=1.5)
     for max_iter, tol in ((2, 1e-3), (100, 1e-3), (5, 0.0)):
@@ -238,8 +239,9 @@ def test_stopping_at_max_iter_warns_like_scikit_learn():
     from imgmw import GaussianMixture as GM
 
     x = np.random.RandomState(1).randn(300, 2)
-    with pytest.warns(SklearnWarning, match="max_iter=1"):
+    with pytest.warns(SklearnWarning, match="max_iter=1") as record:
         GM(3, max_iter=1, random_state=0).fit(x)
+    assert record[0].filename == __file__                           # reported at the caller's line
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         GM(3, max_iter=200, random_state=0).fit(x)                 # converges: no warning
