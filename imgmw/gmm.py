@@ -60,6 +60,14 @@ class GMM:
     covariances: Tensor
     _cache: dict = field(default_factory=dict, repr=False)
 
+    @classmethod
+    def from_cholesky(cls, weights: Tensor, means: Tensor, cholesky: Tensor) -> "GMM":
+        """The mixture with covariances ``L Lᵀ`` for lower-triangular ``cholesky [*B, K, D, D]``, keeping ``L`` as
+        its Cholesky factor (no refactorisation, and gradients flow through ``L`` as given)."""
+        gmm = cls(weights, means, cholesky @ cholesky.mT)
+        gmm._cache["chol"] = cholesky
+        return gmm
+
     def __post_init__(self) -> None:
         w, m, c = self.weights, self.means, self.covariances
         if m.dim() < 2:
@@ -128,10 +136,11 @@ class GMM:
 
     def log_prob(self, x: Tensor) -> Tensor:
         """Mixture log-density ``log Σ_k w_k N(x_n | m_k, Σ_k)`` for ``x [*B, N, D]``; returns ``[*B, N]``."""
-        self._check_points(x)
+        self.validate_points(x)
         return torch.logsumexp(self.component_log_prob(x), dim=-1)
 
-    def _check_points(self, x: Tensor) -> None:
+    def validate_points(self, x: Tensor) -> None:
+        """ValueError unless ``x`` is ``[*B, N, D]`` with this mixture's ``D`` and finite values."""
         if x.dim() < 2 or x.shape[-1] != self.n_features:
             raise ValueError(f"points must be [*B, N, {self.n_features}], got shape {tuple(x.shape)}")
         if not bool(torch.isfinite(x).all()):

@@ -131,9 +131,7 @@ def phi_to_theta(phi: Tensor, n_components: int, n_features: int, weights: Tenso
     tri = phi[..., start + k * d:start + k * d + k * n_tri].unflatten(-1, (k, n_tri))
     flat = tri.new_zeros(*tri.shape[:-1], d * d).index_copy(-1, _tril_index(d, phi.device), tri)
     chol = flat.unflatten(-1, (d, d))
-    gmm = GMM(weights, means, chol @ chol.mT)
-    gmm._cache["chol"] = chol
-    return gmm
+    return GMM.from_cholesky(weights, means, chol)
 
 
 @dataclass(frozen=True)

@@ -294,7 +294,7 @@ def e_step(gmm: GMM, x: Tensor, chunk_size: int | None = None,
         ``(log_resp [*B, N, K], log_prob [*B, N])`` with ``log_resp_nk = log w_k + log N(x_n|m_k,Σ_k) −
         log p(x_n)`` and ``log_prob_n = log p(x_n)`` (log-sum-exp over components).
     """
-    gmm._check_points(x)
+    gmm.validate_points(x)
     d = gmm.n_features
     quad = d <= SMALL_D
     if quad:

@@ -195,3 +195,15 @@ def test_every_lazy_export_resolves():
 
     for name in imgmw.__all__:
         assert getattr(imgmw, name) is not None, name
+
+
+def test_from_cholesky_keeps_the_factor_and_its_gradient():
+    g = torch.Generator().manual_seed(0)
+    chol = torch.linalg.cholesky(torch.eye(3, dtype=torch.float64) * 2 + 0.1).expand(2, 3, 3).clone()
+    chol.requires_grad_(True)
+    gmm = GMM.from_cholesky(torch.tensor([0.3, 0.7], dtype=torch.float64), torch.randn(2, 3, generator=g,
+                                                                                        dtype=torch.float64), chol)
+    assert gmm.cholesky is chol
+    torch.testing.assert_close(gmm.covariances, chol @ chol.mT)
+    gmm.log_det_covariances.sum().backward()
+    torch.testing.assert_close(chol.grad, torch.diag_embed(2 / torch.diagonal(chol.detach(), dim1=-2, dim2=-1)))
