@@ -370,8 +370,8 @@ def transfer_colours(source: Tensor, target: Tensor, *, method: str = "flow", co
         method: ``"flow"``, ``"unbalanced"`` or ``"map"``.
         colorspace: ``"lab"``, ``"rgb"`` or ``"linear"``: where the GMMs live and the flow moves colours.
         k: mixture components on both sides.
-        iters, lr, optimizer: steps, step size and step rule of the flows (see :func:`colour_flow`;
-            colours are scaled to O(1) in every space).
+        iters, lr, optimizer, max_step: steps, step size, step rule and per-colour step cap of the flows (see
+            :func:`colour_flow`; colours are scaled to O(1) in every space).
         max_colors: bound on the palette size of the flows (see the module doc).
         unbalanced: ``(λ_source, λ_target)`` of the unbalanced method.
         map_method: ``"bary"`` or ``"rand"`` for ``method="map"``.
