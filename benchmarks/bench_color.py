@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parent.parent / "data"
+REPEATS = 5  # the 1-megapixel timing is the best of this many runs (a shared, noisy VM)
 PAIRS = [("coffee.jpg", "rocket.jpg"), ("astronaut.jpg", "chelsea.jpg"), ("chelsea.jpg", "hubble.png")]
 
 
@@ -143,11 +144,11 @@ def main() -> None:
     source, target = load_image(DATA / "coffee.jpg"), load_image(DATA / "rocket.jpg")
     big = F.interpolate(source[None], size=(816, 1224), mode="bilinear", align_corners=False)[0].clamp(0, 1)
     best = None
-    for _ in range(3):
+    for _ in range(REPEATS):
         t0 = time.perf_counter()
         METHODS[DEFAULT](big, target)
         best = time.perf_counter() - t0 if best is None else min(best, time.perf_counter() - t0)
-    print(f"\n1-megapixel {DEFAULT} ({big.shape[-1]}x{big.shape[-2]}): {best:.2f} s (best of 3) on "
+    print(f"\n1-megapixel {DEFAULT} ({big.shape[-1]}x{big.shape[-2]}): {best:.2f} s (best of {REPEATS}) on "
           f"{torch.get_num_threads()} threads (target <= 1.5 s)")
     rows.append({"pair": "1MP coffee->rocket", "method": DEFAULT, "seconds": best})
     if args.json:

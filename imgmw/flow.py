@@ -204,9 +204,11 @@ def _step(var: Tensor, objective: Objective, t: int, lr: float, opt: torch.optim
             delta = lr * grad if inv_mass is None else lr * inv_mass * grad
             if precondition is not None:
                 delta = precondition(delta)
-            if max_step is not None:  # ‖δ‖ as top · ‖δ / top‖: no overflow for huge steps
-                top = delta.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(delta.dtype).tiny)
-                norm = top * torch.linalg.vector_norm(delta / top, dim=-1, keepdim=True)
+            if max_step is not None:
+                norm = torch.linalg.vector_norm(delta, dim=-1, keepdim=True)
+                if not bool(torch.isfinite(norm).all()):  # ‖δ‖² overflowed (a huge lr): top · ‖δ / top‖
+                    top = delta.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(delta.dtype).tiny)
+                    norm = top * torch.linalg.vector_norm(delta / top, dim=-1, keepdim=True)
                 delta = delta * (max_step / norm.clamp_min(max_step))
             var -= delta
         return value
