@@ -51,8 +51,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .mstep import m_step
 from .gmm import GMM
+from .mstep import m_step
 from .linalg import add_to_diagonal
 from .stats import accumulate_stats, chunk_bounds, e_step
 from .validation import check_points, check_reg_covar, point_weights

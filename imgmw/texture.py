@@ -522,9 +522,9 @@ def synthesize_texture(exemplar: Tensor | Sequence[Tensor], size: tuple[int, int
     for stage in range(stages):
         factor = 2 ** (stages - 1 - stage)
         shape = (max(1, height // factor), max(1, width // factor))
-        start = init if stage == 0 else _upsample(result.image, shape, periodic)
+        start = init if stage == 0 else _resize_image(result.image, shape, periodic)
         if stage == 0 and init is not None and factor > 1:
-            start = _upsample(_as_image(init, "init")[0], shape, periodic)
+            start = _resize_image(_as_image(init, "init")[0], shape, periodic)
         hook = None if callback is None else (
             lambda step, image, per_scale, offset=sum(steps[:stage]): callback(offset + step, image, per_scale))
         result = _synthesize_once([p[stages - 1 - stage] for p in pyramids], shape, init=start, iters=steps[stage],
@@ -546,8 +546,9 @@ def _stage_steps(iters: int, stages: int) -> list[int]:
     return [first, *rest]
 
 
-def _upsample(image: Tensor, shape: tuple[int, int], periodic: bool) -> Tensor:
-    """``image [3, h, w]`` resized to ``shape`` bilinearly; periodic images wrap (one pixel of circular padding)."""
+def _resize_image(image: Tensor, shape: tuple[int, int], periodic: bool) -> Tensor:
+    """``image [3, h, w]`` resized to ``shape`` bilinearly (a stage's start from the previous stage's result, or a
+    given ``init`` brought to the first stage's size); periodic images wrap (one pixel of circular padding)."""
     x = image[None]
     if not periodic:
         return torch.nn.functional.interpolate(x, size=shape, mode="bilinear", align_corners=False)[0].clamp(0, 1)

@@ -38,8 +38,8 @@ import torch
 from torch import Tensor, nn
 
 from .em import fit_gmm
-from .mstep import m_step
 from .gmm import GMM
+from .mstep import m_step
 from .stats import accumulate_stats
 from .validation import check_points, check_reg_covar, point_weights
 
