@@ -43,6 +43,8 @@ DEFAULT_ITERS = 300
 # 2.9× / 3.5×. Only p=4 fits the 60 s budget of a default 256×256 run.
 MAX_PATCH = 16      # D = 3·p² = 768: the paper's practical limit for full covariances is D ≈ 1000
 MAX_SIDE = 4096     # output side cap: a 4096² synthesis already needs a few GB with the optimiser's state
+FLAG_NAMES = {"n_components": "--k", "n_patches": "--n-patches", "patch": "--patch", "n_scales": "--scales",
+              "output": "--size"}  # check_patch_counts's messages in this app's words
 METRIC_PATCH = 4    # patch sliced-W2 in metrics.json always uses 4×4 patches, so runs compare
 
 
@@ -97,21 +99,6 @@ def _check_args(args: argparse.Namespace) -> tuple[int, int]:
         if not all(math.isfinite(w) and w >= 0 for w in args.mix) or sum(args.mix) <= 0:
             raise AppError(f"--mix weights must be finite, >= 0 and not all zero, got {args.mix}")
     return size
-
-
-def _check_counts(args: argparse.Namespace, exemplar_hw: tuple[int, int], size: tuple[int, int], n_scales: int) -> None:
-    """``--k`` against ``--n-patches`` and the patch positions of every scale, before the fits, in flag words."""
-    from imgmw.texture import patch_positions
-
-    if args.n_patches < args.k:
-        raise AppError(f"--n-patches {args.n_patches} is below --k {args.k}: each scale's fit needs at least one "
-                       "patch per component; raise --n-patches or lower --k")
-    for name, hw, wrap in (("exemplar", exemplar_hw, False), ("output", size, args.tileable)):
-        for h, w, count in patch_positions(hw, args.patch, n_scales, wrap):
-            if count < args.k:
-                raise AppError(f"--k {args.k} is more than the {count} positions of {args.patch}x{args.patch} "
-                               f"patches on the {name}'s {h}x{w} level; lower --k or --patch, set fewer --scales "
-                               f"or use a larger {'exemplar' if name == 'exemplar' else '--size'}")
 
 
 def _progress(args: argparse.Namespace, out_dir: Path):
@@ -253,15 +240,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from imgmw.image import load_image, save_image
     from imgmw.metrics import seam_energy
-    from imgmw.texture import ADAM_LR, DEFAULT_PATCHES, synthesize_texture, texture_n_scales
+    from imgmw.texture import ADAM_LR, DEFAULT_PATCHES, check_patch_counts, synthesize_texture, texture_n_scales
 
     device = resolve_device(args.device)
     exemplars = [load_image(path) for path in args.exemplar]
     hw = (min(e.shape[-2] for e in exemplars), min(e.shape[-1] for e in exemplars))
     n_scales = texture_n_scales(hw, size, args.patch, args.scales)  # too small: ValueError
     args.n_patches = args.n_patches or DEFAULT_PATCHES
-    for exemplar in exemplars:
-        _check_counts(args, tuple(exemplar.shape[-2:]), size, n_scales)
+    for exemplar in exemplars:  # before the fits, in flag words
+        check_patch_counts(tuple(exemplar.shape[-2:]), size, args.patch, n_scales, args.k, args.n_patches,
+                           args.tileable, names=FLAG_NAMES)
     args.lr = args.lr or (ADAM_LR if args.optimizer == "adam" else 1.0)
     generator = torch.Generator().manual_seed(args.seed)
 

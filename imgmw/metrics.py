@@ -336,14 +336,15 @@ def nearest_patch_rms(result: Tensor, exemplar: Tensor, patch: int = STRUCTURE_P
         best = torch.full((n,), math.inf, dtype=torch.float64, device=q.device)
         where = torch.zeros(n, dtype=torch.long, device=q.device)
         rows, cols = patch_grid(*b.shape[-2:], patch)
+        b64 = b[None].double()
         for start in range(0, rows * cols, chunk):
             pos = torch.arange(start, min(start + chunk, rows * cols), device=b.device)
-            e = gather_patches(b[None].double(), patch, pos)[0]                         # [c, 3p²]
+            e = gather_patches(b64, patch, pos)[0]                                      # [c, 3p²]
             value, index = (q_sq + e.square().sum(-1)[None] - 2 * q @ e.T).min(-1)
             closer = value < best
             best, where = torch.where(closer, value, best), torch.where(closer, pos[index], where)
         # the distance to the nearest patch recomputed directly: exact (0 for a copy), no cancellation
-        nearest = gather_patches(b[None].double(), patch, where)[0]
+        nearest = gather_patches(b64, patch, where)[0]
         dist = (q - nearest).square().mean(-1).sqrt()
         if not with_contrast:
             return dist

@@ -142,19 +142,24 @@ def patch_positions(hw: tuple[int, int], patch: int, n_scales: int, periodic: bo
 
 
 def check_patch_counts(exemplar_hw: tuple[int, int], output_hw: tuple[int, int], patch: int, n_scales: int,
-                       n_components: int, n_patches: int, periodic: bool = False) -> None:
+                       n_components: int, n_patches: int, periodic: bool = False, *,
+                       names: dict[str, str] | None = None) -> None:
     """ValueError, before any fit, when a scale cannot supply ``n_components`` patches: ``n_patches`` below
     ``n_components`` (each output fit draws ``n_patches`` patches), or a level of the exemplar or of the
-    output with fewer patch positions than components. Messages name the parameters."""
+    output with fewer patch positions than components. Messages name the parameters as ``names`` maps them
+    (e.g. ``{"n_components": "--k"}`` for a command line; default: the parameter names)."""
+    name = {"n_components": "n_components", "n_patches": "n_patches", "patch": "patch", "n_scales": "n_scales",
+            "exemplar": "exemplar", "output": "output"} | (names or {})
+    k, n = name["n_components"], name["n_patches"]
     if n_patches < n_components:
-        raise ValueError(f"n_patches={n_patches} is below n_components={n_components}: every scale's output fit "
-                         "needs at least one patch per component")
-    for name, hw, wrap in (("exemplar", exemplar_hw, False), ("output", output_hw, periodic)):
-        for s, (h, w, count) in enumerate(patch_positions(hw, patch, n_scales, wrap)):
+        raise ValueError(f"{n} {n_patches} is below {k} {n_components}: every scale's output fit needs at least "
+                         f"one patch per component; raise {n} or lower {k}")
+    for what, hw, wrap in (("exemplar", exemplar_hw, False), ("output", output_hw, periodic)):
+        for h, w, count in patch_positions(hw, patch, n_scales, wrap):
             if count < n_components:
-                raise ValueError(f"the {name}'s level {s} ({h}x{w}) has {count} positions for {patch}x{patch} "
-                                 f"patches, fewer than n_components={n_components}: lower n_components, the "
-                                 f"patch size or the number of scales, or use a larger {name}")
+                raise ValueError(f"{k} {n_components} is more than the {count} positions of {patch}x{patch} "
+                                 f"patches on the {what}'s {h}x{w} level; lower {k} or {name['patch']}, use "
+                                 f"fewer {name['n_scales']} or a larger {name[what]}")
 
 
 # ---------------------------------------------------------------------------------- Gaussian random field
@@ -483,9 +488,9 @@ def synthesize_texture(exemplar: Tensor | Sequence[Tensor], size: tuple[int, int
     stage by the default rule), the result upsampled (bilinear; circularly padded when ``periodic``) as the
     next stage's start, up to the full size (``n_scales`` there); the other stages share the remaining steps
     equally. Long structures are laid out where a 4×4 patch sees them, then refined (measured in
-    ``benchmarks/bench_structure.py``; the README's texture section). Giving the full-size stage as many
-    steps as the coarse one undid part of the layout (veins: structure distance 0.060 with 200/150/150
-    steps, 0.067 with 300/300/300). The result's ``losses``, ``init``,
+    ``benchmarks/bench_structure.py``, the README's texture section: with 300 steps in all, the structure
+    distance fell on all three drawn exemplars; single-seed numbers that move by several per cent with the
+    seed). The result's ``losses``, ``init``,
     ``n_scales``, ``refit_mw2`` and ``fit`` are the final stage's; ``seconds`` and ``setup_seconds`` add up
     the stages; ``callback`` steps count on across stages.
 

@@ -319,3 +319,13 @@ def test_coarse_to_fine_stages_run_every_size_and_count_steps_on():
     assert tiled.image.shape == (3, 32, 32)
     with pytest.raises(ValueError, match="stages"):
         synthesize_texture(ex, (32, 32), stages=0, iters=2)
+
+
+def test_check_patch_counts_names_parameters_or_flags():
+    from imgmw.texture import check_patch_counts
+
+    with pytest.raises(ValueError, match="n_patches 2 is below n_components 4"):
+        check_patch_counts((64, 64), (64, 64), 4, 2, 4, 2)
+    with pytest.raises(ValueError, match=r"--k 50 is more than the 25 positions .* output's 8x8 level"):
+        check_patch_counts((64, 64), (32, 32), 4, 3, 50, 100, names={"n_components": "--k"})
+    check_patch_counts((64, 64), (32, 32), 4, 3, 25, 100)                   # exactly enough: no error
