@@ -22,12 +22,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .distributed import all_reduce_sum, check_process_group, check_same_problem, check_same_tensor
 from .gmm import GMM
 from .implicit import implicit_em_fixed_point
 from .init import INIT_METHODS, init_gmm
 from .mstep import em_map, m_step
 from .stats import e_step, quad_features
-from .validation import check_choice, check_points, check_reg_covar, point_weights
+from .validation import check_choice, check_points, check_reg_covar, check_valid_counts, point_weights, valid_counts
 
 __all__ = ["EMResult", "GRAD_MODES", "m_step", "em_step", "fit_gmm", "e_step"]
 
@@ -90,15 +91,18 @@ def _freeze(done: Tensor, old: GMM, new: GMM) -> GMM:
 
 
 def _initial_gmm(x: Tensor, weight: Tensor | None, n_components: int, init: str | GMM, fixed_weights: bool,
-                 reg_covar: float, generator: torch.Generator | None, chunk_size: int | None) -> GMM:
+                 reg_covar: float, generator: torch.Generator | None, chunk_size: int | None,
+                 process_group=None) -> GMM:
     if isinstance(init, GMM):
         if init.n_components != n_components:
             raise ValueError(f"init GMM has {init.n_components} components, n_components={n_components}")
         _check_gmm_matches(init, x)
+        check_same_tensor(torch.cat([init.weights.reshape(-1), init.means.reshape(-1), init.covariances.reshape(-1)]),
+                          process_group, "the init GMM")
         return init
     check_choice("init", init, INIT_METHODS)
     gmm = init_gmm(x, n_components, init, weight=weight, reg_covar=reg_covar, generator=generator,
-                   chunk_size=chunk_size)
+                   chunk_size=chunk_size, process_group=process_group)
     if fixed_weights:
         gmm = GMM(torch.full_like(gmm.weights, 1.0 / n_components), gmm.means, gmm.covariances)
     return gmm
@@ -108,7 +112,7 @@ def fit_gmm(x: Tensor, n_components: int, *, n_iter: int = 100, tol: float | Non
             init: str | GMM = "kmeans++", fixed_weights: bool = False, reg_covar: float = 1e-6,
             grad: str = "unrolled", mask: Tensor | None = None, sample_weight: Tensor | None = None,
             generator: torch.Generator | None = None, chunk_size: int | None = None,
-            implicit_options: dict | None = None) -> EMResult:
+            implicit_options: dict | None = None, process_group=None) -> EMResult:
     """Fit ``B`` Gaussian mixtures at once by EM.
 
     Args:
@@ -130,6 +134,12 @@ def fit_gmm(x: Tensor, n_components: int, *, n_iter: int = 100, tol: float | Non
         implicit_options: keyword arguments of the implicit backward (``grad="implicit"``): ``solver``
             (``"gmres"`` default, ``"cg"``, ``"fixed_point"``), ``tol``, ``max_iter``, ``callback``; the last
             solve's residuals are in :func:`imgmw.implicit.last_solve_info`.
+        process_group: a ``torch.distributed`` group (or ``imgmw.distributed.WORLD``): ``x`` (with its
+            ``mask``/``sample_weight``) is this rank's shard, of any size ``N``; the statistics, the lower
+            bound, the convergence test and the initialisation run over the concatenated shards, and every
+            rank returns the same GMM as a one-process fit of the concatenated data from the same ``init``
+            (:mod:`imgmw.distributed`). ``log_resp`` is this rank's. Gradients flow in the ``"unrolled"`` and
+            ``"one_step"`` modes (each rank receives the gradient of the sum of all ranks' losses).
 
     Returns:
         :class:`EMResult`. The initialisation never carries gradients unless ``init`` is a GMM that does.
@@ -143,8 +153,15 @@ def fit_gmm(x: Tensor, n_components: int, *, n_iter: int = 100, tol: float | Non
         raise ValueError(f"n_iter must be an integer >= 1, got {n_iter!r}")
     if tol is not None and not tol >= 0:
         raise ValueError(f"tol must be >= 0 or None, got {tol!r}")
-    x, weight = point_weights(x, mask, sample_weight, n_components)
-    gmm = _initial_gmm(x, weight, n_components, init, fixed_weights, reg_covar, generator, chunk_size)
+    group = check_process_group(process_group)
+    if group is not None and grad == "implicit":
+        raise ValueError("grad='implicit' is not available with a process_group (its backward solve is not "
+                         "distributed); use 'unrolled' or 'one_step'")
+    check_same_problem(x, n_components, group)
+    x, weight = point_weights(x, mask, sample_weight, None if group is not None else n_components)
+    if group is not None:
+        check_valid_counts(all_reduce_sum(valid_counts(x, weight), group), n_components)
+    gmm = _initial_gmm(x, weight, n_components, init, fixed_weights, reg_covar, generator, chunk_size, group)
 
     bshape = x.shape[:-2]
     done = torch.zeros(bshape, dtype=torch.bool, device=x.device)
@@ -157,7 +174,7 @@ def fit_gmm(x: Tensor, n_components: int, *, n_iter: int = 100, tol: float | Non
         features = quad_features(x, weight)  # φ(X) once per fit (small D), shared by every step
     for _ in range(n_free):
         with torch.set_grad_enabled(track and torch.is_grad_enabled()):
-            new, ll = em_map(gmm, x, weight, reg_covar, fixed_weights, chunk_size, features)
+            new, ll = em_map(gmm, x, weight, reg_covar, fixed_weights, chunk_size, features, group)
             gmm = _freeze(done, gmm, new)
         steps = steps + (~done).long()
         if tol is not None:
@@ -169,7 +186,7 @@ def fit_gmm(x: Tensor, n_components: int, *, n_iter: int = 100, tol: float | Non
             break
     if grad in ("one_step", "implicit"):
         gmm, lower, steps, converged = _last_step(gmm, x, weight, reg_covar, fixed_weights, chunk_size,
-                                                  grad, lower, steps, converged, tol, implicit_options)
+                                                  grad, lower, steps, converged, tol, implicit_options, group)
     if grad == "none":
         gmm = gmm.detach()
     with torch.set_grad_enabled(grad != "none" and torch.is_grad_enabled()):
@@ -182,13 +199,12 @@ def fit_gmm(x: Tensor, n_components: int, *, n_iter: int = 100, tol: float | Non
 
 def _last_step(gmm: GMM, x: Tensor, weight: Tensor | None, reg_covar: float, fixed_weights: bool,
                chunk_size: int | None, grad: str, lower: Tensor, steps: Tensor, converged: Tensor,
-               tol: float | None, implicit_options: dict | None):
+               tol: float | None, implicit_options: dict | None, group=None):
     """The final, differentiable step of the ``one_step`` and ``implicit`` modes."""
     prev = gmm.detach()
     if grad == "one_step":
-        new, ll = em_map(prev, x, weight, reg_covar, fixed_weights, chunk_size)
+        new, ll = em_map(prev, x, weight, reg_covar, fixed_weights, chunk_size, process_group=group)
     else:
-
         new, ll = implicit_em_fixed_point(prev, x, weight, reg_covar=reg_covar, fixed_weights=fixed_weights,
                                           chunk_size=chunk_size, **(implicit_options or {}))
     if tol is not None:

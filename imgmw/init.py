@@ -12,6 +12,11 @@ that are either hard assignments to chosen centres or random:
 - ``"random"``: responsibilities drawn uniformly at random and normalised (scikit-learn's ``"random"``).
 
 A component that receives no point keeps its centre as mean and the data covariance.
+
+With a ``process_group`` (:mod:`imgmw.distributed`) every rank passes its shard and all ranks get the same
+start: the data moments and the assignment statistics are all-reduced, and k-means++ draws each centre from
+the concatenated data (:func:`kmeans_plus_plus`). ``"random"`` and ``"random_from_data"`` draw per point and
+are not offered there.
 """
 from __future__ import annotations
 
@@ -20,27 +25,32 @@ import math
 import torch
 from torch import Tensor
 
+from .distributed import all_gather_stack, all_reduce_sum, broadcast_from_first, check_process_group, rank, reduce_stats
 from .gmm import GMM
 from .linalg import add_to_diagonal, symmetrize
 from .mstep import m_step
 from .stats import SMALL_D, SuffStats, chunk_bounds, quad_point_features, quad_stats_about, stats_from_resp
 
-__all__ = ["INIT_METHODS", "init_gmm", "kmeans_plus_plus", "data_moments"]
+__all__ = ["INIT_METHODS", "COLLECTIVE_INIT_METHODS", "init_gmm", "kmeans_plus_plus", "data_moments"]
 
 INIT_METHODS = ("kmeans++", "kmeans", "random", "random_from_data")
+COLLECTIVE_INIT_METHODS = ("kmeans++", "kmeans")  # the string inits offered with a process group
 
 
 def _weights_or_ones(x: Tensor, weight: Tensor | None) -> Tensor:
     return torch.ones(x.shape[:-1], dtype=x.dtype, device=x.device) if weight is None else weight
 
 
-def data_moments(x: Tensor, weight: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Weighted mean ``[*B, D]`` and covariance ``[*B, D, D]`` of ``x [*B, N, D]``."""
+def data_moments(x: Tensor, weight: Tensor | None, process_group=None) -> tuple[Tensor, Tensor]:
+    """Weighted mean ``[*B, D]`` and covariance ``[*B, D, D]`` of ``x [*B, N, D]`` (of all ranks' points
+    with a ``process_group``)."""
+    process_group = check_process_group(process_group)
     w = _weights_or_ones(x, weight)
-    w = w / w.sum(-1, keepdim=True)
-    mean = (w.unsqueeze(-2) @ x).squeeze(-2)
+    total = all_reduce_sum(w.sum(-1, keepdim=True), process_group)
+    w = w / total
+    mean = all_reduce_sum((w.unsqueeze(-2) @ x).squeeze(-2), process_group)
     xc = x - mean.unsqueeze(-2)
-    cov = (xc * w.unsqueeze(-1)).mT @ xc
+    cov = all_reduce_sum((xc * w.unsqueeze(-1)).mT @ xc, process_group)
     return mean, symmetrize(cov)
 
 
@@ -65,31 +75,66 @@ def _gather_points(x: Tensor, idx: Tensor) -> Tensor:
     return torch.take_along_dim(x, idx.unsqueeze(-1), dim=-2)
 
 
+def _draw_shared(p: Tensor, generator: torch.Generator | None, process_group) -> Tensor:
+    """One point per batch element drawn ∝ ``p [*B, N]`` from the points ``x`` of ALL ranks: returns the
+    indicator ``[*B, N]`` of the drawn local point (all false on the other ranks).
+
+    One uniform ``u [*B]`` (rank 0's draw, broadcast) selects, by inverse CDF over the ranks' sums in rank
+    order, the rank that owns the point and then the point within it: the same draw as inverse-CDF sampling
+    over the concatenated shards, so one process and several give the same centres from the same generator.
+    """
+    cdf = p.double().cumsum(-1)
+    u = torch.rand(p.shape[:-1], dtype=torch.float64, device=p.device, generator=generator)
+    u = broadcast_from_first(u, process_group)
+    totals = all_gather_stack(cdf[..., -1], process_group)  # [W, *B]
+    ends = totals.cumsum(0)
+    target = u * ends[-1]
+    last = (totals > 0).long().cumsum(0).argmax(0)  # last rank with positive mass (ranks agree)
+    owner = torch.minimum((ends <= target).sum(0), last)
+    here = rank(process_group)
+    local = target - (ends[here] - totals[here])
+    idx = torch.searchsorted(cdf, local.unsqueeze(-1), right=True).clamp_max(p.shape[-1] - 1)
+    hit = torch.zeros(p.shape, dtype=torch.bool, device=p.device)
+    hit.scatter_(-1, idx, True)
+    return hit & (owner == here).unsqueeze(-1)
+
+
 def kmeans_plus_plus(x: Tensor, n_components: int, weight: Tensor | None = None,
-                     generator: torch.Generator | None = None) -> Tensor:
+                     generator: torch.Generator | None = None, process_group=None) -> Tensor:
     """k-means++ seeding (Arthur & Vassilvitskii 2007), batched: centres ``[*B, K, D]``.
 
     The first centre is drawn ∝ ``ω_n``; each next one ∝ ``ω_n · min_j ‖x_n − c_j‖²``. When all
-    weighted distances vanish (duplicated data) the draw falls back to ∝ ``ω_n``.
+    weighted distances vanish (duplicated data) the draw falls back to ∝ ``ω_n``. With a ``process_group``
+    the draws run over the points of all ranks (:func:`_draw_shared`, three small collectives per centre)
+    and every rank returns the same centres.
     """
+    process_group = check_process_group(process_group)
     w = _weights_or_ones(x, weight)
-    centres = [_gather_points(x, _sample_rows(w, 1, generator, True))]
-    min_d2 = (x - centres[0]).square().sum(-1)
-    for _ in range(1, n_components):
-        p = w * min_d2
-        dead = p.sum(-1, keepdim=True) <= 0
-        p = torch.where(dead, w, p)
-        c = _gather_points(x, _sample_rows(p, 1, generator, True))
+    centres = []
+    min_d2 = None
+    for _ in range(n_components):
+        if min_d2 is None:
+            p = w
+        else:
+            p = w * min_d2
+            dead = all_reduce_sum(p.sum(-1, keepdim=True), process_group) <= 0
+            p = torch.where(dead, w, p)
+        if process_group is None:
+            c = _gather_points(x, _sample_rows(p, 1, generator, True))
+        else:
+            hit = _draw_shared(p, generator, process_group)
+            c = all_reduce_sum((hit.to(x.dtype).unsqueeze(-2) @ x), process_group)
         centres.append(c)
-        min_d2 = torch.minimum(min_d2, (x - c).square().sum(-1))
+        d2 = (x - c).square().sum(-1)
+        min_d2 = d2 if min_d2 is None else torch.minimum(min_d2, d2)
     return torch.cat(centres, dim=-2)
 
 
 def _hard_stats(x: Tensor, weight: Tensor | None, centres: Tensor,
-                chunk_size: int | None) -> SuffStats:
+                chunk_size: int | None, process_group=None) -> SuffStats:
     """Statistics of the nearest-centre assignment, shifted by the centres (chunked over points).
 
-    Nearest centres come from one GEMM (``‖c‖² − 2 x·c``). For ``D ≤ SMALL_D`` the statistics are one
+    Summed over the ranks of ``process_group``. Nearest centres come from one GEMM (``‖c‖² − 2 x·c``). For ``D ≤ SMALL_D`` the statistics are one
     float64 GEMM with the quadratic features (as in the E-step); otherwise every point is centred on its
     own centre first. Neither carries cancellation.
     """
@@ -116,7 +161,7 @@ def _hard_stats(x: Tensor, weight: Tensor | None, centres: Tensor,
         s0, s1, s2 = (t.to(x.dtype) for t in quad_stats_about(acc[0], d, centres, origin))
     else:
         s0, s1, s2 = acc[:3]
-    return SuffStats(s0, s1, s2, s0.new_zeros(s0.shape[:-1]), acc[-1], centres)
+    return reduce_stats(SuffStats(s0, s1, s2, s0.new_zeros(s0.shape[:-1]), acc[-1], centres), process_group)
 
 
 def _random_stats(x: Tensor, weight: Tensor | None, k: int, shift: Tensor,
@@ -138,15 +183,20 @@ def _random_stats(x: Tensor, weight: Tensor | None, k: int, shift: Tensor,
 
 def init_gmm(x: Tensor, n_components: int, method: str = "kmeans++", *, weight: Tensor | None = None,
              reg_covar: float = 1e-6, generator: torch.Generator | None = None, kmeans_iter: int = 10,
-             chunk_size: int | None = None) -> GMM:
+             chunk_size: int | None = None, process_group=None) -> GMM:
     """Initial GMM for ``x [*B, N, D]`` with point weights ``weight [*B, N]`` (runs without autograd).
 
     See the module docstring for the methods. Weights are the assigned masses (use
-    ``fixed_weights`` in :func:`imgmw.fit_gmm` for uniform ones).
+    ``fixed_weights`` in :func:`imgmw.fit_gmm` for uniform ones). With a ``process_group`` ``x`` is this
+    rank's shard and ``method`` one of :data:`COLLECTIVE_INIT_METHODS`.
     """
+    process_group = check_process_group(process_group)
+    if process_group is not None and method not in COLLECTIVE_INIT_METHODS:
+        raise ValueError(f"init={method!r} draws per point and is not available with a process_group; use "
+                         f"{' or '.join(map(repr, COLLECTIVE_INIT_METHODS))} or a GMM")
     with torch.no_grad():
         x = x.detach()
-        mean, cov = data_moments(x, weight)
+        mean, cov = data_moments(x, weight, process_group)
         k = n_components
         bshape, d = x.shape[:-2], x.shape[-1]
         cov_k = add_to_diagonal(cov, reg_covar).unsqueeze(-3).expand(*bshape, k, d, d)
@@ -160,14 +210,14 @@ def init_gmm(x: Tensor, n_components: int, method: str = "kmeans++", *, weight: 
             idx = _sample_rows(_weights_or_ones(x, weight), k, generator, False)
             centres = _gather_points(x, idx)
         elif method in ("kmeans++", "kmeans"):
-            centres = kmeans_plus_plus(x, k, weight, generator)
+            centres = kmeans_plus_plus(x, k, weight, generator, process_group)
         else:
             raise ValueError(f"init must be a GMM or one of {', '.join(map(repr, INIT_METHODS))}; got {method!r}")
         n_lloyd = kmeans_iter if method == "kmeans" else 0
         for _ in range(n_lloyd):
-            stats = _hard_stats(x, weight, centres, chunk_size)
+            stats = _hard_stats(x, weight, centres, chunk_size, process_group)
             filled = stats.s0 > 0
             centres = torch.where(filled.unsqueeze(-1),
                                   centres + stats.s1 / stats.s0.clamp_min(torch.finfo(x.dtype).tiny).unsqueeze(-1), centres)
-        stats = _hard_stats(x, weight, centres, chunk_size)
+        stats = _hard_stats(x, weight, centres, chunk_size, process_group)
         return m_step(stats, GMM(uniform, centres, cov_k), reg_covar=reg_covar)

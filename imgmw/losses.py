@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .distributed import check_process_group, check_same_tensor
 from .em import fit_gmm
 from .gmm import GMM
 from .init import data_moments
@@ -45,10 +46,13 @@ def relative_reg_covar(target: GMM, factor: float = REG_FACTOR) -> float:
 
 
 @torch.no_grad()
-def data_reg_covar(points: Tensor, sample_weight: Tensor | None = None, factor: float = REG_FACTOR) -> float:
-    """``ε_r = factor × λ_max`` of the (weighted) covariance of ``points [*B, N, D]`` (max over ``*B``),
-    floored at ``factor × eps`` so that a constant set still gets a positive regularisation."""
-    _, cov = data_moments(points.detach(), None if sample_weight is None else sample_weight.detach())
+def data_reg_covar(points: Tensor, sample_weight: Tensor | None = None, factor: float = REG_FACTOR,
+                   process_group=None) -> float:
+    """``ε_r = factor × λ_max`` of the (weighted) covariance of ``points [*B, N, D]`` (max over ``*B``; of all
+    ranks' points with a ``process_group``), floored at ``factor × eps`` so that a constant set still gets a
+    positive regularisation."""
+    _, cov = data_moments(points.detach(), None if sample_weight is None else sample_weight.detach(),
+                          check_process_group(process_group))
     top = float(torch.linalg.eigvalsh(cov.double()).max())
     return factor * max(top, float(torch.finfo(points.dtype).eps))
 
@@ -92,6 +96,10 @@ class MW2Loss(nn.Module):
         n_iter: EM steps of the warm start's first fit and of every cold fit.
         reduction: ``"mean"`` or ``"sum"`` over the batch, or ``"none"`` for ``[*B]``.
         generator: ``torch.Generator`` for the k-means++ initialisations.
+        process_group: ``torch.distributed`` group (or ``imgmw.distributed.WORLD``) over which the input points
+            are sharded: every rank passes its shard and the fits run over all ranks' points, so each rank's
+            loss is the same MW2² (:mod:`imgmw.distributed`). The target is not sharded: every rank must hold
+            the same one (checked).
 
     Example:
         >>> target = torch.randn(500, 3) * 0.5 + 2
@@ -103,8 +111,10 @@ class MW2Loss(nn.Module):
     def __init__(self, target: GMM | Tensor, n_components: int | None = None, *, warm_start: bool = True,
                  fixed_weights: bool = False, reg_covar: float | None = None,
                  unbalanced: tuple[float, float] | None = None, n_iter: int = 30, reduction: str = "mean",
-                 policy: FitPolicy | None = FitPolicy(), generator: torch.Generator | None = None) -> None:
+                 policy: FitPolicy | None = FitPolicy(), generator: torch.Generator | None = None,
+                 process_group=None) -> None:
         super().__init__()
+        self.process_group = check_process_group(process_group)
         self.unbalanced = check_unbalanced(unbalanced)
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
         if not isinstance(n_iter, int) or n_iter < 1:
@@ -113,6 +123,8 @@ class MW2Loss(nn.Module):
             reg_covar = relative_reg_covar(target) if isinstance(target, GMM) else \
                 data_reg_covar(target) if isinstance(target, Tensor) else None
         target = self._target_gmm(target, n_components, fixed_weights, reg_covar, generator)
+        check_same_tensor(torch.cat([target.weights.reshape(-1), target.means.reshape(-1),
+                                     target.covariances.reshape(-1)]), self.process_group, "the MW2Loss target")
         self.register_buffer("target_weights", target.weights)
         self.register_buffer("target_means", target.means)
         self.register_buffer("target_covariances", target.covariances)
@@ -125,7 +137,8 @@ class MW2Loss(nn.Module):
         self.n_iter = n_iter
         self.generator = generator
         self.em = WarmStartEM(self.n_components, fixed_weights=fixed_weights, reg_covar=self.reg_covar,
-                              n_init_iter=n_iter, policy=policy, generator=generator) if warm_start else None
+                              n_init_iter=n_iter, policy=policy, generator=generator,
+                              process_group=self.process_group) if warm_start else None
 
     @staticmethod
     def _target_gmm(target: GMM | Tensor, n_components: int | None, fixed_weights: bool, reg_covar: float | None,
@@ -172,7 +185,7 @@ class MW2Loss(nn.Module):
             return self.em(x, mask=mask, sample_weight=sample_weight)
         return fit_gmm(x, self.n_components, n_iter=self.n_iter, fixed_weights=self.fixed_weights,
                        reg_covar=self.reg_covar, grad="unrolled", mask=mask, sample_weight=sample_weight,
-                       generator=self.generator).gmm
+                       generator=self.generator, process_group=self.process_group).gmm
 
     def forward(self, x: Tensor, *, mask: Tensor | None = None, sample_weight: Tensor | None = None) -> Tensor:
         """Loss of points ``x [*B, N, D]`` (weighted or masked points as in :meth:`fit`): a scalar

@@ -7,7 +7,7 @@
 with ``δ_k = s1_k / s0_k`` and ``c_k`` the previous means; ``em_map`` is one whole EM step (E-step fused with
 the statistics, then the M-step). Both sit below the fit (:mod:`imgmw.em`), the initialisations
 (:mod:`imgmw.init`, whose k-means++ ends with an M-step) and the implicit gradient (:mod:`imgmw.implicit`), so
-that imports run one way: ``stats → mstep → init → em``, ``mstep → implicit → em``.
+that imports run one way: ``stats → distributed → mstep → init → em``, ``mstep → implicit → em``.
 """
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ import torch
 from torch import Tensor
 
 from .gmm import GMM
+from .distributed import global_stats
 from .linalg import add_to_diagonal, symmetrize
-from .stats import QuadFeatures, SuffStats, accumulate_stats
+from .stats import QuadFeatures, SuffStats
 
 __all__ = ["m_step", "em_map"]
 
@@ -43,10 +44,13 @@ def m_step(stats: SuffStats, prev: GMM, *, reg_covar: float = 1e-6, fixed_weight
 
 
 def em_map(gmm: GMM, x: Tensor, weight: Tensor | None, reg_covar: float, fixed_weights: bool,
-           chunk_size: int | None = None, features: QuadFeatures | None = None) -> tuple[GMM, Tensor]:
+           chunk_size: int | None = None, features: QuadFeatures | None = None,
+           process_group=None) -> tuple[GMM, Tensor]:
     """One EM step ``θ' = F(θ, X)`` on points ``x [*B, N, D]`` with point weights ``weight [*B, N]`` (or
     ``None``), without input checks: the map that :func:`imgmw.fit_gmm` iterates and whose fixed point
     :mod:`imgmw.implicit` differentiates. Returns ``(F(θ, X), mean log-likelihood under θ [*B])``
-    (``features``: the fit's cached quadratic features of ``x``, see :func:`imgmw.stats.quad_features`)."""
-    stats = accumulate_stats(gmm, x, weight, chunk_size, features)
+    (``features``: the fit's cached quadratic features of ``x``, see :func:`imgmw.stats.quad_features`;
+    ``process_group``: ``x`` is this rank's shard and the statistics are summed over the group,
+    :mod:`imgmw.distributed`)."""
+    stats = global_stats(gmm, x, weight, chunk_size, features, process_group)
     return m_step(stats, gmm, reg_covar=reg_covar, fixed_weights=fixed_weights), stats.log_lik / stats.total

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["check_points", "point_weights", "check_reg_covar", "check_choice"]
+__all__ = ["check_points", "point_weights", "valid_counts", "check_valid_counts", "check_reg_covar", "check_choice"]
 
 
 def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
@@ -36,12 +36,13 @@ def check_points(x: Tensor) -> Tensor:
 
 
 def point_weights(x: Tensor, mask: Tensor | None, sample_weight: Tensor | None,
-                  n_components: int) -> tuple[Tensor, Tensor | None]:
+                  n_components: int | None) -> tuple[Tensor, Tensor | None]:
     """Combine ``mask [*B, N]`` and ``sample_weight [*B, N]`` into point weights ``ω [*B, N]`` (or None).
 
     Returns ``(x_clean, ω)`` where masked-out entries of ``x`` are replaced by zeros so that garbage
     (even NaN) there cannot leak into the fit. Checks finiteness of the valid points, that every batch
-    element keeps at least ``n_components`` valid points and that weights are finite and non-negative.
+    element keeps at least ``n_components`` valid points (skipped for ``None``: a shard of distributed data is
+    checked on the reduced counts, :func:`check_valid_counts`) and that weights are finite and non-negative.
     """
     bn = x.shape[:-1]
     weight: Tensor | None = None
@@ -61,11 +62,23 @@ def point_weights(x: Tensor, mask: Tensor | None, sample_weight: Tensor | None,
         weight = sw if weight is None else weight * sw
     if not bool(torch.isfinite(x).all()):
         raise ValueError("x contains NaN or inf at valid (unmasked) points; clean or mask them")
-    n_valid = (x.shape[-2] * torch.ones(bn[:-1], device=x.device)) if weight is None else (weight > 0).sum(-1)
+    if n_components is not None:
+        check_valid_counts(valid_counts(x, weight), n_components)
+    return x, weight
+
+
+def valid_counts(x: Tensor, weight: Tensor | None) -> Tensor:
+    """Points with positive weight per batch element, ``[*B]`` (int64)."""
+    if weight is None:
+        return torch.full(x.shape[:-2], x.shape[-2], dtype=torch.int64, device=x.device)
+    return (weight > 0).sum(-1)
+
+
+def check_valid_counts(n_valid: Tensor, n_components: int) -> None:
+    """Every batch element needs at least one valid point and at least ``n_components`` of them."""
     if bool((n_valid == 0).any()):
         raise ValueError("mask/sample_weight leave a batch element with no valid point (all-false row)")
     if bool((n_valid < n_components).any()):
         raise ValueError(
             f"n_components={n_components} exceeds the number of valid points ({int(n_valid.min())}) "
             "of some batch element; use fewer components or more points")
-    return x, weight

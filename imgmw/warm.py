@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from .em import fit_gmm
 from .gmm import GMM
 from .mstep import m_step
-from .stats import accumulate_stats
+from .distributed import check_process_group, global_stats
 from .validation import check_points, check_reg_covar, point_weights
 
 __all__ = ["FitPolicy", "FitDiagnostics", "WarmStartEM", "split_component"]
@@ -165,6 +165,9 @@ class WarmStartEM(nn.Module):
         policy: :class:`FitPolicy` or ``None``.
         generator: ``torch.Generator`` of the k-means++ starts (first fit and fresh fits).
         chunk_size: points per chunk of the E-steps.
+        process_group: ``torch.distributed`` group (or ``imgmw.distributed.WORLD``) over which the points are
+            sharded: every call's statistics (and the fits of the policy) run over all ranks' points, so
+            all ranks hold the same state (:mod:`imgmw.distributed`).
 
     Example:
         >>> em = WarmStartEM(4, generator=torch.Generator().manual_seed(0))
@@ -175,7 +178,8 @@ class WarmStartEM(nn.Module):
 
     def __init__(self, n_components: int, *, init: str | GMM = "kmeans++", fixed_weights: bool = False,
                  reg_covar: float = 1e-6, n_init_iter: int = 10, policy: FitPolicy | None = FitPolicy(),
-                 generator: torch.Generator | None = None, chunk_size: int | None = None) -> None:
+                 generator: torch.Generator | None = None, chunk_size: int | None = None,
+                 process_group=None) -> None:
         super().__init__()
         check_reg_covar(reg_covar)
         if not isinstance(n_components, int) or n_components < 1:
@@ -190,6 +194,7 @@ class WarmStartEM(nn.Module):
         self.policy = policy
         self.generator = generator
         self.chunk_size = chunk_size
+        self.process_group = check_process_group(process_group)
         self.diagnostics = FitDiagnostics()
         for name in ("weights", "means", "covariances"):
             self.register_buffer(name, None)
@@ -229,7 +234,7 @@ class WarmStartEM(nn.Module):
                    init: str | GMM, tol: float | None = None) -> tuple[GMM, Tensor]:
         fit = fit_gmm(x, self.n_components, n_iter=n_iter, tol=tol, init=init, fixed_weights=self.fixed_weights,
                       reg_covar=self.reg_covar, grad="none", mask=mask, sample_weight=sample_weight,
-                      generator=self.generator, chunk_size=self.chunk_size)
+                      generator=self.generator, chunk_size=self.chunk_size, process_group=self.process_group)
         return fit.gmm, fit.lower_bound
 
     def _needs_init(self, x: Tensor) -> bool:
@@ -249,13 +254,13 @@ class WarmStartEM(nn.Module):
         diag = self.diagnostics
         ll: Tensor | None = None
         if policy.max_refine:
-            stats = accumulate_stats(gmm, x, weight, self.chunk_size)
+            stats = global_stats(gmm, x, weight, self.chunk_size, None, self.process_group)
             ll = stats.log_lik / stats.total
             done = torch.zeros_like(ll, dtype=torch.bool)
             for _ in range(policy.max_refine):
                 new = GMM.where(done, gmm, m_step(stats, gmm, reg_covar=self.reg_covar,
                                                   fixed_weights=self.fixed_weights))
-                stats = accumulate_stats(new, x, weight, self.chunk_size)
+                stats = global_stats(new, x, weight, self.chunk_size, None, self.process_group)
                 new_ll = stats.log_lik / stats.total
                 diag.refine_steps += int((~done).sum())
                 done = done | (new_ll - ll < policy.refine_tol)
@@ -272,7 +277,7 @@ class WarmStartEM(nn.Module):
                 gmm, ll = split_component(gmm, starved, mass), None
         if policy.check_every and diag.calls % policy.check_every == policy.check_every - 1:
             if ll is None:
-                stats = accumulate_stats(gmm, x, weight, self.chunk_size)
+                stats = global_stats(gmm, x, weight, self.chunk_size, None, self.process_group)
                 ll = stats.log_lik / stats.total
             fresh, fresh_ll = self._fresh_fit(x, mask, sample_weight, policy.refit_iter, "kmeans++",
                                               policy.refine_tol)
@@ -286,13 +291,13 @@ class WarmStartEM(nn.Module):
         """One EM step on ``x [*B, N, D]`` (optional ``mask`` / ``sample_weight`` ``[*B, N]``) from the
         repaired stored parameters; returns a GMM differentiable in ``x``."""
         check_points(x)
-        xw, weight = point_weights(x, mask, sample_weight, 1)
+        xw, weight = point_weights(x, mask, sample_weight, 1 if self.process_group is None else None)
         if self._needs_init(x):
             self.diagnostics = FitDiagnostics()
             self.state = self._fresh_fit(x.detach(), mask, sample_weight, self.n_init_iter, self.init)[0]
         elif self.policy is not None:
             self._repair(xw.detach(), None if weight is None else weight.detach(), mask, sample_weight)
-        stats = accumulate_stats(self.state, xw, weight, self.chunk_size)
+        stats = global_stats(self.state, xw, weight, self.chunk_size, None, self.process_group)
         gmm = m_step(stats, self.state, reg_covar=self.reg_covar, fixed_weights=self.fixed_weights)
         with torch.no_grad():
             diag = self.diagnostics

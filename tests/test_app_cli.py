@@ -9,7 +9,7 @@ import pytest
 from apps._cli import run
 from tests.app_checks import assert_clean_failure
 
-APPS = ["color_transfer", "style_transfer", "barycenter", "train_generator", "texture_synth"]
+APPS = ["color_transfer", "style_transfer", "barycenter", "train_generator", "texture_synth", "fit_prior"]
 
 
 @pytest.mark.parametrize("name", APPS)

@@ -78,6 +78,13 @@ APP_CASES = [
     ("em_operator", ["--n-points", "3", "--k", "4"], "--n-points"),
     ("em_operator", ["--resume"], "--resume"),
     ("em_operator", ["--threads", "0"], "--threads"),
+    ("fit_prior", ["{tmp}/missing"], "missing"),
+    ("fit_prior", ["{src}"], "not a directory"),
+    ("fit_prior", ["{dir}"], "no image"),
+    ("fit_prior", ["{tmp}", "--k", "2", "--per-image", "20"], "text.png"),
+    ("fit_prior", ["--patch", "40"], "--patch"),
+    ("fit_prior", ["--tol", "-1"], "--tol"),
+    ("fit_prior", ["--k", "0"], "--k"),
     ("em_gradients", ["flow", "--seed", "99999999999999999999"], "--seed"),
     ("em_gradients", ["flow", "--threads", "0"], "--threads"),
     ("em_gradients", ["flow", "--dtype", "float16"], "--dtype"),
@@ -110,7 +117,8 @@ def test_a_bad_command_line_is_one_line_exit_2_and_writes_nothing(name, argv, fr
 
 
 @pytest.mark.parametrize("name, argv", [("color_transfer", ["{src}", "{tgt}"]), ("texture_synth", ["{src}"]),
-                                        ("em_operator", []), ("em_gradients", ["flow"]), ("train_generator", [])])
+                                        ("em_operator", []), ("em_gradients", ["flow"]), ("train_generator", []),
+                                        ("fit_prior", ["--k", "2", "--per-image", "20", "--held-out", "5"])])
 def test_an_output_path_under_a_file_names_output(name, argv, files, tmp_path, capsys):
     blocker = tmp_path / "blocker"
     blocker.write_text("a file")
