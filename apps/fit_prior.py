@@ -12,7 +12,7 @@ result does not depend on the number of processes (imgmw.prior, imgmw.distribute
 Writes (rank 0, atomically) prior.pt (a dict with the GMM's weights [S, K], means [S, K, D] and covariances
 [S, K, D, D], plus patch and scales; imgmw.prior.prior_from_dict gives the GMM), components.png (each scale's
 components by weight: mean patch | leading eigen-patch) and metrics.json (mean_log_likelihood of the held-out
-patches, n_patches, n_images, seconds, settings).
+patches, n_patches, n_images, seconds, peak_rss_bytes, settings).
 """
 from __future__ import annotations
 
@@ -96,6 +96,21 @@ def _agree(ok: bool, group) -> bool:
     return bool(flag.item())
 
 
+def _peak_memory(group) -> int | None:
+    """The largest peak resident set size of the processes, in bytes (None where ``resource`` is missing)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    import torch
+    import torch.distributed as dist
+
+    peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024])  # Linux reports KiB
+    if group is not None:
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+    return int(peak)
+
+
 def _fit(args: argparse.Namespace, group, device) -> int:
     import torch
 
@@ -136,13 +151,14 @@ def _fit(args: argparse.Namespace, group, device) -> int:
     fitted = time.perf_counter()
     held = held_out_log_likelihood(fit.gmm, patches.held, group)
     seconds = time.perf_counter() - start
+    peak = _peak_memory(group)
     if me != 0:
         return 0
     metrics = {"mean_log_likelihood": float(held.mean()), "mean_log_likelihood_per_scale": held.tolist(),
                "n_patches": n_patches, "n_held_out": n_images * args.held_out * args.scales, "n_images": n_images,
                "n_images_skipped": n_skipped, "n_processes": world, "em_steps": fit.n_iter.tolist(),
                "converged": fit.converged.tolist(), "train_mean_log_likelihood": fit.lower_bound.tolist(),
-               "seconds": seconds, "seconds_reading": read - start, "seconds_fitting": fitted - read,
+               "seconds": seconds, "peak_rss_bytes": peak, "seconds_reading": read - start, "seconds_fitting": fitted - read,
                "settings": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}}
     with staged_output(args.output) as out:
         from imgmw.checkpoint import save_atomic

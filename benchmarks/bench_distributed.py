@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import socket
 import subprocess
 import sys
@@ -104,10 +103,6 @@ def steps(n: int, d: int, k: int) -> None:
           f"(ring all-reduce: ~{2 * 63 / 64 * big / 2**20:.1f} MiB sent per GPU per step, independent of N)")
 
 
-def _peak_children_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-
-
 def prior(nproc: int) -> None:
     n_patches, k, d, images = 1_000_000, 64, 192, len(list((ROOT / "data").glob("*.[pj][np]g")))
     per_image = -(-n_patches // images)
@@ -124,7 +119,7 @@ def prior(nproc: int) -> None:
     n = metrics["n_patches"]
     n_rank = -(-n // nproc)
     bound = n_rank * (d + k) * 4 + TEMPORARY_BYTES + LIBRARY_BYTES
-    peak = _peak_children_bytes()
+    peak = metrics["peak_rss_bytes"]
     print(f"prior: {n} patches (D={d}), K={k}, {nproc} processes: {wall:.0f} s in all, reading "
           f"{metrics['seconds_reading']:.0f} s, init + 2 EM steps {metrics['seconds_fitting']:.0f} s")
     print(f"peak resident memory of the largest process: {peak / 2**30:.2f} GiB; stated bound "

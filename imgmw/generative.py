@@ -19,6 +19,14 @@ the distance between the fits, whose gradient flows through the generated batch'
 * ``reg_covar``: the paper's heuristic, ``1e-4 ×`` the largest covariance eigenvalue of the initial real
   fit, on both sides.
 
+``target="data"`` replaces the minibatch real fits by ONE fit of the whole training set (:func:`imgmw.fit_target`,
+``K`` components, the data's ``reg_covar`` rule) and fits the generated batch with the flow engine's warm start
+(:class:`imgmw.MW2Loss`: one EM step per optimiser step from the previous fit, started from the target, with
+the fit-keeping policy). A minibatch fit of ``b`` points in ``D = 64`` with ``K`` components has ``b/K`` points
+per ``D×D`` covariance; the data fit has all of them, and the generated batch can be large because nothing
+else scales with it. Measured on the digits (K=32, b=4096, 500 steps): classifier confidence 0.77 and held-out
+sliced W2 0.054, against 0.51 and 0.128 for the minibatch fits of 512 digits.
+
 The paper's appendix (dataset, network, numbers) was not available; data sets here need no download:
 ``"gmm2d"`` (a ring of 8 Gaussians), ``"patches"`` (4×4 colour patches of an image, ``D = 48``) and
 ``"digits"`` (scikit-learn's bundled 8×8 digits, ``D = 64``). Quality is measured by the sliced W2
@@ -40,16 +48,18 @@ from .checkpoint import save_atomic
 from .em import em_step, fit_gmm
 from .flow import check_divergence
 from .gmm import GMM
-from .losses import relative_reg_covar
+from .losses import MW2Loss, data_reg_covar, fit_target, relative_reg_covar
 from .metrics import random_directions, sliced_w2
 from .ot import mw2
 from .patches import extract_patches
 
-__all__ = ["DATASETS", "EM_MODES", "SampleData", "ring_of_gaussians", "load_samples", "make_generator",
-           "MW2GeneratorTrainer", "generated_sliced_w2", "sample_grid", "save_checkpoint", "load_checkpoint"]
+__all__ = ["DATASETS", "EM_MODES", "TARGETS", "OUTPUTS", "SampleData", "ring_of_gaussians", "load_samples", "make_generator",
+           "MW2GeneratorTrainer", "generated_sliced_w2", "digit_classifier_scores", "sample_grid", "save_checkpoint", "load_checkpoint"]
 
 DATASETS = ("gmm2d", "patches", "digits")
 EM_MODES = ("warm", "unrolled")
+TARGETS = ("batch", "data")
+OUTPUTS = ("linear", "sigmoid")
 INIT_SAMPLE = 4096  # real samples of the initial (k-means++) fit
 DEAD_FRACTION = 0.05  # a warm-started component with less than this fraction of its share b/K of points is dead
 WARM_INIT_STEPS = 30  # EM steps (no gradient) after k-means++ when the warm start (re)starts
@@ -121,10 +131,13 @@ def load_samples(name: str, *, image: Tensor | None = None, patch: int = 4, n_tr
 
 
 # ------------------------------------------------------------------------------------------------ model
-def make_generator(z_dim: int, out_dim: int, hidden: int = 128, depth: int = 3, *, seed: int = 0) -> nn.Sequential:
+def make_generator(z_dim: int, out_dim: int, hidden: int = 128, depth: int = 3, *, seed: int = 0,
+                   output: str = "linear") -> nn.Sequential:
     """MLP ``z [*, z_dim] → x [*, out_dim]``: ``depth`` hidden layers of width ``hidden`` with LeakyReLU(0.2),
-    then a linear output layer. PyTorch's default initialisation, drawn from ``seed`` (the global RNG is
-    left untouched)."""
+    then a linear output layer, followed by a sigmoid for ``output="sigmoid"`` (data in [0, 1]). PyTorch's
+    default initialisation, drawn from ``seed`` (the global RNG is left untouched)."""
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
     for name, value in (("z_dim", z_dim), ("out_dim", out_dim), ("hidden", hidden), ("depth", depth)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -136,6 +149,8 @@ def make_generator(z_dim: int, out_dim: int, hidden: int = 128, depth: int = 3, 
             layers += [nn.Linear(width, hidden), nn.LeakyReLU(0.2)]
             width = hidden
         layers.append(nn.Linear(width, out_dim))
+    if output == "sigmoid":
+        layers.append(nn.Sigmoid())
     return nn.Sequential(*layers)
 
 
@@ -163,15 +178,20 @@ class MW2GeneratorTrainer:
         reg_covar: ``ε_r`` of all fits (default ``1e-4 ×`` the largest covariance eigenvalue of the
             initial real fit).
         seed: seeds the latent codes, the minibatches and the k-means++ initialisations.
+        target: ``"batch"`` (a warm-started fit of a real minibatch per step, the paper's scheme) or ``"data"``
+            (one fit of all of ``data``; see the module docstring).
     """
 
     def __init__(self, net: nn.Module, data: Tensor, *, z_dim: int, k: int = 8, batch: int = 256, lr: float = 1e-3,
                  em: str = "warm", em_steps: int | None = None, real_em_steps: int = 1, reg_covar: float | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, target: str = "batch") -> None:
         if em not in EM_MODES:
             raise ValueError(f"em must be one of {EM_MODES}, got {em!r}")
-        if data.dim() != 2 or data.shape[0] < max(batch, k):
-            raise ValueError(f"data must be [N, D] with N >= batch = {batch} and N >= k = {k}, "
+        if target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+        least = k if target == "data" else max(batch, k)  # the data target never draws real minibatches
+        if data.dim() != 2 or data.shape[0] < least:
+            raise ValueError(f"data must be [N, D] with N >= {'k' if target == 'data' else 'batch'} = {least}, "
                              f"got {tuple(data.shape)}")
         if not isinstance(batch, int) or batch < k:
             raise ValueError(f"batch must be an integer >= k = {k}, got {batch!r}")
@@ -184,8 +204,15 @@ class MW2GeneratorTrainer:
         self.em_mode, self.em_steps, self.real_em_steps = em, em_steps, real_em_steps
         self.rng = torch.Generator(device=data.device).manual_seed(seed)
         self.optimizer = torch.optim.Adam(net.parameters(), lr=lr)
-        self.real_fit = self._initial_real_fit()
-        self.reg_covar = relative_reg_covar(self.real_fit) if reg_covar is None else float(reg_covar)
+        self.target = target
+        self.data_loss: MW2Loss | None = None
+        if target == "data":
+            self.reg_covar = data_reg_covar(data) if reg_covar is None else float(reg_covar)
+            self.real_fit = fit_target(data, k, reg_covar=self.reg_covar, generator=self.rng)
+            self.data_loss = MW2Loss(self.real_fit, reg_covar=self.reg_covar, generator=self.rng)
+        else:
+            self.real_fit = self._initial_real_fit()
+            self.reg_covar = relative_reg_covar(self.real_fit) if reg_covar is None else float(reg_covar)
         self.gen_fit: GMM | None = None  # the warm start's state
         self.step_count = 0
         self.restarts = 0
@@ -248,10 +275,15 @@ class MW2GeneratorTrainer:
         return result.gmm
 
     def step(self) -> float:
-        """One training step; returns the loss ``MW2²(fit(G(z)), fit(y))``."""
+        """One training step; returns the loss ``MW2²(fit(G(z)), fit(y))`` (``fit(y)``: the data fit for
+        ``target="data"``)."""
         self.net.train()
-        target = self.fit_real(self.real_batch())
-        loss = mw2(self.fit_generated(self.net(self.latent(self.batch))), target)
+        if self.data_loss is not None:
+            self.data_loss.start_from_target(torch.Size([]))
+            loss = self.data_loss(self.net(self.latent(self.batch)))
+        else:
+            target = self.fit_real(self.real_batch())
+            loss = mw2(self.fit_generated(self.net(self.latent(self.batch))), target)
         value = float(loss.detach())
         lr = self.optimizer.param_groups[0]["lr"]
         check_divergence(self.history + [value], list(self.net.parameters()), lr, what="training")
@@ -290,7 +322,8 @@ class MW2GeneratorTrainer:
                 "real_fit": _gmm_state(self.real_fit), "gen_fit": _gmm_state(self.gen_fit),
                 "rng": self.rng.get_state(), "step": self.step_count, "restarts": self.restarts,
                 "history": list(self.history),
-                "reg_covar": self.reg_covar}
+                "reg_covar": self.reg_covar,
+                "data_loss": None if self.data_loss is None else self.data_loss.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (tensors are moved to the trainer's device and dtype)."""
@@ -303,6 +336,8 @@ class MW2GeneratorTrainer:
         self.restarts = int(state["restarts"])
         self.history = [float(v) for v in state["history"]]
         self.reg_covar = float(state["reg_covar"])
+        if self.data_loss is not None:
+            self.data_loss.load_state_dict(state["data_loss"])
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
@@ -316,10 +351,49 @@ def load_checkpoint(path: str | os.PathLike, map_location: torch.device | str | 
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
-        raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__}: {first})") from None
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
+def _digits_split(seed: int):
+    """scikit-learn's digits scaled to [0, 1] and their labels, split as :func:`load_samples` splits them:
+    ``(train_x, train_y, test_x, test_y)`` as NumPy arrays."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x, y = digits.data / 16.0, digits.target
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed)).numpy()
+    n_test = math.ceil(0.2 * x.shape[0])
+    return x[perm[n_test:]], y[perm[n_test:]], x[perm[:n_test]], y[perm[:n_test]]
+
+
+@torch.no_grad()
+def digit_classifier_scores(samples: Tensor, seed: int = 0) -> dict[str, Any]:
+    """How recognisable and how varied generated digits ``samples [n, 64]`` (values in [0, 1]) are, by a
+    multinomial logistic regression trained on the real training digits of split ``seed``:
+
+    * ``mean_max_probability``: the mean over samples of the classifier's largest class probability;
+    * ``entropy_ratio``: entropy of the histogram of predicted classes over ``log 10`` (1: all ten equally);
+    * ``class_histogram``; and the same two scores on the real held-out digits, for reference.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    train_x, train_y, test_x, _ = _digits_split(seed)
+    clf = LogisticRegression(max_iter=5000).fit(train_x, train_y)
+
+    def scores(x) -> tuple[float, float, list[float]]:
+        proba = clf.predict_proba(x)
+        hist = torch.bincount(torch.as_tensor(proba.argmax(1)), minlength=10).double() / x.shape[0]
+        nz = hist[hist > 0]
+        return float(proba.max(1).mean()), float(-(nz * nz.log()).sum() / math.log(10)) + 0.0, hist.tolist()
+
+    conf, ent, hist = scores(samples.detach().double().cpu().reshape(samples.shape[0], -1).numpy())
+    real_conf, real_ent, _ = scores(test_x)
+    return {"mean_max_probability": conf, "entropy_ratio": ent, "class_histogram": hist, "n_samples": samples.shape[0],
+            "real_held_out_mean_max_probability": real_conf, "real_held_out_entropy_ratio": real_ent}
+
+
 @torch.no_grad()
 def generated_sliced_w2(generated: Tensor, held_out: Tensor, *, n_proj: int = 128, seed: int = 0) -> float:
     """Sliced W2 (:func:`imgmw.metrics.sliced_w2`) between ``generated [m, D]`` and ``held_out [m, D]``

@@ -43,15 +43,25 @@ def _weights_or_ones(x: Tensor, weight: Tensor | None) -> Tensor:
 
 def data_moments(x: Tensor, weight: Tensor | None, process_group=None) -> tuple[Tensor, Tensor]:
     """Weighted mean ``[*B, D]`` and covariance ``[*B, D, D]`` of ``x [*B, N, D]`` (of all ranks' points
-    with a ``process_group``)."""
+    with a ``process_group``). The centred points are formed chunk by chunk (:func:`imgmw.stats.chunk_bounds`),
+    so the temporaries stay small whatever ``N``."""
     process_group = check_process_group(process_group)
     w = _weights_or_ones(x, weight)
-    total = all_reduce_sum(w.sum(-1, keepdim=True), process_group)
-    w = w / total
+    w = w / all_reduce_sum(w.sum(-1, keepdim=True), process_group)
     mean = all_reduce_sum((w.unsqueeze(-2) @ x).squeeze(-2), process_group)
-    xc = x - mean.unsqueeze(-2)
-    cov = all_reduce_sum((xc * w.unsqueeze(-1)).mT @ xc, process_group)
-    return mean, symmetrize(cov)
+    cov = x.new_zeros(*x.shape[:-2], x.shape[-1], x.shape[-1])
+    for lo, hi in chunk_bounds(x.shape[-2], math.prod(x.shape[:-2]), 1, x.shape[-1], None):
+        xc = x[..., lo:hi, :] - mean.unsqueeze(-2)
+        cov = cov + (xc * w[..., lo:hi].unsqueeze(-1)).mT @ xc
+    return mean, symmetrize(all_reduce_sum(cov, process_group))
+
+
+def _squared_distances(x: Tensor, c: Tensor) -> Tensor:
+    """``‖x_n − c‖² [*B, N]`` for ``x [*B, N, D]`` and ``c [*B, 1, D]``, chunked over ``N``."""
+    out = x.new_empty(x.shape[:-1])
+    for lo, hi in chunk_bounds(x.shape[-2], math.prod(x.shape[:-2]), 1, x.shape[-1], None):
+        out[..., lo:hi] = (x[..., lo:hi, :] - c).square().sum(-1)
+    return out
 
 
 def _sample_rows(p: Tensor, n: int, generator: torch.Generator | None, replacement: bool) -> Tensor:
@@ -125,7 +135,7 @@ def kmeans_plus_plus(x: Tensor, n_components: int, weight: Tensor | None = None,
             hit = _draw_shared(p, generator, process_group)
             c = all_reduce_sum((hit.to(x.dtype).unsqueeze(-2) @ x), process_group)
         centres.append(c)
-        d2 = (x - c).square().sum(-1)
+        d2 = _squared_distances(x, c)
         min_d2 = d2 if min_d2 is None else torch.minimum(min_d2, d2)
     return torch.cat(centres, dim=-2)
 

@@ -32,6 +32,7 @@ Algorithm 3. Defaults were chosen on the bundled colour pairs and texture exempl
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -223,6 +224,14 @@ class WarmStartEM(nn.Module):
                 setattr(self, n, state_dict[prefix + n].clone())
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+
+    def get_extra_state(self) -> dict:
+        """The diagnostics in ``state_dict()``: the policy's schedule (``calls``) and its re-seed test (the last
+        step's masses) depend on them, so a resumed run takes the same steps."""
+        return dataclasses.asdict(self.diagnostics)
+
+    def set_extra_state(self, state: dict) -> None:
+        self.diagnostics = FitDiagnostics(**state)
 
     def reset(self) -> None:
         """Forget the stored parameters and diagnostics; the next call re-initialises."""

@@ -5,6 +5,7 @@ data set, ``torch.autograd.gradcheck`` (float64) for the loss's gradient through
 """
 from __future__ import annotations
 
+
 import json
 import math
 import os
@@ -228,7 +229,9 @@ def test_app_bad_inputs_exit_2_and_write_nothing(tmp_path, capsys):
     Image.new("RGB", (3, 3)).save(tiny)
     _assert_clean_failure(capsys, ["--data", "patches", "--image", str(tiny)], out, "smaller than the patch")
     _assert_clean_failure(capsys, ["--resume"], out, "no checkpoint")
-    _assert_clean_failure(capsys, ["--data", "digits", "--batch", "5000"], out, "exceeds")
+    _assert_clean_failure(capsys, ["--data", "digits", "--target", "batch", "--batch", "5000"], out, "exceeds")
+    _assert_clean_failure(capsys, ["--data", "texture", "--size", "100"], out, "multiple of 16")
+    _assert_clean_failure(capsys, ["--data", "texture", "--image", missing], out, "does not exist")
     _assert_clean_failure(capsys, ["--k", "9", "--batch", "8"], out, "at least --k")
 
 
@@ -257,3 +260,98 @@ def test_app_help_is_fast_and_lazy():
     proc = subprocess.run([sys.executable, "-m", "apps.train_generator", "--help"], cwd=ROOT, capture_output=True,
                           text=True, timeout=60, env=env)
     assert proc.returncode == 0 and "--resume" in proc.stdout
+
+
+# --------------------------------------------------------------------------------------------- data target, digits
+def test_data_target_trains_digits_towards_the_data():
+    data = load_samples("digits", seed=0)
+    net = make_generator(8, 64, 64, seed=0, output="sigmoid")
+    trainer = MW2GeneratorTrainer(net, data.train, z_dim=8, k=4, batch=512, lr=2e-3, seed=0, target="data")
+    before = generated_sliced_w2(trainer.sample(300, seed=1), data.test[:300])
+    history = trainer.train(60)
+    after = generated_sliced_w2(trainer.sample(300, seed=1), data.test[:300])
+    assert after < 0.6 * before, (before, after)
+    assert sum(history[-10:]) < sum(history[:10])
+    assert float(trainer.sample(50).min()) >= 0 and float(trainer.sample(50).max()) <= 1  # sigmoid output
+
+
+def test_data_target_checkpoint_resumes_exactly(tmp_path):
+    data = load_samples("digits", seed=0)
+
+    def make():
+        net = make_generator(4, 64, 16, seed=0, output="sigmoid")
+        return MW2GeneratorTrainer(net, data.train, z_dim=4, k=3, batch=64, seed=0, target="data")
+
+    a = make()
+    a.train(3)
+    state = load_checkpoint(save_checkpoint(tmp_path / "ckpt.pt", a.state_dict()))  # through the file format
+    a.train(2)
+    b = make()
+    b.load_state_dict(state)
+    b.train(2)
+    assert b.history == a.history
+    for pa, pb in zip(a.net.parameters(), b.net.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_digit_classifier_scores_rank_real_digits_above_noise_and_collapse():
+    from imgmw.generative import digit_classifier_scores
+
+    data = load_samples("digits", seed=0)
+    real = digit_classifier_scores(data.test, seed=0)
+    assert real["mean_max_probability"] > 0.8 and real["entropy_ratio"] > 0.95
+    assert real["mean_max_probability"] == pytest.approx(real["real_held_out_mean_max_probability"])
+    noise = digit_classifier_scores(torch.rand(300, 64, generator=torch.Generator().manual_seed(0)), seed=0)
+    assert noise["mean_max_probability"] < real["mean_max_probability"] - 0.2
+    one = digit_classifier_scores(data.test[:1].repeat(100, 1), seed=0)
+    assert one["entropy_ratio"] == 0.0 and max(one["class_histogram"]) == 1.0
+
+
+# --------------------------------------------------------------------------------------------- apps.generate
+def _generate(argv):
+    from apps import generate
+
+    return run("generate", generate.main, argv)
+
+
+def test_generate_digits_and_texture_end_to_end(tmp_path, capsys):
+    digits = tmp_path / "digits"
+    assert _main(_tiny(digits, "--data", "digits", "--k", "2", "--batch", "64")) == 0
+    metrics = json.loads((digits / "metrics.json").read_text())
+    assert 0 <= metrics["digit_classifier"]["mean_max_probability"] <= 1
+    out = tmp_path / "gen_digits"
+    assert _generate([str(digits / "checkpoint.pt"), "--n", "30", "--output", str(out), "--quiet"]) == 0
+    samples = torch.load(out / "samples.pt")
+    assert samples.shape == (30, 1, 8, 8) and float(samples.min()) >= 0 and float(samples.max()) <= 1
+    again = tmp_path / "gen_digits_again"
+    assert _generate([str(digits / "checkpoint.pt"), "--n", "30", "--output", str(again), "--quiet"]) == 0
+    assert torch.equal(torch.load(again / "samples.pt"), samples)  # the seed fixes the samples
+
+    texture = tmp_path / "texture"
+    assert _main(["--data", "texture", "--size", "32", "--iters", "2", "--tileable", "--output", str(texture),
+                  "--quiet"]) == 0
+    metrics = json.loads((texture / "metrics.json").read_text())
+    assert metrics["seconds_sample_512"] > 0 and "structure_distance" in metrics["trained"]
+    out = tmp_path / "gen_texture"
+    assert _generate([str(texture / "checkpoint.pt"), "--size", "48x32", "--n", "2", "--tileable", "--output",
+                      str(out), "--quiet"]) == 0
+    assert Image.open(out / "sample_001.png").size == (48, 32)
+    assert Image.open(out / "tiled_000.png").size == (96, 64)
+    capsys.readouterr()
+    assert _generate([str(texture / "checkpoint.pt"), "--size", "50", "--output", str(tmp_path / "x")]) == 2
+    assert "divisible by 16" in capsys.readouterr().err
+
+
+def test_generate_bad_checkpoints_exit_2(tmp_path, capsys):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.ones(2)}, other)
+    broken = tmp_path / "broken.pt"
+    torch.save({"trainer": {"net": {"0.weight": torch.ones(1)}}, "generator": {"kind": "mlp", "z_dim": 4, "out_dim": 2,
+                                                                             "hidden": 8, "output": "linear",
+                                                                             "shape": [2]}}, broken)
+    for path, fragment in ((tmp_path / "missing.pt", "does not exist"), (garbage, "not a readable checkpoint"),
+                           (other, "not a generator checkpoint"), (broken, "do not load")):
+        out = tmp_path / "never"
+        assert_clean_failure(_generate, capsys, [str(path)], out, fragment)

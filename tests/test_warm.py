@@ -100,10 +100,12 @@ def test_state_is_a_buffer_that_round_trips_and_moves():
     em = WarmStartEM(2, generator=torch.Generator().manual_seed(0))
     em(x)
     state = em.state_dict()
-    assert set(state) == {"weights", "means", "covariances"}
+    assert set(state) == {"weights", "means", "covariances", "_extra_state"}  # the policy's diagnostics too
     fresh = WarmStartEM(2)
     fresh.load_state_dict(state)
     torch.testing.assert_close(fresh.state.means, em.state.means)
+    assert fresh.diagnostics.calls == em.diagnostics.calls == 1
+    torch.testing.assert_close(fresh.diagnostics.mass_ratio, em.diagnostics.mass_ratio)
     assert fresh.double().state.dtype == torch.float64
     em.reset()
     assert em.state is None and em.diagnostics.calls == 0

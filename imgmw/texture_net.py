@@ -1,0 +1,185 @@
+"""A feed-forward texture generator trained with the multi-scale patch MW2 loss.
+
+The network follows the multi-scale design of Ulyanov et al.'s texture networks (2016): noise images
+``z_s [n, c_z, H/2^s, W/2^s]`` at ``S`` resolutions; the coarsest goes through a convolution block, is upsampled
+(nearest, ×2) and concatenated with the block output of the next finer noise, and so on up to full resolution,
+where a 1×1 convolution and a sigmoid give the RGB image in [0, 1]. A block is two 3×3 convolutions with
+LeakyReLU(0.2); channel counts grow towards the fine scales. Being fully convolutional, one network samples any
+size in one forward pass (sides are rounded up to a multiple of ``2^(S−1)`` and the result is cropped). With
+``periodic=True`` every convolution pads circularly and nothing is cropped, so the samples tile (sides must be
+multiples of ``2^(S−1)``).
+
+Training (:class:`TextureGeneratorTrainer`) minimises, by Adam over the weights,
+
+    L(θ) = Σ_s MW2²( EM_K(P_s(G_θ(z))), ν_s )
+
+with :class:`imgmw.texture.PatchMW2Loss` (fresh noise ``z`` every step, warm-started EM fits of the generated
+patches, the exemplar's per-scale patch mixtures ``ν_s``), at a fixed training size.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .flow import check_divergence
+from .texture import PatchMW2Loss
+
+__all__ = ["TextureGenerator", "TextureGeneratorTrainer"]
+
+
+class _Block(nn.Module):
+    """Two 3×3 convolutions with LeakyReLU(0.2), reflect or circular padding (``[n, c_in, h, w] → [n, c_out, h, w]``)."""
+
+    def __init__(self, c_in: int, c_out: int, periodic: bool) -> None:
+        super().__init__()
+        mode = "circular" if periodic else "reflect"
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, padding_mode=mode)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, padding_mode=mode)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.leaky_relu(self.conv2(F.leaky_relu(self.conv1(x), 0.2)), 0.2)
+
+
+class TextureGenerator(nn.Module):
+    """Multi-scale noise-to-texture network (see the module docstring).
+
+    Args:
+        n_scales: noise resolutions ``S``.
+        channels: block width at the coarsest scale; each finer scale adds ``channels`` (scale ``s`` from the
+            coarsest has ``(s + 1)·channels``, capped at ``max_channels``).
+        noise_channels: ``c_z`` of every noise image.
+        periodic: circular padding everywhere: samples tile.
+        max_channels: width cap of the finest blocks (their cost dominates sampling).
+    """
+
+    def __init__(self, n_scales: int = 5, channels: int = 8, noise_channels: int = 3, periodic: bool = False,
+                 max_channels: int = 32) -> None:
+        super().__init__()
+        for name, value in (("n_scales", n_scales), ("channels", channels), ("noise_channels", noise_channels),
+                            ("max_channels", max_channels)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        self.n_scales, self.channels, self.noise_channels = n_scales, channels, noise_channels
+        self.periodic, self.max_channels = bool(periodic), max_channels
+        self.noise_blocks = nn.ModuleList(_Block(noise_channels, channels, self.periodic) for _ in range(n_scales))
+        merged, width = [], channels
+        for _ in range(n_scales - 1):
+            out = min(width + channels, max_channels)
+            merged.append(_Block(width + channels, out, self.periodic))
+            width = out
+        self.merge_blocks = nn.ModuleList(merged)
+        self.to_rgb = nn.Conv2d(width, 3, 1)
+
+    def config(self) -> dict[str, Any]:
+        """The constructor's arguments (stored in checkpoints)."""
+        return {"n_scales": self.n_scales, "channels": self.channels, "noise_channels": self.noise_channels,
+                "periodic": self.periodic, "max_channels": self.max_channels}
+
+    @property
+    def multiple(self) -> int:
+        """Sides of the full-resolution noise are multiples of this, ``2^(S−1)``."""
+        return 2 ** (self.n_scales - 1)
+
+    def noise_shape(self, size: tuple[int, int]) -> tuple[int, int]:
+        """Full-resolution noise size for an output ``size = (H, W)`` (rounded up to :attr:`multiple`)."""
+        h, w = size
+        if min(h, w) < 1:
+            raise ValueError(f"size must be positive, got {size}")
+        m = self.multiple
+        if self.periodic and (h % m or w % m):
+            raise ValueError(f"a tileable sample needs sides divisible by {m} (2^(n_scales-1)), got {w}x{h}")
+        return math.ceil(h / m) * m, math.ceil(w / m) * m
+
+    def noise(self, n: int, size: tuple[int, int], generator: torch.Generator | None = None,
+              device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> list[Tensor]:
+        """``S`` standard normal noise images ``[n, c_z, H/2^s, W/2^s]``, finest first, drawn in that order
+        from ``generator`` (on the generator's device, then moved to ``device``)."""
+        h, w = self.noise_shape(size)
+        gdev = generator.device if generator is not None else torch.device("cpu")
+        return [torch.randn(n, self.noise_channels, h >> s, w >> s, generator=generator, device=gdev,
+                            dtype=dtype).to(device) for s in range(self.n_scales)]
+
+    def forward(self, noise: list[Tensor], size: tuple[int, int] | None = None) -> Tensor:
+        """Images ``[n, 3, H, W]`` in [0, 1] from :meth:`noise` (cropped to ``size`` when given)."""
+        if len(noise) != self.n_scales:
+            raise ValueError(f"expected {self.n_scales} noise images, got {len(noise)}")
+        x = self.noise_blocks[-1](noise[-1])
+        for s in range(self.n_scales - 2, -1, -1):
+            up = F.interpolate(x, scale_factor=2, mode="nearest")
+            x = self.merge_blocks[self.n_scales - 2 - s](torch.cat([up, self.noise_blocks[s](noise[s])], dim=1))
+        out = torch.sigmoid(self.to_rgb(x))
+        return out if size is None else out[..., :size[0], :size[1]]
+
+    @torch.no_grad()
+    def sample(self, n: int, size: tuple[int, int], generator: torch.Generator | None = None) -> Tensor:
+        """``n`` textures ``[n, 3, H, W]`` of ``size = (H, W)`` in one forward pass (eval mode)."""
+        param = next(self.parameters())
+        return self(self.noise(n, size, generator, param.device, param.dtype), size)
+
+
+class TextureGeneratorTrainer:
+    """Adam on a :class:`TextureGenerator`'s weights against a :class:`~imgmw.texture.PatchMW2Loss`.
+
+    Args:
+        net: the generator; loss: the patch loss built from the exemplar (its ``periodic`` should match the
+            network's); size: ``(H, W)`` of the training samples; batch: samples per step (each its own fit);
+        lr: Adam's step size; seed: seeds the noise.
+    """
+
+    def __init__(self, net: TextureGenerator, loss: PatchMW2Loss, *, size: tuple[int, int] = (128, 128),
+                 batch: int = 1, lr: float = 2e-3, seed: int = 0) -> None:
+        if not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
+        self.net, self.loss, self.size, self.batch = net, loss, net.noise_shape(size), batch
+        param = next(net.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.rng = torch.Generator(device=self.device).manual_seed(seed)
+        self.optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+        self.step_count = 0
+        self.history: list[float] = []
+
+    def step(self) -> float:
+        """One step on fresh noise; returns ``Σ_s MW2²`` of this step's samples."""
+        self.net.train()
+        image = self.net(self.net.noise(self.batch, self.size, self.rng, self.device, self.dtype))
+        loss = self.loss(image)
+        value = float(loss.detach())
+        lr = self.optimizer.param_groups[0]["lr"]
+        check_divergence(self.history + [value], list(self.net.parameters()), lr, what="training")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        check_divergence(self.history + [value], list(self.net.parameters()), lr, what="training")
+        self.step_count += 1
+        self.history.append(value)
+        return value
+
+    def train(self, iters: int, callback: Callable[[int, float], None] | None = None) -> list[float]:
+        """``iters`` steps; ``callback(step, loss)`` after each (1-based, counting from the first ever step)."""
+        for _ in range(iters):
+            value = self.step()
+            if callback is not None:
+                callback(self.step_count, value)
+        return self.history
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs: network (and its config), optimiser, the loss's warm starts and generator
+        (patch draws, fresh fits), the noise generator, history."""
+        loss_rng = self.loss.generator
+        return {"net": self.net.state_dict(), "config": self.net.config(), "optimizer": self.optimizer.state_dict(),
+                "loss": self.loss.state_dict(), "loss_rng": None if loss_rng is None else loss_rng.get_state(),
+                "rng": self.rng.get_state(), "step": self.step_count, "history": list(self.history)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state["net"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loss.load_state_dict(state["loss"])
+        if self.loss.generator is not None and state["loss_rng"] is not None:
+            self.loss.generator.set_state(state["loss_rng"])
+        self.rng.set_state(state["rng"])
+        self.step_count = int(state["step"])
+        self.history = [float(v) for v in state["history"]]

@@ -1,0 +1,89 @@
+"""The feed-forward texture generator (imgmw.texture_net): shapes at any size, periodicity, training and resume."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from imgmw.texture import PatchMW2Loss
+from imgmw.texture_net import TextureGenerator, TextureGeneratorTrainer
+
+
+def _exemplar() -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.arange(48.0), torch.arange(48.0), indexing="ij")
+    stripes = 0.5 + 0.4 * torch.sin(xx * 0.8 + 0.3 * yy)
+    return (torch.stack([stripes, 1 - stripes, 0.5 * stripes]) + 0.05 * torch.rand(3, 48, 48, generator=g)).clamp(0, 1)
+
+
+@pytest.mark.parametrize("size", [(16, 16), (37, 50), (64, 23)])
+def test_samples_have_the_asked_size_and_range(size):
+    torch.manual_seed(0)
+    net = TextureGenerator(n_scales=4, channels=4)
+    out = net.sample(2, size, torch.Generator().manual_seed(1))
+    assert out.shape == (2, 3, *size)
+    assert float(out.min()) >= 0 and float(out.max()) <= 1
+    again = net.sample(2, size, torch.Generator().manual_seed(1))
+    assert torch.equal(out, again)
+
+
+def test_periodic_network_commutes_with_rolls_of_its_noise():
+    """Circular padding: rolling every noise image by a multiple of its scale rolls the output the same way,
+    so a sample is a function on the torus and tiles without a seam. Reflect padding breaks this."""
+    torch.manual_seed(0)
+    for periodic, equal in ((True, True), (False, False)):
+        net = TextureGenerator(n_scales=3, channels=4, periodic=periodic).double()
+        noise = net.noise(1, (32, 32), torch.Generator().manual_seed(2), dtype=torch.float64)
+        shift = 8  # a multiple of 2^(n_scales - 1)
+        rolled = [z.roll((shift >> s, shift >> s), dims=(-2, -1)) for s, z in enumerate(noise)]
+        with torch.no_grad():
+            a, b = net(noise), net(rolled)
+        same = torch.allclose(a.roll((shift, shift), dims=(-2, -1)), b, atol=1e-12)
+        assert same == equal
+
+
+def test_periodic_network_refuses_sizes_it_cannot_tile():
+    net = TextureGenerator(n_scales=3, periodic=True)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        net.noise_shape((30, 32))
+    assert net.noise_shape((32, 28)) == (32, 28)
+    assert TextureGenerator(n_scales=3).noise_shape((30, 33)) == (32, 36)
+
+
+def _trainer(seed: int = 0) -> TextureGeneratorTrainer:
+    torch.manual_seed(seed)
+    net = TextureGenerator(n_scales=3, channels=4)
+    loss = PatchMW2Loss(_exemplar(), patch=3, n_components=2, n_scales=2, n_patches=256,
+                        generator=torch.Generator().manual_seed(seed))
+    return TextureGeneratorTrainer(net, loss, size=(32, 32), lr=5e-3, seed=seed)
+
+
+def test_training_lowers_the_patch_loss():
+    trainer = _trainer()
+    history = trainer.train(40)
+    assert sum(history[-5:]) < 0.8 * sum(history[:5]), history
+
+
+def test_checkpoint_round_trip_resumes_exactly():
+    a = _trainer()
+    a.train(3)
+    state = copy.deepcopy(a.state_dict())  # state_dict() shares the live tensors
+    a.train(3)
+    b = _trainer()
+    b.load_state_dict(state)
+    b.train(3)
+    assert b.history == a.history
+    for pa, pb in zip(a.net.parameters(), b.net.parameters()):
+        assert torch.equal(pa, pb)
+    rebuilt = TextureGenerator(**state["config"])
+    rebuilt.load_state_dict(state["net"])  # the config in a checkpoint rebuilds the network
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="n_scales"):
+        TextureGenerator(n_scales=0)
+    with pytest.raises(ValueError, match="noise images"):
+        TextureGenerator(n_scales=2)([torch.zeros(1, 3, 8, 8)])
+    with pytest.raises(ValueError, match="batch"):
+        TextureGeneratorTrainer(TextureGenerator(n_scales=2), PatchMW2Loss(_exemplar(), n_scales=1), batch=0)
