@@ -1,11 +1,12 @@
 """A scikit-learn-compatible Gaussian-mixture estimator on top of the batched EM core.
 
 Accepts NumPy arrays or tensors ``[N, D]``; fitted attributes are NumPy arrays named as in
-``sklearn.mixture.GaussianMixture`` (full covariances). The estimator contract is implemented here without
-importing scikit-learn (an optional dependency): ``get_params`` / ``set_params`` from the constructor's
-signature (so ``sklearn.base.clone``, ``GridSearchCV`` and pipelines work), ``__sklearn_is_fitted__``, the
-``"density_estimator"`` type, and a :class:`ConvergenceWarning` when a fit stops at ``max_iter`` (a subclass of
-scikit-learn's when it is installed, so filters written for scikit-learn apply).
+``sklearn.mixture.GaussianMixture`` (full covariances). With scikit-learn installed (an optional dependency)
+the estimator is a ``BaseEstimator`` and ``DensityMixin``, its errors and warnings subclass scikit-learn's
+``NotFittedError`` and ``ConvergenceWarning``, and it passes ``sklearn.utils.estimator_checks.check_estimator``
+(tests/test_estimator.py). Without scikit-learn the same contract stands on its own: ``get_params`` /
+``set_params`` from the constructor's signature, ``__sklearn_is_fitted__``, the input checks, and a
+:class:`ConvergenceWarning` when a fit stops at ``max_iter``.
 """
 from __future__ import annotations
 
@@ -23,14 +24,23 @@ from .linalg import cholesky_inverse_transpose, safe_cholesky
 
 __all__ = ["GaussianMixture", "NotFittedError", "ConvergenceWarning"]
 
-try:  # scikit-learn is optional: subclass its warning when present, so its filters and tests see ours
+try:  # scikit-learn is optional: subclass its classes when present, so its filters, checks and tests see ours
+    from sklearn.base import BaseEstimator as _Estimator, DensityMixin as _Density
     from sklearn.exceptions import ConvergenceWarning as _SklearnConvergenceWarning
+    from sklearn.exceptions import NotFittedError as _SklearnNotFittedError
+    _BASES: tuple[type, ...] = (_Density, _Estimator)
 except ImportError:  # pragma: no cover - exercised only without scikit-learn
     _SklearnConvergenceWarning = UserWarning
+    _BASES = ()
+
+    class _SklearnNotFittedError(ValueError, AttributeError):
+        pass
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
-class NotFittedError(ValueError, AttributeError):
-    """Raised when a method needs a fitted model (the same bases as scikit-learn's NotFittedError)."""
+class NotFittedError(_SklearnNotFittedError):
+    """Raised when a method needs a fitted model (scikit-learn's NotFittedError when it is installed)."""
 
 
 class ConvergenceWarning(_SklearnConvergenceWarning):
@@ -58,13 +68,15 @@ def _same(a, b) -> bool:
         return False
 
 
-class GaussianMixture:
+class GaussianMixture(*_BASES):
     """Full-covariance Gaussian mixture fitted by EM, with scikit-learn's estimator contract.
 
     Parameters follow ``sklearn.mixture.GaussianMixture`` (``n_components``, ``tol``, ``reg_covar``,
     ``max_iter``, ``n_init``, ``init_params`` in ``{"kmeans", "k-means++", "random",
     "random_from_data"}``, ``weights_init``, ``means_init``, ``precisions_init``, ``random_state``,
-    ``warm_start``) plus ``device`` and ``dtype`` for the torch computation and ``fixed_weights``.
+    ``warm_start``) plus ``device`` and ``dtype`` (``"float64"``, ``"float32"`` or a torch dtype) for the torch
+    computation and ``fixed_weights``. With scikit-learn installed it is a ``BaseEstimator`` and ``DensityMixin``
+    and passes ``sklearn.utils.estimator_checks.check_estimator``; input checks follow scikit-learn's wording.
 
     Attributes after ``fit``: ``weights_ [K]``, ``means_ [K, D]``, ``covariances_ [K, D, D]``,
     ``precisions_cholesky_``, ``precisions_``, ``converged_``, ``n_iter_``, ``lower_bound_``.
@@ -83,7 +95,7 @@ class GaussianMixture:
                  reg_covar: float = 1e-6, max_iter: int = 100, n_init: int = 1, init_params: str = "kmeans",
                  weights_init=None, means_init=None, precisions_init=None, random_state=None,
                  warm_start: bool = False, fixed_weights: bool = False, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float64) -> None:
+                 dtype: str | torch.dtype = "float64") -> None:
         self.n_components = n_components
         self.covariance_type = covariance_type
         self.tol = tol
@@ -148,16 +160,43 @@ class GaussianMixture:
         if self.tol < 0:
             raise ValueError(f"tol must be >= 0, got {self.tol!r}")
 
+    @property
+    def _torch_dtype(self) -> torch.dtype:
+        if isinstance(self.dtype, torch.dtype) and self.dtype in DTYPES.values():
+            return self.dtype
+        if self.dtype in DTYPES:
+            return DTYPES[self.dtype]
+        raise ValueError(f"dtype must be 'float64', 'float32' or the torch dtype, got {self.dtype!r}")
+
     def _tensor(self, x, name: str = "X", *, match_fitted: bool = True) -> Tensor:
-        """``x`` as a finite ``[N, D]`` tensor; ``match_fitted`` also requires the fitted ``D``."""
-        t = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x)
-        t = t.to(device=self.device, dtype=self.dtype)
+        """``x`` as a finite ``[N, D]`` tensor (N, D >= 1); ``match_fitted`` also requires the fitted ``D``.
+        Refuses sparse, complex and non-numeric input, with scikit-learn's messages."""
+        if hasattr(x, "toarray") or type(x).__module__.startswith("scipy.sparse"):
+            raise TypeError(f"Sparse data was passed for {name}, but dense data is required; use {name}.toarray()")
+        if not isinstance(x, Tensor):
+            a = np.asarray(x)
+            if np.iscomplexobj(a):
+                raise ValueError(f"Complex data not supported: {name} has dtype {a.dtype}")
+            if a.dtype == object:  # numbers held as objects convert; anything else raises numpy's TypeError
+                a = a.astype(np.float64)
+            x = a
+        elif x.is_complex():
+            raise ValueError(f"Complex data not supported: {name} has dtype {x.dtype}")
+        t = torch.as_tensor(x).to(device=self.device, dtype=self._torch_dtype)
         if t.dim() != 2:
-            raise ValueError(f"{name} must be a 2-D array [n_samples, n_features], got shape {tuple(t.shape)}")
+            raise ValueError(f"Expected a 2D array for {name}, got shape {tuple(t.shape)}. Reshape your data either "
+                             "using array.reshape(-1, 1) if your data has a single feature or array.reshape(1, -1) "
+                             "if it contains a single sample.")
+        if t.shape[0] < 1:
+            raise ValueError(f"Found array with 0 sample(s) (shape={tuple(t.shape)}) while a minimum of 1 is required.")
+        if t.shape[1] < 1:
+            raise ValueError(f"Found array with 0 feature(s) (shape={tuple(t.shape)}) while a minimum of 1 is "
+                             "required.")
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name} contains NaN or inf; remove or impute those samples first")
         if match_fitted and hasattr(self, "means_") and t.shape[1] != self.means_.shape[1]:
-            raise ValueError(f"{name} has {t.shape[1]} features, the model was fitted with {self.means_.shape[1]}")
+            raise ValueError(f"{name} has {t.shape[1]} features, but GaussianMixture is expecting "
+                             f"{self.means_.shape[1]} features as input")
         return t
 
     def _user_init(self, d: int) -> GMM | None:
@@ -166,15 +205,15 @@ class GaussianMixture:
                 raise ValueError("weights_init/precisions_init need means_init too in this implementation")
             return None
         k = self.n_components
-        means = torch.as_tensor(np.asarray(self.means_init), dtype=self.dtype, device=self.device)
+        means = torch.as_tensor(np.asarray(self.means_init), dtype=self._torch_dtype, device=self.device)
         if means.shape != (k, d):
             raise ValueError(f"means_init must have shape ({k}, {d}), got {tuple(means.shape)}")
-        weights = (torch.full((k,), 1.0 / k, dtype=self.dtype, device=self.device) if self.weights_init is None
-                   else torch.as_tensor(np.asarray(self.weights_init), dtype=self.dtype, device=self.device))
+        weights = (torch.full((k,), 1.0 / k, dtype=self._torch_dtype, device=self.device) if self.weights_init is None
+                   else torch.as_tensor(np.asarray(self.weights_init), dtype=self._torch_dtype, device=self.device))
         if self.precisions_init is None:
-            cov = torch.eye(d, dtype=self.dtype, device=self.device).expand(k, d, d).clone()
+            cov = torch.eye(d, dtype=self._torch_dtype, device=self.device).expand(k, d, d).clone()
         else:
-            prec = torch.as_tensor(np.asarray(self.precisions_init), dtype=self.dtype, device=self.device)
+            prec = torch.as_tensor(np.asarray(self.precisions_init), dtype=self._torch_dtype, device=self.device)
             if prec.shape != (k, d, d):
                 raise ValueError(f"precisions_init must have shape ({k}, {d}, {d}), got {tuple(prec.shape)}")
             cov = torch.linalg.inv(prec)
@@ -183,7 +222,7 @@ class GaussianMixture:
 
     def _model(self) -> GMM:
         self._check_fitted()
-        t = lambda a: torch.as_tensor(a, dtype=self.dtype, device=self.device)  # noqa: E731
+        t = lambda a: torch.as_tensor(a, dtype=self._torch_dtype, device=self.device)  # noqa: E731
         return GMM(t(self.weights_), t(self.means_), t(self.covariances_))
 
     def _check_fitted(self) -> None:

@@ -168,8 +168,23 @@ def test_wrong_feature_count_raises(fitted):
     for method in (gm.predict, gm.predict_proba, gm.score_samples, gm.score, gm.bic):
         with pytest.raises(ValueError, match="features"):
             method(np.zeros((4, 3)))
-    with pytest.raises(ValueError, match="2-D"):
+    with pytest.raises(ValueError, match="Reshape your data"):
         gm.predict(np.zeros(4))
+
+
+def test_passes_scikit_learns_estimator_checks():
+    """Every check of sklearn.utils.estimator_checks.check_estimator (clone, tags, input validation with
+    scikit-learn's messages, sparse/complex/object input, fit idempotence, pickling, n_features_in_, ...)."""
+    from sklearn.base import DensityMixin
+    from sklearn.utils.estimator_checks import check_estimator
+
+    est = GaussianMixture(n_components=1, max_iter=20)
+    assert isinstance(est, DensityMixin)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        results = check_estimator(est, on_fail=None)
+    failed = [(r["check_name"], str(r["exception"]).splitlines()[0]) for r in results if r["status"] == "failed"]
+    assert len(results) > 30 and not failed, failed
 
 
 def test_non_finite_input_raises(fitted):
