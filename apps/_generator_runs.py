@@ -29,7 +29,7 @@ class VectorJob:
 
     loss_label = "MW2²(fit of G(z), fit of real data)"
 
-    def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
+    def __init__(self, args: argparse.Namespace, device: torch.device, group=None) -> None:
         image = resize_max(load_image(args.image), args.max_side) if args.data == "patches" else None
         if image is not None and min(image.shape[-2:]) < args.patch:
             raise AppError(f"--image {args.image} ({image.shape[-1]}x{image.shape[-2]} after --max-side) is smaller "
@@ -48,7 +48,7 @@ class VectorJob:
                      "shape": list(self.data.shape), "data": args.data}
         self.trainer = MW2GeneratorTrainer(net, self.data.train, z_dim=args.z_dim, k=args.k, batch=args.batch,
                                            lr=args.lr, em=args.em, em_steps=args.em_steps, seed=args.seed,
-                                           target=args.target)
+                                           target=args.target, process_group=group)
         self.m = min(args.eval_samples, self.data.test.shape[0])
         self.held_out = self.data.test[:self.m]
 
@@ -120,21 +120,31 @@ class TextureJob:
 
     loss_label = "Σ_s MW2²(fit of the sample's patches, exemplar's)"
 
-    def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
+    def __init__(self, args: argparse.Namespace, device: torch.device, group=None) -> None:
         from imgmw.texture import PatchMW2Loss
         from imgmw.texture_net import TextureGenerator, TextureGeneratorTrainer
 
+        from imgmw.texture import DEFAULT_PATCHES, check_patch_counts, texture_n_scales
+
         self.args = args
         self.exemplar = load_image(args.image).to(device)
+        hw, size = tuple(self.exemplar.shape[-2:]), (args.size, args.size)
+        n_scales = texture_n_scales(hw, hw, args.patch)
+        try:
+            check_patch_counts(hw, size, args.patch, n_scales, args.k, DEFAULT_PATCHES, args.tileable,
+                               names={"n_components": "--k", "patch": "--patch", "output": "--size",
+                                      "n_patches": "patches per step", "n_scales": "scales"})
+        except ValueError as err:
+            raise AppError(str(err)) from None
         gen = torch.Generator(device=device).manual_seed(args.seed)
         self.loss = PatchMW2Loss(self.exemplar, patch=args.patch, n_components=args.k, periodic=args.tileable,
-                                 generator=gen)
+                                 generator=gen, process_group=group)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.seed)
             net = TextureGenerator(channels=args.hidden, noise_channels=args.z_dim, periodic=args.tileable).to(device)
         self.spec = {"kind": "texture", "config": net.config()}
         self.trainer = TextureGeneratorTrainer(net, self.loss, size=(args.size, args.size), batch=args.batch,
-                                               lr=args.lr, seed=args.seed)
+                                               lr=args.lr, seed=args.seed, process_group=group)
 
     def _sample(self, size: int, seed: int) -> torch.Tensor:
         net = self.trainer.net

@@ -17,13 +17,12 @@ patches, n_patches, n_images, seconds, peak_rss_bytes, settings).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
-from apps._cli import AppError, AppParser, check_output, positive_int, resolve_device, run, seed, staged_output, \
+from apps._cli import AppError, AppParser, check_output, positive_int, run, seed, staged_output, start_process_group, \
     write_json
 
 PROG = "fit_prior"
@@ -65,23 +64,6 @@ def _check_args(args: argparse.Namespace) -> None:
         raise AppError(f"--patch {args.patch} gives D = {3 * args.patch ** 2} > {3 * MAX_PATCH ** 2}; use --patch <= {MAX_PATCH}")
     if not args.tol >= 0:
         raise AppError(f"--tol must be >= 0, got {args.tol}")
-
-
-def _start_group(device_name: str):
-    """``(process group or None, device)``: under torchrun (WORLD_SIZE > 1) the default group, gloo on CPU and
-    NCCL on CUDA, with each rank on its LOCAL_RANK GPU."""
-    import torch
-    import torch.distributed as dist
-
-    device = resolve_device(device_name)
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.group.WORLD, device
 
 
 def _agree(ok: bool, group) -> bool:
@@ -174,7 +156,7 @@ def _fit(args: argparse.Namespace, group, device) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _check_args(args)
-    group, device = _start_group(args.device)
+    group, device = start_process_group(args.device)
     try:
         return _fit(args, group, device)
     finally:

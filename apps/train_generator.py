@@ -13,6 +13,11 @@ confidence and class spread of a logistic-regression classifier trained on the r
 --data texture trains a multi-scale convolutional texture network (imgmw.texture_net) with the multi-scale
 patch MW2 loss of apps.texture_synth against --image; apps.generate then samples any size in one pass.
 
+Under torchrun (torchrun --standalone --nproc_per_node N -m apps.train_generator ...) the network is wrapped in
+DistributedDataParallel: every process generates --batch samples from its own noise, the MW2 loss fits the
+samples of all processes together (all-reduced EM statistics) and rank 0 writes the outputs (vector data sets
+need --target data).
+
 Writes under --output (default outputs/train_generator/): checkpoint.pt (--resume continues from it up to
 --iters steps in total; with --save-every N it is also written there every N steps, atomically, so a killed
 run loses at most N steps), samples.png, loss.png and metrics.json.
@@ -20,13 +25,14 @@ run loses at most N steps), samples.png, loss.png and metrics.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from apps._cli import (AppError, AppParser, Interrupted, add_common_args, positive_float, positive_int,
-                       resolve_device, run, staged_output, write_json)
+from apps._cli import (AppError, AppParser, Interrupted, add_common_args, positive_float, positive_int, run,
+                       staged_output, start_process_group, write_json)
 
 NAME = "train_generator"
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -99,8 +105,10 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     return {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
 
 
-def _resume(trainer, path: Path, args: argparse.Namespace, device) -> dict[str, Any]:
-    """Load the checkpoint into ``trainer``; returns its ``extra`` dict. Refuses other settings."""
+def _resume(trainer, path: Path, args: argparse.Namespace, device, group) -> dict[str, Any]:
+    """Load the checkpoint into ``trainer``; returns its ``extra`` dict. Refuses other settings, and under
+    torchrun another number of processes (each rank continues its own noise stream)."""
+    from imgmw.distributed import rank, world_size
     from imgmw.generative import load_checkpoint
 
     state = load_checkpoint(path, map_location=device)
@@ -111,6 +119,12 @@ def _resume(trainer, path: Path, args: argparse.Namespace, device) -> dict[str, 
     if diff:
         raise AppError(f"--resume: checkpoint {path} was trained with different {', '.join(diff)}")
     trainer.load_state_dict(state["trainer"])
+    per_rank = state.get("rng_per_rank")
+    if group is not None:
+        if per_rank is None or len(per_rank) != world_size(group):
+            raise AppError(f"--resume: checkpoint {path} was written by {1 if per_rank is None else len(per_rank)} "
+                           f"process(es); resume it with as many, not {world_size(group)}")
+        trainer.rng.set_state(per_rank[rank(group)].clone())  # set_state crashes on a view into a larger storage
     return dict(state["extra"])
 
 
@@ -140,33 +154,52 @@ def _plot_loss(path: Path, history: list[float], label: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _check_args(args)
+    group, device = start_process_group(args.device)
+    try:
+        return _train(args, group, device)
+    finally:
+        if group is not None:
+            import torch.distributed as dist
 
+            dist.destroy_process_group()
+
+
+def _train(args: argparse.Namespace, group, device) -> int:
     from tqdm import tqdm
 
     from apps import _generator_runs as runs
+    from imgmw.distributed import all_gather_stack, rank, world_size
     from imgmw.generative import save_checkpoint
 
-    device = resolve_device(args.device)
+    if group is not None and args.data != "texture" and args.target != "data":
+        raise AppError("under torchrun the vector generators need --target data (real minibatch fits are per process)")
+    main_rank = rank(group) == 0
     t_start = time.perf_counter()
-    job = runs.TextureJob(args, device) if args.data == "texture" else runs.VectorJob(args, device)
+    job = runs.TextureJob(args, device, group) if args.data == "texture" else runs.VectorJob(args, device, group)
     trainer = job.trainer
     ckpt = args.output / CHECKPOINT
-    extra = _resume(trainer, ckpt, args, device) if args.resume else job.untrained()
+    extra = _resume(trainer, ckpt, args, device, group) if args.resume else (job.untrained() if main_rank else {})
     start = trainer.step_count
 
     def checkpoint_state() -> dict[str, Any]:
-        return {"trainer": trainer.state_dict(), "settings": _settings(args), "extra": extra, "generator": job.spec}
+        state = {"trainer": trainer.state_dict(), "settings": _settings(args), "extra": extra, "generator": job.spec}
+        if group is not None:  # every rank's noise generator, so that a resumed run draws what this one would
+            state["rng_per_rank"] = [t.clone() for t in all_gather_stack(trainer.rng.get_state(), group)]
+        return state
 
-    with staged_output(args.output) as out:
-        bar = tqdm(total=args.iters, initial=min(start, args.iters), desc="train", disable=args.quiet, file=sys.stderr)
+    with staged_output(args.output) if main_rank else contextlib.nullcontext() as out:
+        bar = tqdm(total=args.iters, initial=min(start, args.iters), desc="train", disable=args.quiet or not main_rank,
+                   file=sys.stderr)
         saved: list[int] = []
 
         def progress(step: int, loss: float) -> None:
             bar.update(1)
             bar.set_postfix(mw2=f"{loss:.3g}")
             if args.save_every and step % args.save_every == 0:
-                args.output.mkdir(parents=True, exist_ok=True)
-                save_checkpoint(ckpt, checkpoint_state())
+                state = checkpoint_state()
+                if main_rank:
+                    args.output.mkdir(parents=True, exist_ok=True)
+                    save_checkpoint(ckpt, state)
                 saved.append(step)
 
         t_train = time.perf_counter()
@@ -178,9 +211,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise Interrupted(f"{ckpt} holds step {saved[-1]}; continue with --resume") from None
         bar.close()
         t_train = time.perf_counter() - t_train
-        save_checkpoint(out / CHECKPOINT, checkpoint_state())
-        metrics = {"settings": _settings(args), "device": str(device), "resumed_from_step": start,
-                   "steps": trainer.step_count, "seconds_train": t_train,
+        state = checkpoint_state()
+        if not main_rank:
+            return 0
+        save_checkpoint(out / CHECKPOINT, state)
+        metrics = {"settings": _settings(args), "device": str(device), "processes": world_size(group),
+                   "resumed_from_step": start, "steps": trainer.step_count, "seconds_train": t_train,
                    "final_loss": trainer.history[-1] if trainer.history else None,
                    "final_loss_mean_last_50": (sum(trainer.history[-50:]) / len(trainer.history[-50:])
                                                if trainer.history else None),

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import save_atomic
+from .distributed import check_process_group, rank
 from .em import em_step, fit_gmm
 from .flow import check_divergence
 from .gmm import GMM
@@ -180,15 +181,20 @@ class MW2GeneratorTrainer:
         seed: seeds the latent codes, the minibatches and the k-means++ initialisations.
         target: ``"batch"`` (a warm-started fit of a real minibatch per step, the paper's scheme) or ``"data"``
             (one fit of all of ``data``; see the module docstring).
+        process_group: with ``target="data"``, the ``torch.distributed`` group of a DistributedDataParallel run:
+            each rank generates ``batch`` samples (codes seeded by ``seed + rank``) and the generated fit runs
+            over all ranks' samples (:class:`imgmw.MW2Loss`); the target fit is seeded by ``seed`` on every rank.
     """
 
     def __init__(self, net: nn.Module, data: Tensor, *, z_dim: int, k: int = 8, batch: int = 256, lr: float = 1e-3,
                  em: str = "warm", em_steps: int | None = None, real_em_steps: int = 1, reg_covar: float | None = None,
-                 seed: int = 0, target: str = "batch") -> None:
+                 seed: int = 0, target: str = "batch", process_group=None) -> None:
         if em not in EM_MODES:
             raise ValueError(f"em must be one of {EM_MODES}, got {em!r}")
         if target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+        if process_group is not None and target != "data":
+            raise ValueError("a process_group needs target='data' (the minibatch real fits are not distributed)")
         least = k if target == "data" else max(batch, k)  # the data target never draws real minibatches
         if data.dim() != 2 or data.shape[0] < least:
             raise ValueError(f"data must be [N, D] with N >= {'k' if target == 'data' else 'batch'} = {least}, "
@@ -199,6 +205,7 @@ class MW2GeneratorTrainer:
         for name, value in (("em_steps", em_steps), ("real_em_steps", real_em_steps)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        group = check_process_group(process_group)
         self.net, self.data = net, data
         self.z_dim, self.k, self.batch = z_dim, k, batch
         self.em_mode, self.em_steps, self.real_em_steps = em, em_steps, real_em_steps
@@ -208,11 +215,16 @@ class MW2GeneratorTrainer:
         self.data_loss: MW2Loss | None = None
         if target == "data":
             self.reg_covar = data_reg_covar(data) if reg_covar is None else float(reg_covar)
-            self.real_fit = fit_target(data, k, reg_covar=self.reg_covar, generator=self.rng)
-            self.data_loss = MW2Loss(self.real_fit, reg_covar=self.reg_covar, generator=self.rng)
+            shared = torch.Generator(device=data.device).manual_seed(seed)  # the same target fit on every rank
+            self.real_fit = fit_target(data, k, reg_covar=self.reg_covar, generator=shared)
+            self.rng.manual_seed(seed + rank(group))  # each rank its own codes
+            self.data_loss = MW2Loss(self.real_fit, reg_covar=self.reg_covar, generator=self.rng, process_group=group)
         else:
             self.real_fit = self._initial_real_fit()
             self.reg_covar = relative_reg_covar(self.real_fit) if reg_covar is None else float(reg_covar)
+        # under a process group the forward pass runs through DistributedDataParallel (weights broadcast from
+        # rank 0, gradients averaged); ``net`` stays the plain module for sampling and checkpoints
+        self.model = net if group is None else nn.parallel.DistributedDataParallel(net, process_group=group)
         self.gen_fit: GMM | None = None  # the warm start's state
         self.step_count = 0
         self.restarts = 0
@@ -280,7 +292,7 @@ class MW2GeneratorTrainer:
         self.net.train()
         if self.data_loss is not None:
             self.data_loss.start_from_target(torch.Size([]))
-            loss = self.data_loss(self.net(self.latent(self.batch)))
+            loss = self.data_loss(self.model(self.latent(self.batch)))
         else:
             target = self.fit_real(self.real_batch())
             loss = mw2(self.fit_generated(self.net(self.latent(self.batch))), target)

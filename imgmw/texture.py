@@ -309,6 +309,10 @@ class PatchMW2Loss(nn.Module):
         mix: ``λ``, one weight ``>= 0`` per exemplar (normalised to sum to one; default uniform).
         n_target_patches, n_target_iter: see :func:`fit_patch_gmms`.
         n_init_iter: EM steps of the first fit of the synthesis at each scale (started from ``ν_s``).
+        process_group: ``torch.distributed`` group over which the images passed to :meth:`forward` are sharded
+            (each rank its own images, e.g. a generator's samples under DistributedDataParallel): every scale's
+            fit runs over the patches of all ranks (:class:`imgmw.MW2Loss`); every rank must build the loss
+            from the same exemplar and seed (the targets are checked to agree).
 
     Each scale is an :class:`imgmw.MW2Loss` with a warm-started EM (one EM step per call from the
     previous call's repaired, detached parameters) and the ``reg_covar`` of its target fit
@@ -342,7 +346,7 @@ class PatchMW2Loss(nn.Module):
                  generator: torch.Generator | None = None, *, mix: Sequence[float] | Tensor | None = None,
                  fixed_weights: bool = False, policy: FitPolicy | None = TEXTURE_POLICY,
                  n_target_patches: int = TARGET_PATCHES, n_target_iter: int = TARGET_ITERS,
-                 n_init_iter: int = 10) -> None:
+                 n_init_iter: int = 10, process_group=None) -> None:
         super().__init__()
         images, lam = _exemplar_list(exemplar, mix)
         hw = _common_size(images)
@@ -365,7 +369,7 @@ class PatchMW2Loss(nn.Module):
         self.exemplar_size = hw
         self.scales = nn.ModuleList(
             MW2Loss(t, warm_start=True, fixed_weights=fixed_weights, reg_covar=reg, n_iter=n_init_iter,
-                    policy=policy, generator=generator) for t, reg in targets)
+                    policy=policy, generator=generator, process_group=process_group) for t, reg in targets)
         self._positions: list[Tensor] | None = None
         self.last_per_scale: Tensor | None = None
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .distributed import check_process_group, rank
 from .flow import check_divergence
 from .texture import PatchMW2Loss
 
@@ -127,17 +128,22 @@ class TextureGeneratorTrainer:
     Args:
         net: the generator; loss: the patch loss built from the exemplar (its ``periodic`` should match the
             network's); size: ``(H, W)`` of the training samples; batch: samples per step (each its own fit);
-        lr: Adam's step size; seed: seeds the noise.
+        lr: Adam's step size; seed: seeds the noise (``seed + rank`` on each rank of ``process_group``, the group
+            of a DistributedDataParallel run whose loss was built with the same group).
     """
 
     def __init__(self, net: TextureGenerator, loss: PatchMW2Loss, *, size: tuple[int, int] = (128, 128),
-                 batch: int = 1, lr: float = 2e-3, seed: int = 0) -> None:
+                 batch: int = 1, lr: float = 2e-3, seed: int = 0, process_group=None) -> None:
         if not isinstance(batch, int) or batch < 1:
             raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
         self.net, self.loss, self.size, self.batch = net, loss, net.noise_shape(size), batch
         param = next(net.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.rng = torch.Generator(device=self.device).manual_seed(seed)
+        group = check_process_group(process_group)
+        self.rng = torch.Generator(device=self.device).manual_seed(seed + rank(group))
+        # under a process group the forward pass runs through DistributedDataParallel (weights broadcast from
+        # rank 0, gradients averaged); ``net`` stays the plain module for sampling and checkpoints
+        self.model = net if group is None else nn.parallel.DistributedDataParallel(net, process_group=group)
         self.optimizer = torch.optim.Adam(net.parameters(), lr=lr)
         self.step_count = 0
         self.history: list[float] = []
@@ -145,7 +151,7 @@ class TextureGeneratorTrainer:
     def step(self) -> float:
         """One step on fresh noise; returns ``Σ_s MW2²`` of this step's samples."""
         self.net.train()
-        image = self.net(self.net.noise(self.batch, self.size, self.rng, self.device, self.dtype))
+        image = self.model(self.net.noise(self.batch, self.size, self.rng, self.device, self.dtype))
         loss = self.loss(image)
         value = float(loss.detach())
         lr = self.optimizer.param_groups[0]["lr"]

@@ -179,3 +179,32 @@ def test_fit_prior_same_with_one_and_two_processes(tmp_path):
     assert gmm.batch_shape == (2,) and gmm.n_components == 6 and gmm.n_features == 48
     torch.testing.assert_close(p2["means"], p1["means"], rtol=0, atol=1e-4)
     assert (tmp_path / "two" / "components.png").stat().st_size > 0
+
+
+def _torchrun(module_args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *module_args]
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+@pytest.mark.slow
+def test_train_generator_under_torchrun_with_ddp_and_resume(tmp_path):
+    out = tmp_path / "digits"
+    common = ["-m", "apps.train_generator", "--data", "digits", "--batch", "128", "--k", "3", "--hidden", "16",
+              "--eval-samples", "100", "--output", str(out), "--quiet", "--device", "cpu"]
+    proc = _torchrun([*common, "--iters", "4", "--save-every", "2"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = json.loads((out / "metrics.json").read_text())
+    assert first["processes"] == 2 and first["steps"] == 4
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert len(state["rng_per_rank"]) == 2 and not torch.equal(*state["rng_per_rank"])  # each rank its own codes
+    proc = _torchrun([*common, "--iters", "6", "--resume"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = json.loads((out / "metrics.json").read_text())
+    assert resumed["steps"] == 6 and resumed["resumed_from_step"] == 4
+    proc = _torchrun([*common, "--iters", "8", "--resume"], nproc=3)
+    assert proc.returncode != 0 and "resume it with as many" in proc.stderr
+    texture = tmp_path / "texture"
+    proc = _torchrun(["-m", "apps.train_generator", "--data", "texture", "--size", "48", "--iters", "2", "--output",
+                      str(texture), "--quiet", "--device", "cpu"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((texture / "metrics.json").read_text())["processes"] == 2
