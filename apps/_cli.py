@@ -77,12 +77,15 @@ def seed(text: str) -> int:
     return value
 
 
-def add_common_args(parser: argparse.ArgumentParser, name: str, *, iters: int) -> None:
-    """Flags every app shares: ``--device --seed --iters --output --quiet --save-every``."""
+def add_common_args(parser: argparse.ArgumentParser, name: str, *, iters: int | None,
+                    iters_help: str | None = None) -> None:
+    """Flags every app shares: ``--device --seed --iters --output --quiet --save-every`` (``iters=None``: the
+    app fills the default in, described by ``iters_help``)."""
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="where to compute (auto: cuda if available, else cpu)")
     parser.add_argument("--seed", type=seed, default=0, help="random seed (same seed, same output on one device)")
-    parser.add_argument("--iters", type=positive_int, default=iters, help=f"optimisation steps (default {iters})")
+    parser.add_argument("--iters", type=positive_int, default=iters,
+                        help=iters_help or f"optimisation steps (default {iters})")
     parser.add_argument("--output", type=Path, default=Path("outputs") / name,
                         help=f"output directory (default outputs/{name})")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -144,7 +144,7 @@ class TextureJob:
             net = TextureGenerator(channels=args.hidden, noise_channels=args.z_dim, periodic=args.tileable).to(device)
         self.spec = {"kind": "texture", "config": net.config()}
         self.trainer = TextureGeneratorTrainer(net, self.loss, size=(args.size, args.size), batch=args.batch,
-                                               lr=args.lr, seed=args.seed, process_group=group)
+                                               lr=args.lr, seed=args.seed, total_steps=args.iters, process_group=group)
 
     def _sample(self, size: int, seed: int) -> torch.Tensor:
         net = self.trainer.net

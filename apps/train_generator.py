@@ -38,11 +38,11 @@ NAME = "train_generator"
 DATA = Path(__file__).resolve().parent.parent / "data"
 CHECKPOINT = "checkpoint.pt"
 DEFAULTS = {  # per data set: k, batch, em, target, hidden, z_dim, lr
-    "gmm2d": dict(k=8, batch=512, em="warm", target="batch", hidden=128, z_dim=8, lr=1e-3),
-    "patches": dict(k=4, batch=512, em="unrolled", target="batch", hidden=128, z_dim=8, lr=1e-3),
+    "gmm2d": dict(iters=1500, k=8, batch=512, em="warm", target="batch", hidden=128, z_dim=8, lr=1e-3),
+    "patches": dict(iters=1500, k=4, batch=512, em="unrolled", target="batch", hidden=128, z_dim=8, lr=1e-3),
     # digits: one fit of all training digits (K=32) and 4096 generated digits per step; see imgmw.generative
-    "digits": dict(k=32, batch=4096, em="warm", target="data", hidden=256, z_dim=16, lr=1e-3),
-    "texture": dict(k=4, batch=1, em="warm", target="data", hidden=8, z_dim=3, lr=2e-3),
+    "digits": dict(iters=1500, k=32, batch=4096, em="warm", target="data", hidden=256, z_dim=16, lr=1e-3),
+    "texture": dict(iters=3000, k=4, batch=1, em="warm", target="data", hidden=8, z_dim=3, lr=2e-3),
 }
 # Settings a checkpoint must share with the command line to be resumed.
 RESUME_KEYS = ("data", "image", "patch", "max_side", "k", "batch", "lr", "z_dim", "hidden", "em", "em_steps", "seed",
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-samples", type=positive_int, default=2000,
                    help="generated and held-out samples of the sliced-W2 evaluation (default 2000)")
     p.add_argument("--resume", action="store_true", help=f"continue from OUTPUT/{CHECKPOINT} up to --iters steps")
-    add_common_args(p, NAME, iters=1500)
+    add_common_args(p, NAME, iters=None, iters_help="training steps (default 1500; texture 3000)")
     return p
 
 
