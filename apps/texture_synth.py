@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", type=positive_int, default=1,
                    help="coarse-to-fine stages: 40%% of --iters at 1/2^(N-1) of the size, the rest shared by the "
                         "larger sizes (see imgmw.texture and the README's structure table)")
+    p.add_argument("--prior", type=Path, default=None, metavar="PRIOR.pt",
+                   help="target the per-scale patch mixtures of a prior from apps.fit_prior instead of the exemplar's "
+                        "(its patch size, scales and K are used; the exemplar gives the noise start)")
     p.add_argument("--fixed-weights", action="store_true",
                    help="keep uniform mixture weights (the paper's choice; collapses more often, see imgmw.texture)")
     add_common_args(p, PROG, iters=DEFAULT_ITERS)
@@ -92,6 +95,10 @@ def _check_args(args: argparse.Namespace) -> tuple[int, int]:
         raise AppError(f"--save-every must be >= 0, got {args.save_every}")
     for path in args.exemplar:
         check_input_file(path, "exemplar")
+    if args.prior is not None:
+        check_input_file(args.prior, "--prior")
+        if len(args.exemplar) > 1 or args.mix is not None or args.stages > 1:
+            raise AppError("--prior takes one exemplar (for the noise start) and no --mix or --stages")
     if args.mix is not None:
         if len(args.mix) != len(args.exemplar):
             raise AppError(f"--mix needs one weight per exemplar: {len(args.exemplar)} exemplar(s), "
@@ -99,6 +106,24 @@ def _check_args(args: argparse.Namespace) -> tuple[int, int]:
         if not all(math.isfinite(w) and w >= 0 for w in args.mix) or sum(args.mix) <= 0:
             raise AppError(f"--mix weights must be finite, >= 0 and not all zero, got {args.mix}")
     return size
+
+
+def _load_prior(args: argparse.Namespace):
+    """The prior's per-scale GMMs; sets ``args.patch``, ``args.scales`` and ``args.k`` from it."""
+    from imgmw.checkpoint import load_file
+    from imgmw.prior import prior_from_dict
+
+    try:
+        state = load_file(args.prior, "cpu")
+        gmm = prior_from_dict(state)
+        patch = int(state["patch"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise AppError(f"--prior {args.prior}: not a prior written by apps.fit_prior "
+                       f"({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''})") from None
+    if gmm.batch_shape == () or gmm.means.dim() != 3 or gmm.n_features != 3 * patch * patch:
+        raise AppError(f"--prior {args.prior}: expected per-scale GMMs of {patch}x{patch} colour patches")
+    args.patch, args.scales, args.k = patch, gmm.batch_shape[0], gmm.n_components
+    return [gmm[s] for s in range(gmm.batch_shape[0])]
 
 
 def _progress(args: argparse.Namespace, out_dir: Path):
@@ -205,7 +230,7 @@ def _metrics(args: argparse.Namespace, size: tuple[int, int], exemplars, result,
             "exemplar": [str(p) for p in args.exemplar], "mix": args.mix,
             "exemplar_size": [list(e.shape[-2:]) for e in exemplars], "size": list(size),
             "patch": args.patch, "k": args.k, "scales": result.n_scales, "n_patches": args.n_patches,
-            "iters": args.iters, "stages": args.stages, "optimizer": args.optimizer, "lr": args.lr,
+            "iters": args.iters, "stages": args.stages, "prior": None if args.prior is None else str(args.prior), "optimizer": args.optimizer, "lr": args.lr,
             "tileable": args.tileable,
             "fixed_weights": args.fixed_weights, "seed": args.seed, "device": str(device),
         },
@@ -243,6 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from imgmw.texture import ADAM_LR, DEFAULT_PATCHES, check_patch_counts, synthesize_texture, texture_n_scales
 
     device = resolve_device(args.device)
+    targets = None if args.prior is None else _load_prior(args)
     exemplars = [load_image(path) for path in args.exemplar]
     hw = (min(e.shape[-2] for e in exemplars), min(e.shape[-1] for e in exemplars))
     n_scales = texture_n_scales(hw, size, args.patch, args.scales)  # too small: ValueError
@@ -260,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 [e.to(device) for e in exemplars], size, patch=args.patch, n_components=args.k,
                 n_scales=args.scales, n_patches=args.n_patches, iters=args.iters, lr=args.lr,
                 optimizer=args.optimizer, periodic=args.tileable, mix=args.mix, fixed_weights=args.fixed_weights,
-                stages=args.stages, generator=generator, callback=callback)
+                stages=args.stages, generator=generator, callback=callback, targets=targets)
         finally:
             bar.close()
         image, init = result.image.cpu(), result.init.cpu()

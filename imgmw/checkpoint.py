@@ -1,4 +1,5 @@
-"""Atomic checkpoint files: the file at ``path`` is either the previous one or the complete new one."""
+"""Checkpoint files: written atomically (the file at ``path`` is either the previous one or the complete new
+one) and read with one clear error for anything that is not a readable torch file."""
 from __future__ import annotations
 
 import io
@@ -9,7 +10,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["save_atomic"]
+__all__ = ["save_atomic", "load_file"]
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
@@ -31,3 +32,14 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def load_file(path: str | os.PathLike, map_location: torch.device | str | None = None) -> Any:
+    """``torch.load(path, weights_only=True)`` (tensors and plain containers only). A file that cannot be read
+    as such, whatever the reason (truncated, another format, a pickle of other objects), raises ``ValueError``
+    naming it with the first line of the cause, so that callers report one line instead of a traceback."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch.load fails with many types (struct.error, UnpicklingError, RuntimeError, ...)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__}: {first})") from None

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -44,7 +43,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import save_atomic
+from .checkpoint import load_file, save_atomic
 from .distributed import check_process_group, rank
 from .em import em_step, fit_gmm
 from .flow import check_divergence
@@ -359,12 +358,8 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
 
 def load_checkpoint(path: str | os.PathLike, map_location: torch.device | str | None = None) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint` (``weights_only``: tensors and plain containers);
-    a file that is not a checkpoint raises ``ValueError`` naming it."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__}: {first})") from None
+    a file that is not a checkpoint raises ``ValueError`` naming it (:func:`imgmw.checkpoint.load_file`)."""
+    return load_file(path, map_location)
 
 
 # ------------------------------------------------------------------------------------------------ evaluation

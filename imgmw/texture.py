@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from .flow import refit_mw2, run_flow
 from .gmm import GMM
-from .losses import MW2Loss, data_reg_covar, fit_target
+from .losses import MW2Loss, data_reg_covar, fit_target, relative_reg_covar
 from .ot import gmm_barycentre
 from .patches import gather_patches, gaussian_pyramid, n_scales_for, patch_grid, random_patches
 from .validation import check_choice
@@ -282,6 +282,23 @@ def fit_patch_gmms(exemplar: Tensor, patch: int, n_components: int, n_scales: in
                                           fixed_weights, generator)]
 
 
+def _given_targets(targets: Sequence[GMM], patch: int, n_scales: int | None,
+                   like: Tensor) -> list[tuple[GMM, float]]:
+    """``(ν_s, ε_r)`` for given target mixtures (see :class:`PatchMW2Loss`), checked against ``patch`` and
+    moved to the dtype and device of ``like``."""
+    targets = list(targets)
+    if not targets or not all(isinstance(t, GMM) and t.batch_shape == () for t in targets):
+        raise ValueError("targets must be a non-empty list of unbatched GMMs, one per scale")
+    d = 3 * patch * patch
+    if any(t.n_features != d for t in targets):
+        raise ValueError(f"targets have D={targets[0].n_features}, patches of side {patch} have D={d}")
+    if len({t.n_components for t in targets}) != 1:
+        raise ValueError("targets must have the same number of components at every scale")
+    if n_scales is not None and n_scales != len(targets):
+        raise ValueError(f"n_scales={n_scales} differs from the {len(targets)} given targets")
+    return [(t.detach().to(device=like.device, dtype=like.dtype), relative_reg_covar(t)) for t in targets]
+
+
 # ------------------------------------------------------------------------------------------------- loss
 
 class PatchMW2Loss(nn.Module):
@@ -309,6 +326,10 @@ class PatchMW2Loss(nn.Module):
         mix: ``λ``, one weight ``>= 0`` per exemplar (normalised to sum to one; default uniform).
         n_target_patches, n_target_iter: see :func:`fit_patch_gmms`.
         n_init_iter: EM steps of the first fit of the synthesis at each scale (started from ``ν_s``).
+        targets: given target mixtures ``ν_s``, finest first, each ``[K, 3p²]`` (e.g. the per-scale GMMs of
+            a patch prior, :mod:`imgmw.prior`); they replace the exemplar fits (``n_scales`` is their number and
+            ``n_components`` their ``K``; ``reg_covar`` is :func:`imgmw.losses.relative_reg_covar` of each);
+            ``exemplar`` then only sets the pyramid's size check.
         process_group: ``torch.distributed`` group over which the images passed to :meth:`forward` are sharded
             (each rank its own images, e.g. a generator's samples under DistributedDataParallel): every scale's
             fit runs over the patches of all ranks (:class:`imgmw.MW2Loss`); every rank must build the loss
@@ -346,22 +367,25 @@ class PatchMW2Loss(nn.Module):
                  generator: torch.Generator | None = None, *, mix: Sequence[float] | Tensor | None = None,
                  fixed_weights: bool = False, policy: FitPolicy | None = TEXTURE_POLICY,
                  n_target_patches: int = TARGET_PATCHES, n_target_iter: int = TARGET_ITERS,
-                 n_init_iter: int = 10, process_group=None) -> None:
+                 n_init_iter: int = 10, process_group=None, targets: Sequence[GMM] | None = None) -> None:
         super().__init__()
         images, lam = _exemplar_list(exemplar, mix)
         hw = _common_size(images)
         _positive_int("patch", patch)
         _positive_int("n_patches", n_patches)
         _positive_int("n_init_iter", n_init_iter)
-        if n_scales is None:
-            n_scales = texture_n_scales(hw, hw, patch)
-        fits = [_fit_levels(u, patch, n_components, n_scales, n_target_patches, n_target_iter, fixed_weights,
-                            generator) for u in images]
-        if len(images) == 1:
-            targets = fits[0]
-        else:  # texture mixing: each scale's target is the MW2 barycentre of the exemplars' patch mixtures
-            targets = [(gmm_barycentre([f[s][0] for f in fits], lam),
-                        sum(weight * f[s][1] for weight, f in zip(lam, fits))) for s in range(n_scales)]
+        if targets is not None:  # given mixtures (e.g. a folder's patch prior): no exemplar fits
+            pairs = _given_targets(targets, patch, n_scales, images[0])
+            n_scales, n_components = len(pairs), pairs[0][0].n_components
+        else:
+            if n_scales is None:
+                n_scales = texture_n_scales(hw, hw, patch)
+            fits = [_fit_levels(u, patch, n_components, n_scales, n_target_patches, n_target_iter, fixed_weights,
+                                generator) for u in images]
+            # texture mixing: each scale's target is the MW2 barycentre of the exemplars' patch mixtures
+            pairs = fits[0] if len(images) == 1 else [
+                (gmm_barycentre([f[s][0] for f in fits], lam),
+                 sum(weight * f[s][1] for weight, f in zip(lam, fits))) for s in range(n_scales)]
         self.mix = lam
         self.patch, self.n_components, self.n_scales = patch, n_components, n_scales
         self.n_patches, self.periodic, self.generator = n_patches, bool(periodic), generator
@@ -369,7 +393,7 @@ class PatchMW2Loss(nn.Module):
         self.exemplar_size = hw
         self.scales = nn.ModuleList(
             MW2Loss(t, warm_start=True, fixed_weights=fixed_weights, reg_covar=reg, n_iter=n_init_iter,
-                    policy=policy, generator=generator, process_group=process_group) for t, reg in targets)
+                    policy=policy, generator=generator, process_group=process_group) for t, reg in pairs)
         self._positions: list[Tensor] | None = None
         self.last_per_scale: Tensor | None = None
 
@@ -479,8 +503,12 @@ def synthesize_texture(exemplar: Tensor | Sequence[Tensor], size: tuple[int, int
                        mix: Sequence[float] | Tensor | None = None, init: Tensor | None = None, stages: int = 1,
                        fixed_weights: bool = False, policy: FitPolicy | None = TEXTURE_POLICY,
                        diagnose: bool = True, generator: torch.Generator | None = None,
-                       callback: Callable[[int, Tensor, Tensor], None] | None = None) -> SynthesisResult:
+                       callback: Callable[[int, Tensor, Tensor], None] | None = None,
+                       targets: Sequence[GMM] | None = None) -> SynthesisResult:
     """Synthesise an ``H × W`` texture like ``exemplar`` by minimising :class:`PatchMW2Loss`.
+
+    ``targets``: given per-scale patch mixtures (e.g. a folder's prior, :mod:`imgmw.prior`) replace the
+    exemplar's fits (:class:`PatchMW2Loss`); the exemplar still gives the noise start. Not with ``stages > 1``.
 
     ``exemplar`` may be a list with ``mix`` weights (texture mixing, see :class:`PatchMW2Loss`); the noise
     start then has the colour statistics of the exemplar with the largest weight. ``init`` (``[3, H, W]``)
@@ -521,10 +549,12 @@ def synthesize_texture(exemplar: Tensor | Sequence[Tensor], size: tuple[int, int
     height, width = _check_size(size)
     if not isinstance(stages, int) or stages < 1:
         raise ValueError(f"stages must be an integer >= 1, got {stages!r}")
+    if targets is not None and stages > 1:
+        raise ValueError("given targets have one pyramid; use stages=1 with them")
     _positive_int("iters", iters)
     common = dict(patch=patch, n_components=n_components, n_patches=n_patches, lr=lr,
                   optimizer=optimizer, periodic=periodic, mix=lam, fixed_weights=fixed_weights, policy=policy,
-                  generator=generator)
+                  generator=generator, targets=targets)
     pyramids = [gaussian_pyramid(img, stages) for img in images]
     steps = _stage_steps(iters, stages)
     result, seconds, setup = None, 0.0, 0.0
@@ -573,7 +603,8 @@ def _synthesize_once(images: list[Tensor], size: tuple[int, int], *, patch: int,
                      n_scales: int | None, n_patches: int, iters: int, lr: float | None, optimizer: str,
                      periodic: bool, mix: list[float], fixed_weights: bool, policy: FitPolicy | None,
                      diagnose: bool, generator: torch.Generator | None,
-                     callback: Callable[[int, Tensor, Tensor], None] | None, init: Tensor | None) -> SynthesisResult:
+                     callback: Callable[[int, Tensor, Tensor], None] | None, init: Tensor | None,
+                     targets: Sequence[GMM] | None) -> SynthesisResult:
     """One synthesis at one size (the body of :func:`synthesize_texture`)."""
     images, lam = _exemplar_list(images, mix)
     u = images[max(range(len(lam)), key=lam.__getitem__)]  # the noise start: the heaviest exemplar's field
@@ -583,6 +614,8 @@ def _synthesize_once(images: list[Tensor], size: tuple[int, int], *, patch: int,
     lr = (ADAM_LR if optimizer == "adam" else 1.0) if lr is None else lr
     if not (isinstance(lr, (int, float)) and 0 < lr < math.inf):
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    if targets is not None:
+        n_scales, n_components = len(targets), targets[0].n_components
     n_scales = texture_n_scales(_common_size(images), (height, width), patch, n_scales)
     _positive_int("n_components", n_components)
     _positive_int("n_patches", n_patches)
@@ -591,7 +624,7 @@ def _synthesize_once(images: list[Tensor], size: tuple[int, int], *, patch: int,
                            periodic)
     start = time.perf_counter()
     loss_fn = PatchMW2Loss(images, patch, n_components, n_scales, n_patches, periodic, generator, mix=lam,
-                           fixed_weights=fixed_weights, policy=policy)
+                           fixed_weights=fixed_weights, policy=policy, targets=targets)
     if init is None:
         init = gaussian_random_field(u, (height, width), periodic=periodic, generator=generator).clamp(0, 1)
     else:
