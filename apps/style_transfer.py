@@ -11,6 +11,9 @@ weights, read from the torch hub cache or --weights and downloaded only with --d
 (3x3 pixel patches at 3 pyramid levels) needs nothing; auto picks vgg19 when its weights are on this
 machine, else patches.
 
+--prior PRIOR.pt takes the style from a patch prior of a whole image folder (python -m apps.fit_prior): its
+per-scale patch mixtures are the style targets, with patch features of its patch size and scales.
+
 Writes stylised.png, comparison.png (content | style | result), style_gmm.pt (the style as its small
 mixtures, imgmw.style.StyleModel.load reads it) and metrics.json under --output
 (default outputs/style_transfer/).
@@ -66,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="restart the warm-started EM fits from the style mixtures every R steps (default 0: "
                         "never, the paper's warm start)")
     p.add_argument("--patch", type=positive_int, default=3, help="patch side of --features patches (default 3)")
+    p.add_argument("--prior", type=Path, default=None, metavar="PRIOR.pt",
+                   help="take the style from a patch prior of apps.fit_prior instead of STYLE (patch features with "
+                        "the prior's patch size, scales and K; STYLE is then only shown and scored against)")
     add_common_args(p, NAME, iters=100)
     return p
 
@@ -78,6 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise AppError(f"--save-every must be >= 0, got {args.save_every}")
     if args.restart_every < 0:
         raise AppError(f"--restart-every must be >= 0, got {args.restart_every}")
+    if args.prior is not None:
+        check_input_file(args.prior, "--prior")
+        if args.features == "vgg19" or args.weights is not None:
+            raise AppError("--prior is a patch prior: it takes neither --features vgg19 nor --weights")
     if args.weights is not None and args.features == "patches":
         raise AppError("--weights is for --features vgg19 (or auto); drop it or change --features")
     check_pixel_adam_lr(args.lr)
@@ -91,7 +101,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = resolve_device(args.device)
     content = resize_max(load_image(args.content), args.size).to(device)
     style = resize_max(load_image(args.style), args.size).to(device)
-    extractor = make_extractor(args.features, weights=args.weights, download=args.download, patch=args.patch)
+    target = style
+    if args.prior is not None:
+        target = _prior_model(args.prior)
+        args.features, args.k = "patches", target.gmms[0].n_components
+        extractor = make_extractor(**target.extractor)
+    else:
+        extractor = make_extractor(args.features, weights=args.weights, download=args.download, patch=args.patch)
     extractor.check_size(*content.shape[-2:], what=f"content ({args.content}, after --size {args.size})")
     extractor.check_size(*style.shape[-2:], what=f"style ({args.style}, after --size {args.size})")
     generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -105,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.save_every and (step + 1) % args.save_every == 0:
                 save_image(image[0], out / f"frame_{step + 1:05d}.png")
 
-        result = style_transfer(content, style, features=extractor, k=args.k, iters=args.iters, lr=args.lr,
+        result = style_transfer(content, target, features=extractor, k=args.k, iters=args.iters, lr=args.lr,
                                 content_weight=args.content_weight, n_samples=args.n_samples,
                                 restart_every=args.restart_every, generator=generator,
                                 callback=progress)
@@ -120,6 +136,19 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"({extractor.name} features; patch SW2 to the style {metrics['patch_sw2_content_to_style']:.4f} -> "
           f"{metrics['patch_sw2_result_to_style']:.4f}, luminance SSIM {metrics['luminance_ssim_result_vs_content']:.3f})")
     return 0
+
+
+def _prior_model(path: Path):
+    """The StyleModel of a prior.pt written by apps.fit_prior (one clear error for anything else)."""
+    from imgmw.checkpoint import load_file
+    from imgmw.prior import prior_from_dict
+    from imgmw.style import StyleModel
+
+    try:
+        state = load_file(path, "cpu")
+        return StyleModel.from_patch_prior(prior_from_dict(state), int(state["patch"]))
+    except (ValueError, KeyError, TypeError) as err:
+        raise AppError(f"--prior {path}: not a prior written by apps.fit_prior ({err})") from None
 
 
 def _metrics(args: argparse.Namespace, device, result, content, style, t_start: float) -> dict:

@@ -21,6 +21,7 @@ Examples::
     python -m apps.texture_synth                                  # data/wood.png -> 256x256
     python -m apps.texture_synth data/brick.png --size 640x360 --tileable
     python -m apps.texture_synth data/stripes.png data/veins.png --mix 0.3 0.7
+    python -m apps.texture_synth data/wood.png --prior outputs/fit_prior/prior.pt   # a folder's patch prior
 """
 from __future__ import annotations
 

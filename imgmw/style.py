@@ -413,6 +413,18 @@ class StyleModel:
         return save_atomic(payload, path)
 
     @classmethod
+    def from_patch_prior(cls, prior: GMM, patch: int) -> StyleModel:
+        """The style of a patch prior (:mod:`imgmw.prior`, batch ``[S]`` over pyramid scales, ``D = 3p²``): the
+        same multi-scale pixel patches as :class:`PatchFeatures` (``patch``, ``n_scales = S``; both use
+        reflect-bordered Gaussian pyramids), one mixture per scale."""
+        if prior.means.dim() != 3 or prior.n_features != 3 * patch * patch:
+            raise ValueError(f"a patch prior is a GMM with batch [S] over {3 * patch * patch}-dimensional "
+                             f"{patch}x{patch} colour patches; got means of shape {tuple(prior.means.shape)}")
+        n_scales = prior.batch_shape[0]
+        return cls({"features": "patches", "patch": patch, "n_scales": n_scales},
+                   tuple(f"scale{s}" for s in range(n_scales)), [prior[s] for s in range(n_scales)])
+
+    @classmethod
     def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> StyleModel:
         """Read a file written by :meth:`save` (``weights_only`` loading: no code is executed)."""
         try:

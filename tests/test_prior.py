@@ -98,3 +98,26 @@ def test_texture_synth_with_a_prior(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "not a prior" in err
     assert run("texture_synth", texture_synth.main, [*argv, "--stages", "2"]) == 2
+
+
+def test_style_transfer_with_a_prior(tmp_path, capsys):
+    from apps import style_transfer
+    from imgmw.style import PatchFeatures, StyleModel
+
+    paths = list_images(_folder(tmp_path))
+    patches = collect_patches(paths, range(3), patch=3, n_scales=2, n_train=150, n_held=10, seed=0)
+    fit = fit_prior(patches.train, 2, n_iter=20, generator=torch.Generator().manual_seed(0))
+    model = StyleModel.from_patch_prior(fit.gmm, 3)
+    features = PatchFeatures(**{k: v for k, v in model.extractor.items() if k != "features"})
+    assert model.layers == features.layers and model.dims == features.dims
+    prior = save_atomic(prior_to_dict(fit.gmm, patch=3, scales=2), tmp_path / "prior.pt")
+    out = tmp_path / "styled"
+    argv = [str(ROOT / "data" / "chelsea.jpg"), str(ROOT / "data" / "wood.png"), "--prior", str(prior), "--size", "48",
+            "--iters", "3", "--output", str(out), "--quiet"]
+    assert run("style_transfer", style_transfer.main, argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["extractor"] == {"features": "patches", "patch": 3, "n_scales": 2}
+    assert metrics["layers"] == ["scale0", "scale1"]
+    capsys.readouterr()
+    assert run("style_transfer", style_transfer.main, [*argv, "--features", "vgg19"]) == 2
+    assert "--prior" in capsys.readouterr().err
