@@ -9,7 +9,11 @@ wire, whatever the number of points.
 
 The reduction is differentiable (:class:`_AllReduceSum`): its backward all-reduces the incoming gradients,
 so ``loss_r.backward()`` on every rank gives each rank the gradient of ``Σ_r loss_r`` with respect to its own
-points, the convention of ``DistributedDataParallel``.
+points; with DistributedDataParallel's averaging of the weight gradients on top, the weights receive exactly
+the gradient of the (common) loss over all ranks' points.
+
+A shard may hold any number ``N ≥ 1`` of points; a rank with nothing to contribute passes one point with a
+``False`` mask (every rank must take part in every reduction).
 
 ``process_group`` is any ``torch.distributed`` process group, or :data:`WORLD` for the default one
 (``torch.distributed.init_process_group`` must have run). ``None`` everywhere means one process.
@@ -28,6 +32,7 @@ __all__ = ["WORLD", "check_process_group", "all_reduce_sum", "reduce_stats", "gl
            "all_gather_stack", "check_same_problem", "check_same_tensor", "shard_range", "world_size", "rank"]
 
 WORLD = "world"  # process_group=WORLD: the default group of init_process_group
+
 
 def check_process_group(process_group):
     """``process_group`` as a ``torch.distributed`` group (``None`` stays ``None``: one process).
