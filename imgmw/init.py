@@ -144,9 +144,9 @@ def _hard_stats(x: Tensor, weight: Tensor | None, centres: Tensor,
                 chunk_size: int | None, process_group=None) -> SuffStats:
     """Statistics of the nearest-centre assignment, shifted by the centres (chunked over points).
 
-    Summed over the ranks of ``process_group``. Nearest centres come from one GEMM (``‖c‖² − 2 x·c``). For ``D ≤ SMALL_D`` the statistics are one
-    float64 GEMM with the quadratic features (as in the E-step); otherwise every point is centred on its
-    own centre first. Neither carries cancellation.
+    Summed over the ranks of ``process_group``. Nearest centres come from one GEMM (``‖c‖² − 2 x·c``). For
+    ``D ≤ SMALL_D`` the statistics are one float64 GEMM with the quadratic features (as in the E-step);
+    otherwise every point is centred on its own centre first. Neither carries cancellation.
     """
     k, d = centres.shape[-2], centres.shape[-1]
     quad = d <= SMALL_D
