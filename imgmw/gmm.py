@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .linalg import cholesky_inverse_transpose, log_det_from_cholesky, safe_cholesky
+from .linalg import all_finite, cholesky_inverse_transpose, log_det_from_cholesky, safe_cholesky
 
 __all__ = ["GMM", "centred_log_prob", "gaussian_log_prob"]
 
@@ -143,7 +143,7 @@ class GMM:
         """ValueError unless ``x`` is ``[*B, N, D]`` with this mixture's ``D`` and finite values."""
         if x.dim() < 2 or x.shape[-1] != self.n_features:
             raise ValueError(f"points must be [*B, N, {self.n_features}], got shape {tuple(x.shape)}")
-        if not bool(torch.isfinite(x).all()):
+        if not all_finite(x):
             raise ValueError("points contain NaN or inf; a density of a non-finite point is not defined")
 
     # ----------------------------------------------------------------- sampling

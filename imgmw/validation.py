@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .linalg import all_finite
+
 __all__ = ["check_points", "point_weights", "valid_counts", "check_valid_counts", "check_reg_covar", "check_choice"]
 
 
@@ -60,7 +62,7 @@ def point_weights(x: Tensor, mask: Tensor | None, sample_weight: Tensor | None,
         if not bool(torch.isfinite(sw).all()) or bool((sw < 0).any()):
             raise ValueError("sample_weight must be finite and >= 0")
         weight = sw if weight is None else weight * sw
-    if not bool(torch.isfinite(x).all()):
+    if not all_finite(x):
         raise ValueError("x contains NaN or inf at valid (unmasked) points; clean or mask them")
     if n_components is not None:
         check_valid_counts(valid_counts(x, weight), n_components)

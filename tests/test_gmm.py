@@ -207,3 +207,22 @@ def test_from_cholesky_keeps_the_factor_and_its_gradient():
     torch.testing.assert_close(gmm.covariances, chol @ chol.mT)
     gmm.log_det_covariances.sum().backward()
     torch.testing.assert_close(chol.grad, torch.diag_embed(2 / torch.diagonal(chol.detach(), dim1=-2, dim2=-1)))
+
+
+def test_all_finite_without_temporaries():
+    from imgmw.linalg import all_finite
+
+    x = torch.randn(1000, 7)
+    assert all_finite(x)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[123, 4] = bad
+        assert not all_finite(y)
+    both = x.clone()
+    both[0, 0], both[1, 1] = float("inf"), -float("inf")  # the sum is NaN, not inf
+    assert not all_finite(both)
+    huge = torch.full((10,), 1e308, dtype=torch.float64)  # finite entries whose sum overflows
+    assert all_finite(huge)
+    huge[3] = float("nan")
+    assert not all_finite(huge)
+    assert all_finite(torch.arange(5))
