@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 __all__ = ["AppError", "Interrupted", "AppParser", "seed", "check_output", "add_common_args", "check_input_file", "resolve_device", "staged_output",
-           "write_json", "run", "positive_int", "positive_float", "check_pixel_adam_lr", "start_process_group"]
+           "write_json", "run", "positive_int", "positive_float", "check_pixel_adam_lr", "process_group_for"]
 
 
 class AppError(Exception):
@@ -112,22 +112,28 @@ def resolve_device(name: str):
     return torch.device(name)
 
 
-def start_process_group(device_name: str):
-    """``(process group or None, device)`` for an app that may run under ``torchrun``: with ``WORLD_SIZE > 1``
-    in the environment the default group is initialised (gloo on CPU, NCCL on CUDA, each rank on its
-    ``LOCAL_RANK`` GPU); otherwise ``(None, resolve_device(device_name))``."""
+@contextlib.contextmanager
+def process_group_for(device_name: str):
+    """``with process_group_for(args.device) as (group, device):`` for an app that may run under ``torchrun``:
+    with ``WORLD_SIZE > 1`` in the environment the default group is initialised (gloo on CPU, NCCL on CUDA,
+    each rank on its ``LOCAL_RANK`` GPU) and destroyed on the way out; otherwise ``(None,
+    resolve_device(device_name))``."""
     import torch
     import torch.distributed as dist
 
     device = resolve_device(device_name)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None, device
+        yield None, device
+        return
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.group.WORLD, device
+    try:
+        yield dist.group.WORLD, device
+    finally:
+        dist.destroy_process_group()
 
 
 def check_output(final: Path) -> None:

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from apps._cli import AppError, AppParser, check_output, positive_int, run, seed, staged_output, start_process_group, \
+from apps._cli import AppError, AppParser, check_output, positive_int, process_group_for, run, seed, staged_output, \
     write_json
 
 PROG = "fit_prior"
@@ -156,14 +156,8 @@ def _fit(args: argparse.Namespace, group, device) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _check_args(args)
-    group, device = start_process_group(args.device)
-    try:
+    with process_group_for(args.device) as (group, device):
         return _fit(args, group, device)
-    finally:
-        if group is not None:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

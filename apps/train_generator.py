@@ -31,8 +31,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from apps._cli import (AppError, AppParser, Interrupted, add_common_args, positive_float, positive_int, run,
-                       staged_output, start_process_group, write_json)
+from apps._cli import (AppError, AppParser, Interrupted, add_common_args, positive_float, positive_int,
+                       process_group_for, run, staged_output, write_json)
 
 NAME = "train_generator"
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -154,14 +154,8 @@ def _plot_loss(path: Path, history: list[float], label: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _check_args(args)
-    group, device = start_process_group(args.device)
-    try:
+    with process_group_for(args.device) as (group, device):
         return _train(args, group, device)
-    finally:
-        if group is not None:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
 
 
 def _train(args: argparse.Namespace, group, device) -> int:

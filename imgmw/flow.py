@@ -44,7 +44,7 @@ from .gmm import GMM
 from .ot import mw2
 from .validation import check_choice, check_points
 
-__all__ = ["STEP_RULES", "SCHEDULES", "FlowDivergence", "FlowResult", "run_flow", "plateau", "check_divergence",
+__all__ = ["STEP_RULES", "SCHEDULES", "FlowDivergence", "FlowResult", "run_flow", "plateau", "check_divergence", "guarded_step", "StepTrainer",
            "refit_mw2"]
 
 STEP_RULES = ("gd", "adam", "lbfgs")
@@ -241,7 +241,7 @@ def check_divergence(losses: list[float], variables: Tensor | Sequence[Tensor], 
     and the ``variables`` after the last step show a divergence (see the module docstring): a non-finite
     last loss or variable, a last loss above ``factor ×`` the largest of the first ``DIVERGENCE_WARMUP``
     losses, or ``DIVERGENCE_WARMUP`` losses in a row above ``STALL_GROWTH ×`` the first. Used by
-    :func:`run_flow` and by the generative trainer (``what="training"``). One host synchronisation."""
+    :func:`run_flow` and by the generator trainers (:func:`guarded_step`). One host synchronisation."""
     t, loss = len(losses) - 1, losses[-1]
     hint = f"lower the step size (lr={lr:g})"
     if not math.isfinite(loss):
@@ -287,3 +287,39 @@ def refit_mw2(points: Tensor, target: GMM, *, n_components: int | None = None, f
         best_ll = torch.maximum(best_ll, fit.lower_bound)
     assert best is not None
     return mw2(best, target.to(best.means), unbalanced=unbalanced)
+
+
+def guarded_step(loss: Tensor, optimizer: torch.optim.Optimizer, params: Sequence[Tensor],
+                 history: list[float]) -> float:
+    """One optimiser step on the scalar ``loss`` of a training loop, between two :func:`check_divergence`
+    checks (the second catches a step that made the weights non-finite before a checkpoint can store
+    them); appends the loss's value to ``history`` and returns it."""
+    value = float(loss.detach())
+    lr = optimizer.param_groups[0]["lr"]
+    check_divergence(history + [value], params, lr, what="training")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    check_divergence(history + [value], params, lr, what="training")
+    history.append(value)
+    return value
+
+
+class StepTrainer:
+    """The loop shared by the generator trainers: subclasses define ``step() -> float`` and keep
+    ``step_count`` and ``history``."""
+
+    step_count: int
+    history: list[float]
+
+    def step(self) -> float:
+        raise NotImplementedError
+
+    def train(self, iters: int, callback: Callable[[int, float], None] | None = None) -> list[float]:
+        """``iters`` steps; ``callback(step, loss)`` after each (``step`` counts from the first ever step,
+        1-based)."""
+        for _ in range(iters):
+            value = self.step()
+            if callback is not None:
+                callback(self.step_count, value)
+        return self.history

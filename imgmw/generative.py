@@ -38,7 +38,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from .checkpoint import load_file, save_atomic
 from .distributed import check_process_group, rank
 from .em import em_step, fit_gmm
-from .flow import check_divergence
+from .flow import StepTrainer, guarded_step
 from .gmm import GMM
 from .losses import MW2Loss, data_reg_covar, fit_target, relative_reg_covar
 from .metrics import random_directions, sliced_w2
@@ -164,7 +164,7 @@ def _gmm_from_state(state: dict[str, Tensor] | None, like: Tensor) -> GMM | None
     return GMM(*(state[key].to(like) for key in ("weights", "means", "covariances")))
 
 
-class MW2GeneratorTrainer:
+class MW2GeneratorTrainer(StepTrainer):
     """Minibatch EM-MW2 training of a generator (see the module docstring).
 
     Args:
@@ -295,25 +295,9 @@ class MW2GeneratorTrainer:
         else:
             target = self.fit_real(self.real_batch())
             loss = mw2(self.fit_generated(self.net(self.latent(self.batch))), target)
-        value = float(loss.detach())
-        lr = self.optimizer.param_groups[0]["lr"]
-        check_divergence(self.history + [value], list(self.net.parameters()), lr, what="training")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        # a step that made the weights non-finite is caught here, before a checkpoint can store it
-        check_divergence(self.history + [value], list(self.net.parameters()), lr, what="training")
+        value = guarded_step(loss, self.optimizer, list(self.net.parameters()), self.history)
         self.step_count += 1
-        self.history.append(value)
         return value
-
-    def train(self, iters: int, callback: Callable[[int, float], None] | None = None) -> list[float]:
-        """``iters`` steps; ``callback(step, loss)`` after each (``step`` counts from the first ever step, 1-based)."""
-        for _ in range(iters):
-            value = self.step()
-            if callback is not None:
-                callback(self.step_count, value)
-        return self.history
 
     @torch.no_grad()
     def sample(self, n: int, seed: int | None = None) -> Tensor:

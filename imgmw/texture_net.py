@@ -19,14 +19,14 @@ patches, the exemplar's per-scale patch mixtures ``ν_s``), at a fixed training 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .distributed import check_process_group, rank
-from .flow import check_divergence
+from .flow import StepTrainer, guarded_step
 from .texture import PatchMW2Loss
 
 __all__ = ["TextureGenerator", "TextureGeneratorTrainer", "LR_FLOOR"]
@@ -126,7 +126,7 @@ class TextureGenerator(nn.Module):
         return self(self.noise(n, size, generator, param.device, param.dtype), size)
 
 
-class TextureGeneratorTrainer:
+class TextureGeneratorTrainer(StepTrainer):
     """Adam on a :class:`TextureGenerator`'s weights against a :class:`~imgmw.texture.PatchMW2Loss`.
 
     Args:
@@ -162,25 +162,9 @@ class TextureGeneratorTrainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr * max(LR_FLOOR, 1.0 - self.step_count / self.total_steps)
         image = self.model(self.net.noise(self.batch, self.size, self.rng, self.device, self.dtype))
-        loss = self.loss(image)
-        value = float(loss.detach())
-        lr = self.optimizer.param_groups[0]["lr"]
-        check_divergence(self.history + [value], list(self.net.parameters()), lr, what="training")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        check_divergence(self.history + [value], list(self.net.parameters()), lr, what="training")
+        value = guarded_step(self.loss(image), self.optimizer, list(self.net.parameters()), self.history)
         self.step_count += 1
-        self.history.append(value)
         return value
-
-    def train(self, iters: int, callback: Callable[[int, float], None] | None = None) -> list[float]:
-        """``iters`` steps; ``callback(step, loss)`` after each (1-based, counting from the first ever step)."""
-        for _ in range(iters):
-            value = self.step()
-            if callback is not None:
-                callback(self.step_count, value)
-        return self.history
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs: network (and its config), optimiser, the loss's warm starts and generator
