@@ -132,6 +132,7 @@ def process_group_for(device_name: str):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         yield dist.group.WORLD, device
+        dist.barrier()  # every rank done (rank 0 writes last) before the group goes away under any of them
     finally:
         dist.destroy_process_group()
 
