@@ -30,6 +30,7 @@ warm-started loss far below it has stopped describing the data (:mod:`imgmw.warm
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import math
 import time
@@ -305,15 +306,16 @@ def guarded_step(loss: Tensor, optimizer: torch.optim.Optimizer, params: Sequenc
     return value
 
 
-class StepTrainer:
+class StepTrainer(abc.ABC):
     """The loop shared by the generator trainers: subclasses define ``step() -> float`` and keep
     ``step_count`` and ``history``."""
 
     step_count: int
     history: list[float]
 
+    @abc.abstractmethod
     def step(self) -> float:
-        raise NotImplementedError
+        """One training step; returns its loss."""
 
     def train(self, iters: int, callback: Callable[[int, float], None] | None = None) -> list[float]:
         """``iters`` steps; ``callback(step, loss)`` after each (``step`` counts from the first ever step,

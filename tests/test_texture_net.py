@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from imgmw.texture import PatchMW2Loss
+from tests.app_checks import assert_resumes_exactly
 from imgmw.texture_net import TextureGenerator, TextureGeneratorTrainer
 
 
@@ -66,16 +67,7 @@ def test_training_lowers_the_patch_loss():
 
 
 def test_checkpoint_round_trip_resumes_exactly():
-    a = _trainer()
-    a.train(3)
-    state = copy.deepcopy(a.state_dict())  # state_dict() shares the live tensors
-    a.train(3)
-    b = _trainer()
-    b.load_state_dict(state)
-    b.train(3)
-    assert b.history == a.history
-    for pa, pb in zip(a.net.parameters(), b.net.parameters()):
-        assert torch.equal(pa, pb)
+    state = assert_resumes_exactly(_trainer, 3, 3, copy.deepcopy)  # state_dict() shares the live tensors
     rebuilt = TextureGenerator(**state["config"])
     rebuilt.load_state_dict(state["net"])  # the config in a checkpoint rebuilds the network
 
