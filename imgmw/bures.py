@@ -14,7 +14,9 @@ are written in closed form (a custom backward), from ``M = V diag(λ) Vᵀ``:
 which, like every spectral-function gradient, has no ``1/(λ_i − λ_j)`` terms: finite for repeated
 eigenvalues (``Σ = Σ' = I``), and finite for rank-deficient covariances plus a small jitter (``1/√λ`` is
 zero below the clamp). The backward pass computes eigenvectors only for the component pairs whose
-incoming gradient is non-zero: under an optimal-transport plan at most ``K0 + K1 − 1`` of ``K0·K1``.
+incoming gradient is non-zero: under an optimal-transport plan at most ``K0 + K1 − 1`` of ``K0·K1``; for
+small problems the forward pass computes them for all pairs at once instead, with the per-pair gradient
+matrices, and the backward pass is two GEMMs.
 
 Also here: the affine Gaussian Monge maps between all component pairs and the fixed-point Gaussian
 W2 barycentre of covariances, both without gradient.
@@ -28,7 +30,8 @@ from torch.autograd.function import once_differentiable
 from .gmm import GMM
 
 __all__ = ["gaussian_w2_cost", "bures_cost", "bures_forward", "bures_backward", "flatten_batch", "psd_sqrt",
-           "gaussian_monge_maps", "bures_barycentre", "ROUNDOFF_TOL"]
+           "gaussian_monge_maps", "bures_barycentre", "batch_shape", "dense_backward", "pair_gradients",
+           "ROUNDOFF_TOL"]
 
 # Elements of the D×D matrices formed at once by the pairwise trace term.
 PAIR_CHUNK_ELEMENTS = 1 << 22
@@ -68,64 +71,100 @@ def _row_chunks(rows: int, per_row: int) -> list[tuple[int, int]]:
     return [(s, min(s + step, rows)) for s in range(0, rows, step)]
 
 
-def bures_forward(ca: Tensor, cb: Tensor, la: Tensor) -> Tensor:
-    """Squared Bures distances ``B_kl = tr Σa_k + tr Σb_l − 2 tr((Laₖᵀ Σb_l Laₖ)^½)``: ``[N, K0, K1]``.
+def _trace_sqrt(lam: Tensor) -> Tensor:
+    """``Σ_i √λ_i`` over the last dim of eigenvalues ``lam [..., D]``, clamped at the eigenvalue floor."""
+    return lam.clamp_min(_eig_floor(lam)).sqrt().sum(-1)
 
-    Flat batch ``N``: ``ca [N, K0, D, D]``, ``cb [N, K1, D, D]``, ``la [N, K0, D, D]`` with ``Σa = La Laᵀ``.
-    Eigenvalues only, chunked over ``k`` so that at most ``PAIR_CHUNK_ELEMENTS`` entries of the
-    ``M_kl = Laₖᵀ Σb_l Laₖ`` exist at once. No autograd (callers wrap it with :func:`bures_backward`).
+
+def pair_gradients(lam: Tensor, vec: Tensor, la: Tensor, pa: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients of one pair's squared Bures distance ``B = tr Σa + tr Σb − 2 tr(M^½)`` (``M = Laᵀ Σb La``):
+
+        ∂B/∂Σa = I − Pa M^½ Paᵀ,   ∂B/∂Σb = I − La M^{-½} Laᵀ   (``Pa = La⁻ᵀ``; the first is ``I −`` the Monge map)
+
+    from ``M = V diag(λ) Vᵀ`` given by ``lam [..., D]``, ``vec [..., D, D]``; ``la``, ``pa`` broadcast against
+    ``vec``. ``1/√λ`` is zero below the eigenvalue floor (the derivative of the clamp). Returns two ``[..., D, D]``.
     """
-    n, k0, k1, d = ca.shape[0], ca.shape[-3], cb.shape[-3], ca.shape[-1]
-    cross = ca.new_empty(n, k0, k1)
-    for s, e in _row_chunks(k0, n * k1 * d * d):
-        lam = torch.linalg.eigvalsh(_all_sandwiches(la[:, s:e], cb))
-        cross[:, s:e] = lam.clamp_min(_eig_floor(lam)).sqrt().sum(-1)
-    trace_a = ca.diagonal(dim1=-2, dim2=-1).sum(-1)
-    trace_b = cb.diagonal(dim1=-2, dim2=-1).sum(-1)
-    return trace_a.unsqueeze(-1) + trace_b.unsqueeze(-2) - 2.0 * cross
-
-
-def bures_backward(grad: Tensor, cb: Tensor, la: Tensor, pa: Tensor) -> tuple[Tensor, Tensor]:
-    """Vector-Jacobian product of :func:`bures_forward`: ``(∂/∂Σa [N, K0, D, D], ∂/∂Σb [N, K1, D, D])``.
-
-    ``grad [N, K0, K1]``; ``pa = La⁻ᵀ``. With ``T_kl = tr(M_kl^½)`` and ``M = V diag(λ) Vᵀ``,
-
-        ∂T/∂Σa = ½ Pa M^½ Paᵀ  (half the Monge map Σa → Σb),   ∂T/∂Σb = ½ La M^{-½} Laᵀ,
-
-    with ``1/√λ`` set to zero below the eigenvalue floor (the derivative of the clamp). Eigenvectors are
-    computed only for the pairs with a non-zero ``grad`` (chunked); when those are most pairs, or the
-    whole problem is tiny, all pairs are done at once without indexing.
-    """
-    n, k0, k1, d = grad.shape + la.shape[-1:]
-    eye = torch.eye(d, dtype=la.dtype, device=la.device)
-    grad_b = grad.sum(-2)[..., None, None] * eye
-    half_a = torch.zeros_like(la)  # Σ_l g_kl M_kl^½, mapped through Pa at the end
-    n_active = int(torch.count_nonzero(grad))
-    if 2 * n_active >= grad.numel() or grad.numel() * d * d <= DENSE_BACKWARD_ELEMENTS:
-        for s, e in _row_chunks(k0, n * k1 * d * d):
-            terms_a, terms_b = _bures_vjp_terms(grad[:, s:e], _all_sandwiches(la[:, s:e], cb), la[:, s:e, None])
-            half_a[:, s:e] = terms_a.sum(-3)
-            grad_b = grad_b + terms_b.sum(-4)
-    else:
-        bi, ki, li = grad.nonzero(as_tuple=True)
-        for s, e in _row_chunks(n_active, la.shape[-1] ** 2):
-            b, k, l = bi[s:e], ki[s:e], li[s:e]  # noqa: E741
-            lak = la[b, k]
-            terms_a, terms_b = _bures_vjp_terms(grad[b, k, l], _sandwich(lak, cb[b, l]), lak)
-            half_a.index_put_((b, k), terms_a, accumulate=True)
-            grad_b.index_put_((b, l), terms_b, accumulate=True)
-    return grad.sum(-1)[..., None, None] * eye - pa @ half_a @ pa.mT, grad_b
-
-
-def _bures_vjp_terms(g: Tensor, m: Tensor, la: Tensor) -> tuple[Tensor, Tensor]:
-    """Per pair: ``g M^½`` and ``−g La M^{-½} Laᵀ`` for weights ``g [...]``, ``m [..., D, D]``, ``la`` (broadcast)."""
-    lam, vec = torch.linalg.eigh(m)
     floor = _eig_floor(lam)
     root = lam.clamp_min(floor).sqrt()
     inv_root = torch.where(lam >= floor, root.reciprocal(), torch.zeros_like(root))
-    g = g.unsqueeze(-1)
-    w = la @ vec
-    return (vec * (g * root).unsqueeze(-2)) @ vec.mT, (w * (-g * inv_root).unsqueeze(-2)) @ w.mT
+    eye = torch.eye(lam.shape[-1], dtype=lam.dtype, device=lam.device)
+    u, w = pa @ vec, la @ vec  # Pa V, La V
+    return eye - (u * root.unsqueeze(-2)) @ u.mT, eye - (w * inv_root.unsqueeze(-2)) @ w.mT
+
+
+def bures_forward(ca: Tensor, cb: Tensor, la: Tensor, pa: Tensor, *,
+                  gradients: bool = False) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """Squared Bures distances ``B_kl = tr Σa_k + tr Σb_l − 2 tr((Laₖᵀ Σb_l Laₖ)^½)``: ``([N, K0, K1], grads)``.
+
+    Flat batch ``N``: ``ca [N, K0, D, D]``, ``cb [N, K1, D, D]``, ``la [N, K0, D, D]`` with ``Σa = La Laᵀ``,
+    ``pa = La⁻ᵀ``. With ``gradients=False`` only eigenvalues are computed, chunked over ``k`` so that at most
+    ``PAIR_CHUNK_ELEMENTS`` entries of the ``M_kl = Laₖᵀ Σb_l Laₖ`` exist at once, and ``grads`` is ``None``.
+    With ``gradients=True`` (meant for small problems, where one ``eigh`` of all pairs costs less than an
+    ``eigvalsh`` now and an ``eigh`` of the support later) ``grads = (∂B_kl/∂Σa_k, ∂B_kl/∂Σb_l)`` of every pair
+    (:func:`pair_gradients`), flattened to ``[N, K0, K1, D²]`` and ``[N, K1, K0, D²]``: the layouts in which
+    :func:`bures_backward` contracts them with the incoming gradient by two GEMMs. No autograd (callers wrap it).
+    """
+    n, k0, k1, d = ca.shape[0], ca.shape[-3], cb.shape[-3], ca.shape[-1]
+    grads = None
+    if gradients:
+        lam, vec = torch.linalg.eigh(_all_sandwiches(la, cb))
+        cross = _trace_sqrt(lam)
+        ga, gb = pair_gradients(lam, vec, la.unsqueeze(-3), pa.unsqueeze(-3))
+        grads = (ga.flatten(-2), gb.flatten(-2).transpose(1, 2).contiguous())
+    else:
+        cross = ca.new_empty(n, k0, k1)
+        for s, e in _row_chunks(k0, n * k1 * d * d):
+            cross[:, s:e] = _trace_sqrt(torch.linalg.eigvalsh(_all_sandwiches(la[:, s:e], cb)))
+    trace_a = ca.diagonal(dim1=-2, dim2=-1).sum(-1)
+    trace_b = cb.diagonal(dim1=-2, dim2=-1).sum(-1)
+    return trace_a.unsqueeze(-1) + trace_b.unsqueeze(-2) - 2.0 * cross, grads
+
+
+def dense_backward(n_pairs: int, n_active: int, d: int) -> bool:
+    """Whether :func:`bures_backward` should treat all ``n_pairs`` pairs at once rather than the
+    ``n_active`` pairs with a non-zero gradient: when those are most pairs, or the problem is tiny."""
+    return 2 * n_active >= n_pairs or n_pairs * d * d <= DENSE_BACKWARD_ELEMENTS
+
+
+def bures_backward(grad: Tensor, cb: Tensor, la: Tensor, pa: Tensor, *, grads: tuple[Tensor, Tensor] | None = None,
+                   support: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """Vector-Jacobian product of :func:`bures_forward`: ``(∂/∂Σa [N, K0, D, D], ∂/∂Σb [N, K1, D, D])``.
+
+    ``grad [N, K0, K1]``: ``∂/∂Σa_k = Σ_l grad_kl ∂B_kl/∂Σa_k`` and ``∂/∂Σb_l = Σ_k grad_kl ∂B_kl/∂Σb_l`` with the
+    per-pair gradients of :func:`pair_gradients`.
+
+    Args:
+        grads: the forward's per-pair gradients (``bures_forward(..., gradients=True)``): two GEMMs.
+        support: indices ``(n, k, l)`` (each ``[A]``) of the pairs where ``grad`` may be non-zero, known to the
+            caller (e.g. from an optimal plan on the host); default: found from ``grad`` (one host sync).
+            Eigenvectors are computed only for these pairs (chunked), unless they are most pairs or the whole
+            problem is tiny (:func:`dense_backward`), when all pairs are done at once without indexing.
+    """
+    n, k0, k1, d = grad.shape + la.shape[-1:]
+    if grads is not None:
+        d_a = (grad.unsqueeze(-2) @ grads[0]).view(n, k0, d, d)  # [N, K0, 1, K1] @ [N, K0, K1, D²]
+        d_b = (grad.mT.unsqueeze(-2) @ grads[1]).view(n, k1, d, d)
+        return d_a, d_b
+    if support is None:
+        support = grad.nonzero(as_tuple=True)
+    d_a, d_b = torch.zeros_like(la), torch.zeros_like(cb)
+    if dense_backward(grad.numel(), support[0].numel(), d):
+        for s, e in _row_chunks(k0, n * k1 * d * d):
+            ga, gb = pair_gradients(*torch.linalg.eigh(_all_sandwiches(la[:, s:e], cb)), la[:, s:e, None],
+                                    pa[:, s:e, None])
+            g = grad[:, s:e, :, None, None]
+            d_a[:, s:e] = (g * ga).sum(-3)
+            d_b += (g * gb).sum(-4)
+        return d_a, d_b
+    bi, ki, li = support
+    for s, e in _row_chunks(bi.numel(), d * d):
+        b, k, l = bi[s:e], ki[s:e], li[s:e]  # noqa: E741
+        lak = la[b, k]
+        ga, gb = pair_gradients(*torch.linalg.eigh(_sandwich(lak, cb[b, l])), lak, pa[b, k])
+        g = grad[b, k, l][:, None, None]
+        d_a.index_put_((b, k), g * ga, accumulate=True)
+        d_b.index_put_((b, l), g * gb, accumulate=True)
+    return d_a, d_b
 
 
 class _BuresCost(torch.autograd.Function):
@@ -133,7 +172,7 @@ class _BuresCost(torch.autograd.Function):
 
     @staticmethod
     def forward(ca: Tensor, cb: Tensor, la: Tensor, pa: Tensor) -> Tensor:
-        return bures_forward(ca, cb, la)
+        return bures_forward(ca, cb, la, pa)[0]
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -143,6 +182,14 @@ class _BuresCost(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: Tensor):
         return *bures_backward(grad, *ctx.saved_tensors), None, None
+
+
+def batch_shape(a: GMM, b: GMM) -> torch.Size:
+    """The broadcast batch shape of two mixtures (``RuntimeError`` if they do not broadcast); equal shapes, the
+    usual case, skip ``torch.broadcast_shapes`` (tens of µs of Python)."""
+    if a.batch_shape == b.batch_shape:
+        return a.batch_shape
+    return torch.broadcast_shapes(a.batch_shape, b.batch_shape)
 
 
 def flatten_batch(t: Tensor, bshape: torch.Size, event_dims: int) -> Tensor:
@@ -159,7 +206,7 @@ def bures_cost(a: GMM, b: GMM) -> Tensor:
     Batch shapes broadcast. Differentiable (first order) in both mixtures' covariances; the backward
     pass computes eigenvectors only for pairs with a non-zero incoming gradient.
     """
-    bshape = torch.broadcast_shapes(a.batch_shape, b.batch_shape)
+    bshape = batch_shape(a, b)
     ca, cb = flatten_batch(a.covariances, bshape, 3), flatten_batch(b.covariances, bshape, 3)
     la = flatten_batch(a.cholesky.detach(), bshape, 3)
     pa = flatten_batch(a.precision_cholesky.detach(), bshape, 3)

@@ -375,3 +375,61 @@ def test_bad_inputs_raise_value_errors():
         gmm_barycentre([a, a], [0.5, 0.6])
     with pytest.raises(ValueError, match="share K"):
         gmm_barycentre([a, random_gmm(4, 2)])
+
+
+# --------------------------------------------------------------------------------------------- small-problem paths
+def _mw2_grads(a: GMM, b: GMM) -> tuple[torch.Tensor, ...]:
+    leaves = [t.clone().requires_grad_() for t in (a.weights, a.means, a.covariances, b.means, b.covariances)]
+    value = mw2(GMM(*leaves[:3]), GMM(b.weights, *leaves[3:]))
+    value.sum().backward()
+    return (value.detach(), *(t.grad for t in leaves))
+
+
+@pytest.mark.parametrize("k0,k1", [(4, 6), (1, 3)])
+def test_the_three_backward_paths_agree(monkeypatch, k0, k1):
+    """Per-pair gradients from the forward pass (small problems), eigenvectors of the plan's support only, and
+    all pairs in the backward pass (a support of most pairs: K0 = 1) give the same value and gradients."""
+    a, b = random_gmm(k0, 3, (2,), seed=41), random_gmm(k1, 3, (2,), seed=42)
+    reference = _mw2_grads(a, b)  # tiny: per-pair gradients computed in the forward pass
+    monkeypatch.setattr(bures, "DENSE_BACKWARD_ELEMENTS", 0)  # support (k0 = 4) or all pairs (k0 = 1) later
+    for got, ref in zip(_mw2_grads(a, b), reference):
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_compiled_simplex_equals_pot_emd(monkeypatch, seed):
+    """The direct call of POT's compiled network simplex gives ot.emd's plan and (centred) dual potentials."""
+    import imgmw.ot as imgmw_ot
+
+    if imgmw_ot._SIMPLEX is None:
+        pytest.skip("this POT's compiled solver has an unknown signature: ot.emd is used")
+    rng = np.random.default_rng(seed)
+    k0, k1 = rng.integers(2, 12, size=2)
+    wa, wb, cost = rng.random(k0) + 0.1, rng.random(k1) + 0.1, rng.random((k0, k1))
+    fast = imgmw_ot._solve_balanced(wa, wb, cost)
+    monkeypatch.setattr(imgmw_ot, "_SIMPLEX", None)
+    slow = imgmw_ot._solve_balanced(wa, wb, cost)
+    for got, ref in zip(fast, slow):
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-14)
+
+
+def test_zero_weights_still_match_pot():
+    """A component of zero weight takes the ot.emd route (which completes its dual potential)."""
+    a, b = random_gmm(4, 3, seed=43), random_gmm(5, 3, seed=44)
+    w = a.weights.clone()
+    w[1] = 0.0
+    a = GMM(w / w.sum(), a.means, a.covariances)
+    assert abs(float(mw2(a, b)) - pot_loss(a, b)) < 1e-10
+
+
+def test_unchecked_inputs_give_the_checked_value_and_gradients():
+    a, b = random_gmm(5, 4, (3,), seed=45), random_gmm(6, 4, (3,), seed=46)
+    means = a.means.clone().requires_grad_()
+    checked = mw2(GMM(a.weights, means, a.covariances), b)
+    unchecked = mw2(GMM(a.weights, means, a.covariances), b, check_input=False)
+    torch.testing.assert_close(unchecked, checked, rtol=0, atol=0)
+    (g_checked,) = torch.autograd.grad(checked.sum(), means)
+    (g_unchecked,) = torch.autograd.grad(unchecked.sum(), means)
+    torch.testing.assert_close(g_unchecked, g_checked, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="D"):
+        mw2(a, random_gmm(2, 3, seed=47), check_input=False)  # shapes are still checked
