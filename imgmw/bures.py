@@ -29,9 +29,9 @@ from torch.autograd.function import once_differentiable
 
 from .gmm import GMM
 
-__all__ = ["gaussian_w2_cost", "bures_cost", "bures_forward", "bures_backward", "flatten_batch", "psd_sqrt",
-           "gaussian_monge_maps", "bures_barycentre", "batch_shape", "dense_backward", "pair_gradients",
-           "ROUNDOFF_TOL"]
+__all__ = ["gaussian_w2_cost", "squared_mean_distances", "w2_cost", "bures_cost", "bures_forward", "bures_backward",
+           "pair_gradients", "dense_backward", "flatten_batch", "batch_shape", "psd_sqrt", "gaussian_monge_maps",
+           "bures_barycentre", "ROUNDOFF_TOL"]
 
 # Elements of the D×D matrices formed at once by the pairwise trace term.
 PAIR_CHUNK_ELEMENTS = 1 << 22
@@ -228,8 +228,17 @@ def gaussian_w2_cost(a: GMM, b: GMM) -> Tensor:
     """
     if a.n_features != b.n_features:
         raise ValueError(f"GMMs must share the dimension D, got D={a.n_features} and D={b.n_features}")
-    means = (a.means.unsqueeze(-2) - b.means.unsqueeze(-3)).square().sum(-1)
-    return (means + bures_cost(a, b)).clamp_min(0.0)
+    return w2_cost(squared_mean_distances(a.means, b.means), bures_cost(a, b))
+
+
+def squared_mean_distances(ma: Tensor, mb: Tensor) -> Tensor:
+    """``‖m_k − m'_l‖²`` for ``ma [..., K0, D]``, ``mb [..., K1, D]``: ``[..., K0, K1]``."""
+    return (ma.unsqueeze(-2) - mb.unsqueeze(-3)).square().sum(-1)
+
+
+def w2_cost(mean_part: Tensor, bures_part: Tensor) -> Tensor:
+    """The pairwise Gaussian W2² ``C = ‖m − m'‖² + B`` from its two parts, clamped at 0 against rounding."""
+    return (mean_part + bures_part).clamp_min(0.0)
 
 
 def psd_sqrt(m: Tensor) -> Tensor:

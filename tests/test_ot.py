@@ -399,16 +399,16 @@ def test_the_three_backward_paths_agree(monkeypatch, k0, k1):
 @pytest.mark.parametrize("seed", range(4))
 def test_compiled_simplex_equals_pot_emd(monkeypatch, seed):
     """The direct call of POT's compiled network simplex gives ot.emd's plan and (centred) dual potentials."""
-    import imgmw.ot as imgmw_ot
+    import imgmw.ot.discrete as discrete
 
-    if imgmw_ot._SIMPLEX is None:
+    if discrete._SIMPLEX is None:
         pytest.skip("this POT's compiled solver has an unknown signature: ot.emd is used")
     rng = np.random.default_rng(seed)
     k0, k1 = rng.integers(2, 12, size=2)
     wa, wb, cost = rng.random(k0) + 0.1, rng.random(k1) + 0.1, rng.random((k0, k1))
-    fast = imgmw_ot._solve_balanced(wa, wb, cost)
-    monkeypatch.setattr(imgmw_ot, "_SIMPLEX", None)
-    slow = imgmw_ot._solve_balanced(wa, wb, cost)
+    fast = discrete.solve_balanced(wa / wa.sum(), wb / wb.sum(), cost)
+    monkeypatch.setattr(discrete, "_SIMPLEX", None)
+    slow = discrete.solve_balanced(wa / wa.sum(), wb / wb.sum(), cost)
     for got, ref in zip(fast, slow):
         np.testing.assert_allclose(got, ref, rtol=0, atol=1e-14)
 
@@ -433,3 +433,50 @@ def test_unchecked_inputs_give_the_checked_value_and_gradients():
     torch.testing.assert_close(g_unchecked, g_checked, rtol=0, atol=0)
     with pytest.raises(ValueError, match="D"):
         mw2(a, random_gmm(2, 3, seed=47), check_input=False)  # shapes are still checked
+
+
+# --------------------------------------------------------------------------------------------- discrete solvers
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # POT's L-BFGS-B call uses a deprecated SciPy option
+@pytest.mark.parametrize("lams", [(1.0, 2.0), (0.3, 30.0)])
+def test_public_unbalanced_solver_matches_pot(lams):
+    from imgmw.ot import solve_unbalanced
+
+    rng = np.random.default_rng(5)
+    wa, wb, cost = rng.random(6) + 0.1, 2 * rng.random(4) + 0.1, rng.random((6, 4))  # masses need not match
+
+    def objective(p):
+        return float((p * cost).sum()) + lams[0] * kl(p.sum(1), wa) + lams[1] * kl(p.sum(0), wb)
+
+    ours, ref = objective(solve_unbalanced(wa, wb, cost, lams)), objective(
+        ot.unbalanced.lbfgsb_unbalanced(wa, wb, cost, 0.0, lams))
+    assert ours <= ref + 1e-12 and ref - ours < 1e-6
+
+
+def test_public_balanced_solver_matches_pot_at_any_mass():
+    from imgmw.ot import solve_balanced
+
+    rng = np.random.default_rng(6)
+    wa, wb, cost = rng.random(5), rng.random(7), rng.random((5, 7))
+    wa, wb = 3 * wa / wa.sum(), 3 * wb / wb.sum()
+    plan, f, g = solve_balanced(wa, wb, cost)
+    np.testing.assert_allclose(plan, ot.emd(wa, wb, cost), rtol=0, atol=1e-14)
+    reduced = cost - f[:, None] - g[None, :]  # complementary slackness, up to the shift of the potentials
+    shift = reduced[plan > 0]
+    assert shift.max() - shift.min() < 1e-12 and reduced.min() > shift.min() - 1e-12
+    assert abs(f.mean()) < 1e-14 and abs(g.mean()) < 1e-14
+
+
+@pytest.mark.parametrize("args,match", [
+    ((np.ones(2), np.ones(3), np.zeros((3, 2))), "shapes"),
+    ((np.array([1.0, np.nan]), np.ones(2), np.zeros((2, 2))), "wa must be finite"),
+    ((np.array([1.0, -1.0]), np.ones(2), np.zeros((2, 2))), "non-negative"),
+    ((np.ones(2), 2 * np.ones(2), np.zeros((2, 2))), "equal masses"),
+])
+def test_public_solvers_reject_bad_problems(args, match):
+    from imgmw.ot import solve_balanced, solve_unbalanced
+
+    with pytest.raises(ValueError, match=match):
+        solve_balanced(*args)
+    if match != "equal masses":
+        with pytest.raises(ValueError, match=match):
+            solve_unbalanced(*args, (1.0, 1.0))
