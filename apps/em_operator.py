@@ -117,13 +117,14 @@ def _train_seed(seed: int, step: int) -> int:
 
 # --------------------------------------------------------------------------- model and checkpoint
 def build(args: argparse.Namespace, device):
-    """The layer (k-means++ init given per set, so no learned init), Adam and a cosine schedule to 0."""
+    """The layer (its k-means++ start given per set, the same for every row of the table), Adam and a cosine
+    schedule to 0."""
     import torch
 
     from imgmw.layers import EMLayer
 
     torch.manual_seed(args.seed)
-    layer = EMLayer(args.k, args.dim, args.iters, learn_init=False, hidden=args.hidden,
+    layer = EMLayer(args.k, args.dim, args.iters, init="given", hidden=args.hidden,
                     residual_every_step=args.residual_every_step).to(device)
     opt = torch.optim.Adam(layer.parameters(), lr=args.lr)
     total = max(args.train_steps, 1)

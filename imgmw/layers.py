@@ -46,20 +46,26 @@ initial parameters and ``tol=None``).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from .gmm import GMM
-from .mstep import m_step
+from .init import INIT_METHODS, init_gmm
 from .linalg import add_to_diagonal
+from .mstep import m_step
 from .stats import accumulate_stats, chunk_bounds, e_step
-from .validation import check_points, check_reg_covar, point_weights
+from .validation import check_choice, check_points, check_reg_covar, point_weights
 
-__all__ = ["EMLayer", "ComponentMLP", "data_frame", "apply_correction", "floor_eigenvalues",
+__all__ = ["EMLayer", "LAYER_INITS", "ComponentMLP", "data_frame", "apply_correction", "floor_eigenvalues",
            "responsibility_moments", "nll_loss", "n_mlp_features",
            "MEAN_BOUND", "LOG_DIAG_BOUND", "LOWER_BOUND", "LOGIT_BOUND", "GAIN_BOUND"]
+
+LAYER_INITS = (*INIT_METHODS, "learned", "given")
+"""Starts of :class:`EMLayer`: a data-dependent start of :func:`imgmw.init.init_gmm`, the learned fixed start
+in the data frame, or an ``init`` GMM that every call passes."""
 
 MEAN_BOUND = 1.0
 """Largest mean correction per whitened coordinate of the component (in units of its own std)."""
@@ -239,12 +245,19 @@ class EMLayer(nn.Module):
         n_components: ``K ≥ 1``.
         n_features: ``D ≥ 1`` (the MLP input sizes depend on it).
         n_iter: number of unrolled EM steps ``T ≥ 1``.
-        residual: learn corrections; ``False`` gives plain EM (from the learned or given init).
-        learn_init: learn an initial mixture in the data frame: means ``μ⁰_k = c + s ⊙ m_k``, Cholesky
-            factors ``L⁰_k = diag(s) · U_k`` with ``U_k`` lower triangular, diagonal ``exp(l_k)`` and free
-            strictly lower part, weights ``softmax(a)``. Parameters: ``m [K, D]`` (drawn ``N(0, 1)`` from
-            torch's global generator), ``l`` and the lower part 0 (so ``Σ⁰_k = diag(s²) + ε I``), ``a = 0``.
-            An ``init`` passed to :meth:`forward` takes precedence.
+        residual: learn corrections; ``False`` gives plain EM (from the layer's start).
+        init: the start of the EM steps (one of ``LAYER_INITS``). Default ``"kmeans++"``: a seeded k-means++
+            start computed from each set (without gradient, from ``generator``), so that the untrained layer
+            is plain EM from k-means++ and training only has to improve on it. ``"kmeans"``, ``"random"``,
+            ``"random_from_data"``: the other starts of :func:`imgmw.init.init_gmm`. ``"learned"``: a learned
+            start in the data frame, the same for every set: means ``μ⁰_k = c + s ⊙ m_k``, Cholesky factors
+            ``L⁰_k = diag(s) · U_k`` with ``U_k`` lower triangular, diagonal ``exp(l_k)`` and free strictly lower
+            part, weights ``softmax(a)``; parameters ``m [K, D]`` (drawn ``N(0, 1)`` from torch's global
+            generator), ``l`` and the lower part 0 (so ``Σ⁰_k = diag(s²) + ε I``), ``a = 0``. ``"given"``: every
+            call passes ``init=`` to :meth:`forward`. An ``init`` passed to :meth:`forward` always takes
+            precedence.
+        generator: ``torch.Generator`` of the random starts.
+        learn_init: deprecated; ``True`` is ``init="learned"``, ``False`` is ``init="given"``.
         residual_every_step: correct after every EM step (``True``) or only after the last one.
         hidden: width of the hidden layers of the correction MLPs.
         reg_covar: ``ε ≥ 0`` of the M-step and floor of the corrected covariances' eigenvalues.
@@ -270,9 +283,15 @@ class EMLayer(nn.Module):
     """
 
     def __init__(self, n_components: int, n_features: int, n_iter: int, *, residual: bool = True,
-                 learn_init: bool = True, residual_every_step: bool = True, hidden: int = 64,
-                 reg_covar: float = 1e-6, fixed_weights: bool = False) -> None:
+                 init: str = "kmeans++", residual_every_step: bool = True, hidden: int = 64,
+                 reg_covar: float = 1e-6, fixed_weights: bool = False, generator: torch.Generator | None = None,
+                 learn_init: bool | None = None) -> None:
         super().__init__()
+        if learn_init is not None:
+            warnings.warn("EMLayer(learn_init=...) is deprecated: use init='learned' (True) or init='given' (False)",
+                          DeprecationWarning, stacklevel=2)
+            init = "learned" if learn_init else "given"
+        check_choice("init", init, LAYER_INITS)
         for name, value in (("n_components", n_components), ("n_features", n_features), ("n_iter", n_iter),
                             ("hidden", hidden)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -281,13 +300,14 @@ class EMLayer(nn.Module):
         self.n_features = n_features
         self.n_iter = n_iter
         self.residual = residual
-        self.learn_init = learn_init
+        self.init = init
+        self.generator = generator
         self.residual_every_step = residual_every_step
         self.reg_covar = check_reg_covar(reg_covar)
         self.fixed_weights = fixed_weights
         k, d = n_components, n_features
         n_lower = d * (d - 1) // 2
-        if learn_init:
+        if init == "learned":
             self.init_means = nn.Parameter(torch.randn(k, d))
             self.init_chol = nn.Parameter(torch.zeros(k, d + n_lower))
             self.init_logits = nn.Parameter(torch.zeros(k))
@@ -299,17 +319,26 @@ class EMLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"n_components={self.n_components}, n_features={self.n_features}, n_iter={self.n_iter}, "
-                f"residual={self.residual}, learn_init={self.learn_init}, "
+                f"residual={self.residual}, init={self.init!r}, "
                 f"residual_every_step={self.residual_every_step}, reg_covar={self.reg_covar}, "
                 f"fixed_weights={self.fixed_weights}")
 
     # ----------------------------------------------------------------- initialisation and checks
     def initial_gmm(self, x: Tensor, mask: Tensor | None = None) -> GMM:
-        """The learned initial mixture for ``x [*B, N, D]`` (see ``learn_init``), batch ``*B``."""
-        if not self.learn_init:
-            raise ValueError("initial_gmm needs learn_init=True; otherwise pass init= to forward")
+        """The layer's start for ``x [*B, N, D]`` (see ``init``), batch ``*B``."""
         x, weight = self._prepare(x, mask)
-        return self._learned_init(*data_frame(x, weight, self.reg_covar))
+        return self._start(x, weight, data_frame(x, weight, self.reg_covar))
+
+    def _start(self, x: Tensor, weight: Tensor | None, frame: tuple[Tensor, Tensor]) -> GMM:
+        if self.init == "learned":
+            return self._learned_init(*frame)
+        if self.init == "given":
+            raise ValueError("EMLayer(init='given') needs init=GMM(...) in every call, e.g. from imgmw.init.init_gmm")
+        start = init_gmm(x.detach(), self.n_components, self.init, weight=None if weight is None else weight.detach(),
+                         reg_covar=self.reg_covar, generator=self.generator)
+        if self.fixed_weights:  # as fit_gmm: a computed start of the fixed-weights variant has uniform weights
+            start = GMM(torch.full_like(start.weights, 1.0 / self.n_components), start.means, start.covariances)
+        return start
 
     def _learned_init(self, centre: Tensor, scale: Tensor) -> GMM:
         d = self.n_features
@@ -399,8 +428,8 @@ class EMLayer(nn.Module):
 
         Args:
             x: points; ``mask [*B, N]`` (booleans) excludes points exactly (at least ``K`` valid per set).
-            init: initial mixture with batch ``*B`` (e.g. from :func:`imgmw.init.init_gmm`); required when
-                ``learn_init=False``, otherwise it replaces the learned initialisation.
+            init: initial mixture with batch ``*B`` (e.g. from :func:`imgmw.init.init_gmm`); required with
+                ``init="given"``, otherwise it replaces the layer's own start.
 
         Returns:
             ``(gmm, log_resp [*B, N, K], log_likelihood [*B])``: the refined mixture, the log-
@@ -412,10 +441,8 @@ class EMLayer(nn.Module):
         if init is not None:
             self._check_init(init, x)
             gmm = init
-        elif self.learn_init:
-            gmm = self._learned_init(*frame)
         else:
-            raise ValueError("EMLayer(learn_init=False) needs init=GMM(...), e.g. from imgmw.init.init_gmm")
+            gmm = self._start(x, weight, frame)
         trace = _Trace()
         for t in range(self.n_iter):
             gmm = self._step(gmm, x, weight, frame, t, trace)

@@ -58,12 +58,12 @@ def assert_spd_with_floor(cov: torch.Tensor, eps: float) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- shapes
-@pytest.mark.parametrize("learn_init", [True, False])
-def test_shapes_and_decoder(learn_init):
+@pytest.mark.parametrize("start", ["kmeans++", "learned", "given"])
+def test_shapes_and_decoder(start):
     torch.manual_seed(0)
     x = blobs(2, 40, 3, 2, seed=1).reshape(2, 1, 40, 3).expand(2, 3, 40, 3)  # *B = (2, 3)
-    layer = randomise(EMLayer(4, 3, 2, learn_init=learn_init).double(), 0.2, seed=2)
-    init = None if learn_init else kpp(x, 4)
+    layer = randomise(EMLayer(4, 3, 2, init=start).double(), 0.2, seed=2)
+    init = kpp(x, 4) if start == "given" else None
     gmm, log_resp, ll = layer(x, init=init)
     assert gmm.weights.shape == (2, 3, 4) and gmm.means.shape == (2, 3, 4, 3)
     assert gmm.covariances.shape == (2, 3, 4, 3, 3)
@@ -110,10 +110,29 @@ def test_untrained_layer_is_exactly_em(residual_every_step, fixed_weights):
     torch.testing.assert_close(ll, ref.gmm.log_prob(x).sum(-1), rtol=1e-10, atol=0)
 
 
+@pytest.mark.parametrize("fixed_weights", [False, True])
+def test_untrained_default_layer_is_em_from_kmeans_plus_plus(fixed_weights):
+    """The default start is fit_gmm's: the same seeded k-means++ draw, so the untrained layer is plain EM."""
+    x = blobs(3, 60, 3, 3, seed=38, spread=2.0)
+    layer = EMLayer(3, 3, 4, fixed_weights=fixed_weights, generator=torch.Generator().manual_seed(5)).double()
+    gmm, _, _ = layer(x)
+    ref = fit_gmm(x, 3, n_iter=4, fixed_weights=fixed_weights, generator=torch.Generator().manual_seed(5)).gmm
+    torch.testing.assert_close(gmm.means, ref.means, rtol=0, atol=1e-6)
+    torch.testing.assert_close(gmm.weights, ref.weights, rtol=0, atol=1e-6)
+    torch.testing.assert_close(gmm.covariances, ref.covariances, rtol=0, atol=1e-6)
+
+
+def test_learn_init_is_deprecated_and_mapped():
+    with pytest.warns(DeprecationWarning, match="init='learned'"):
+        assert EMLayer(2, 2, 1, learn_init=True).init == "learned"
+    with pytest.warns(DeprecationWarning):
+        assert EMLayer(2, 2, 1, learn_init=False).init == "given"
+
+
 def test_untrained_learned_init_is_exactly_em():
     torch.manual_seed(4)
     x = blobs(2, 50, 2, 3, seed=5)
-    layer = EMLayer(3, 2, 3).double()
+    layer = EMLayer(3, 2, 3, init="learned").double()
     init = layer.initial_gmm(x)
     centre, scale = data_frame(x, None, layer.reg_covar)
     torch.testing.assert_close(init.means, centre.unsqueeze(-2) + scale.unsqueeze(-2) * layer.init_means)
@@ -126,7 +145,7 @@ def test_untrained_learned_init_is_exactly_em():
 def test_no_residual_is_em_even_with_learned_init_gradients():
     torch.manual_seed(6)
     x = blobs(2, 30, 2, 2, seed=7)
-    layer = EMLayer(2, 2, 2, residual=False).double()
+    layer = EMLayer(2, 2, 2, residual=False, init="learned").double()
     gmm, _, ll = layer(x)
     ref = fit_gmm(x, 2, n_iter=2, init=layer.initial_gmm(x).detach())
     torch.testing.assert_close(gmm.means, ref.gmm.means, rtol=0, atol=1e-10)
@@ -142,7 +161,7 @@ def test_masked_points_are_excluded_exactly():
     mask[1, 35:] = False
     x_garbage = x.clone()
     x_garbage[1, 35:] = float("nan")
-    layer = randomise(EMLayer(3, 2, 2).double(), 0.3, seed=10)
+    layer = randomise(EMLayer(3, 2, 2, init="learned").double(), 0.3, seed=10)
     gmm, _, ll = layer(x_garbage, mask=mask)
     gmm_1, _, ll_1 = layer(x[1:, :35])
     torch.testing.assert_close(gmm.means[1:], gmm_1.means, rtol=1e-10, atol=1e-10)
@@ -254,7 +273,7 @@ def test_responsibility_moments_vanish_in_expectation_and_detect_bimodality():
 def test_permuting_initial_components_permutes_outputs():
     torch.manual_seed(19)
     x = blobs(3, 60, 2, 3, seed=20, spread=2.0)
-    layer = randomise(EMLayer(3, 2, 3, learn_init=False).double(), 0.3, seed=21)
+    layer = randomise(EMLayer(3, 2, 3, init="given").double(), 0.3, seed=21)
     init = kpp(x, 3)
     perm = torch.tensor([2, 0, 1])
     init_p = GMM(init.weights[:, perm], init.means[:, perm], init.covariances[:, perm])
@@ -272,7 +291,7 @@ def test_permuting_initial_components_permutes_outputs():
 def test_permuting_learned_init_parameters_permutes_outputs():
     torch.manual_seed(22)
     x = blobs(2, 50, 2, 3, seed=23)
-    layer = randomise(EMLayer(3, 2, 2).double(), 0.3, seed=24)
+    layer = randomise(EMLayer(3, 2, 2, init="learned").double(), 0.3, seed=24)
     gmm, _, ll = layer(x)
     perm = torch.tensor([1, 2, 0])
     with torch.no_grad():
@@ -287,7 +306,7 @@ def test_permuting_learned_init_parameters_permutes_outputs():
 def test_gradcheck_points_init_and_weights():
     torch.manual_seed(25)
     x = blobs(1, 12, 2, 2, seed=26, spread=2.0)
-    layer = randomise(EMLayer(2, 2, 2, learn_init=False, hidden=6).double(), 0.3, seed=27)
+    layer = randomise(EMLayer(2, 2, 2, init="given", hidden=6).double(), 0.3, seed=27)
     init = kpp(x, 2)
     w_last = layer.mean_mlp.net[-1].weight
 
@@ -324,7 +343,7 @@ def test_short_training_lowers_loss_and_keeps_covariances_spd(monkeypatch):
     monkeypatch.setattr(layers, "apply_correction", checked_correction)
     x = blobs(8, 48, 2, 3, seed=30, spread=1.5, dtype=torch.float32)
     init = kpp(x, 3)
-    layer = EMLayer(3, 2, 2, learn_init=False)
+    layer = EMLayer(3, 2, 2, init="given")
     opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
     losses = []
     for _ in range(25):
@@ -351,10 +370,10 @@ def test_nll_loss_per_point():
 def test_state_dict_round_trip(tmp_path):
     torch.manual_seed(31)
     x = blobs(2, 40, 2, 3, seed=32, dtype=torch.float32)
-    layer = randomise(EMLayer(3, 2, 2), 0.3, seed=33)
+    layer = randomise(EMLayer(3, 2, 2, init="learned"), 0.3, seed=33)
     torch.save(layer.state_dict(), tmp_path / "layer.pt")
     torch.manual_seed(34)
-    other = EMLayer(3, 2, 2)
+    other = EMLayer(3, 2, 2, init="learned")
     other.load_state_dict(torch.load(tmp_path / "layer.pt", weights_only=True))
     for a, b in zip(layer(x), other(x)):
         for ta, tb in ((a.means, b.means), (a.covariances, b.covariances)) if isinstance(a, GMM) else ((a, b),):
@@ -378,6 +397,8 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="init must be a GMM"):
         layer(x, init=kpp(x[:1], 2))
     with pytest.raises(ValueError, match="needs init"):
-        EMLayer(2, 2, 1, learn_init=False)(x)
+        EMLayer(2, 2, 1, init="given")(x)
+    with pytest.raises(ValueError, match="init"):
+        EMLayer(2, 2, 1, init="k-means")
     with pytest.raises(ValueError, match="no valid point"):
         layer(x, mask=torch.zeros(2, 20, dtype=torch.bool))
