@@ -89,7 +89,11 @@ def regrain(result: Tensor, source: Tensor, *, smoothness: float = 1.0) -> Tenso
         ``[B, C, H, W]`` or ``[C, H, W]`` (as given) in [0, 1], in the inputs' dtype and device.
 
     Example:
-        >>> out = regrain(transferred, source)       # both [3, H, W] in [0, 1]
+        >>> source = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
+        >>> transferred = (0.5 * source + 0.3).clamp(0, 1)   # a colour transfer that also flattened the grain
+        >>> out = regrain(transferred, source)
+        >>> out.shape, bool(((out >= 0) & (out <= 1)).all())
+        (torch.Size([3, 32, 32]), True)
     """
     if not isinstance(result, Tensor) or not isinstance(source, Tensor):
         raise ValueError("result and source must be image tensors [B, C, H, W] or [C, H, W]")
