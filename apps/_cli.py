@@ -271,6 +271,31 @@ def write_json(obj: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def settings(args: argparse.Namespace) -> dict:
+    """The parsed flags as JSON-able values (paths as strings): what metrics.json and checkpoints record."""
+    return {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
+
+
+def read_resume_checkpoint(path: Path, args: argparse.Namespace, keys: Sequence[str], must_match: Sequence[str],
+                           map_location=None) -> dict:
+    """The checkpoint dict at ``path`` for ``--resume``: readable (:func:`imgmw.checkpoint.load_file`), holding
+    ``keys`` and a ``"settings"`` dict whose flags in ``must_match`` equal this run's; else ``AppError`` naming
+    the file and the differing flags."""
+    from imgmw.checkpoint import load_file
+
+    try:
+        state = load_file(path, map_location)
+    except ValueError as err:
+        raise AppError(f"--resume: {err}") from None
+    if not isinstance(state, dict) or not {*keys, "settings"} <= set(state):
+        raise AppError(f"--resume: {path} is not a checkpoint of this app (expected the keys {', '.join(keys)})")
+    saved, now = state["settings"], settings(args)
+    diff = [f"--{key.replace('_', '-')}" for key in must_match if saved.get(key) != now[key]]
+    if diff:
+        raise AppError(f"--resume: checkpoint {path} was trained with different {', '.join(diff)}")
+    return state
+
+
 def run(prog: str, main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
     """Call ``main(argv)``; turn user-facing errors into one line on stderr and exit code 2."""
     try:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from apps._cli import (AppError, AppParser, Interrupted, add_common_args, positive_float, positive_int,
-                       process_group_for, run, staged_output, write_json)
+                       process_group_for, read_resume_checkpoint, run, settings, staged_output, write_json)
 
 NAME = "train_generator"
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -101,23 +101,12 @@ def _check_args(args: argparse.Namespace) -> None:
         raise AppError(f"--size {args.size} must be a multiple of 16 (the network's 5 noise scales)")
 
 
-def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    return {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
-
-
 def _resume(trainer, path: Path, args: argparse.Namespace, device, group) -> dict[str, Any]:
     """Load the checkpoint into ``trainer``; returns its ``extra`` dict. Refuses other settings, and under
     torchrun another number of processes (each rank continues its own noise stream)."""
     from imgmw.distributed import rank, world_size
-    from imgmw.generative import load_checkpoint
 
-    state = load_checkpoint(path, map_location=device)
-    if not isinstance(state, dict) or not {"trainer", "settings", "extra"} <= set(state):
-        raise AppError(f"--resume: {path} is not a checkpoint of this app")
-    saved, now = state["settings"], _settings(args)
-    diff = [f"--{key.replace('_', '-')}" for key in RESUME_KEYS if saved.get(key) != now[key]]
-    if diff:
-        raise AppError(f"--resume: checkpoint {path} was trained with different {', '.join(diff)}")
+    state = read_resume_checkpoint(path, args, ("trainer", "extra"), RESUME_KEYS, device)
     trainer.load_state_dict(state["trainer"])
     per_rank = state.get("rng_per_rank")
     if group is not None:
@@ -129,26 +118,10 @@ def _resume(trainer, path: Path, args: argparse.Namespace, device, group) -> dic
 
 
 def _plot_loss(path: Path, history: list[float], label: str) -> None:
-    import matplotlib
+    from apps._plots import Panel, plot_panels
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    window = max(1, len(history) // 50)
-    smooth = [sum(history[max(0, i - window + 1):i + 1]) / len(history[max(0, i - window + 1):i + 1])
-              for i in range(len(history))]
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    steps = range(1, len(history) + 1)
-    ax.plot(steps, history, lw=0.5, color="0.7", label="loss per step")
-    ax.plot(steps, smooth, color="C0", label=f"moving mean ({window} steps)")
-    ax.set_yscale("log")
-    ax.set_xlabel("training step")
-    ax.set_ylabel(label)
-    ax.set_title("training loss")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plot_panels(path, [Panel({"loss": history}, label, title="training loss", log_y=True,
+                             smooth=max(1, len(history) // 50))], xlabel="training step")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -176,7 +149,7 @@ def _train(args: argparse.Namespace, group, device) -> int:
     start = trainer.step_count
 
     def checkpoint_state() -> dict[str, Any]:
-        state = {"trainer": trainer.state_dict(), "settings": _settings(args), "extra": extra, "generator": job.spec}
+        state = {"trainer": trainer.state_dict(), "settings": settings(args), "extra": extra, "generator": job.spec}
         if group is not None:  # every rank's noise generator, so that a resumed run draws what this one would
             state["rng_per_rank"] = [t.clone() for t in all_gather_stack(trainer.rng.get_state(), group)]
         return state
@@ -209,7 +182,7 @@ def _train(args: argparse.Namespace, group, device) -> int:
         if not main_rank:
             return 0
         save_checkpoint(out / CHECKPOINT, state)
-        metrics = {"settings": _settings(args), "device": str(device), "processes": world_size(group),
+        metrics = {"settings": settings(args), "device": str(device), "processes": world_size(group),
                    "resumed_from_step": start, "steps": trainer.step_count, "seconds_train": t_train,
                    "final_loss": trainer.history[-1] if trainer.history else None,
                    "final_loss_mean_last_50": (sum(trainer.history[-50:]) / len(trainer.history[-50:])

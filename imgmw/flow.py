@@ -291,15 +291,19 @@ def refit_mw2(points: Tensor, target: GMM, *, n_components: int | None = None, f
 
 
 def guarded_step(loss: Tensor, optimizer: torch.optim.Optimizer, params: Sequence[Tensor],
-                 history: list[float]) -> float:
+                 history: list[float], *, max_grad_norm: float | None = None) -> float:
     """One optimiser step on the scalar ``loss`` of a training loop, between two :func:`check_divergence`
     checks (the second catches a step that made the weights non-finite before a checkpoint can store
-    them); appends the loss's value to ``history`` and returns it."""
+    them); appends the loss's value to ``history`` and returns it. ``max_grad_norm``: clip the gradients'
+    total norm before the step."""
     value = float(loss.detach())
-    lr = optimizer.param_groups[0]["lr"]
+    group = optimizer.param_groups[0]
+    lr = group.get("initial_lr", group["lr"])  # the configured rate, not the schedule's current value
     check_divergence(history + [value], params, lr, what="training")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
     check_divergence(history + [value], params, lr, what="training")
     history.append(value)

@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 
 import apps.em_operator as app
+import imgmw.layer_training as layer_training
+from imgmw.layer_training import sets_with_starts
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--k", "2", "--dim", "2", "--n-points", "32", "--iters", "2", "--batch", "4", "--eval-sets", "8",
@@ -87,19 +89,20 @@ def test_end_to_end_tiny_run_writes_its_files(tmp_path, capsys):
 def test_checkpoint_round_trip_gives_same_outputs(tmp_path):
     args = app.build_parser().parse_args(TINY + ["--train-steps", "2", "--output", str(tmp_path)])
     device = torch.device("cpu")
-    layer, opt, sched = app.build(args, device)
+    trainer = app.build(args, device)
     with torch.no_grad():
-        for p in layer.parameters():
+        for p in trainer.layer.parameters():
             p.add_(0.1 * torch.randn_like(p))
+    trainer.step_count, trainer.history, trainer.em_history = 2, [1.0, 0.5], [1.0, 0.6]
     path = tmp_path / app.CHECKPOINT
-    app.save_checkpoint(path, layer, opt, sched, 2, {"loss": [1.0, 0.5], "em_loss": [1.0, 0.6]}, args)
+    app.save_checkpoint(path, trainer, args)
     args_other = app.build_parser().parse_args(TINY + ["--train-steps", "2", "--output", str(tmp_path)])
-    other, opt2, sched2 = app.build(args_other, device)
-    step, history = app.load_checkpoint(path, other, opt2, sched2, args_other)
-    assert step == 2 and history == {"loss": [1.0, 0.5], "em_loss": [1.0, 0.6]}
-    x, init = app.make_batch(3, args, 123, device)
+    other = app.build(args_other, device)
+    app.load_checkpoint(path, other, args_other)
+    assert other.step_count == 2 and other.history == [1.0, 0.5] and other.em_history == [1.0, 0.6]
+    x, init = sets_with_starts(3, args.k, args.dim, args.n_points, 123, device)
     with torch.no_grad():
-        a, b = layer(x, init=init), other(x, init=init)
+        a, b = trainer.layer(x, init=init), other.layer(x, init=init)
     assert torch.equal(a[0].means, b[0].means) and torch.equal(a[2], b[2])
 
 
@@ -110,19 +113,19 @@ def test_resume_continues_an_interrupted_run_exactly(tmp_path, monkeypatch, caps
 
     part = tmp_path / "part"
     calls = {"n": 0}
-    real_make_batch = app.make_batch
+    real_sets = layer_training.sets_with_starts
 
-    def interrupting_make_batch(n_sets, args, seed, device):
+    def interrupting_sets(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 6:  # during step 5 of 6: the last checkpoint is from step 4
+        if calls["n"] == 5:  # during step 5 of 6: the last checkpoint is from step 4
             raise KeyboardInterrupt
-        return real_make_batch(n_sets, args, seed, device)
+        return real_sets(*args, **kwargs)
 
-    monkeypatch.setattr(app, "make_batch", interrupting_make_batch)
+    monkeypatch.setattr(layer_training, "sets_with_starts", interrupting_sets)
     assert app.main(TINY + steps + ["--output", str(part)]) == 130
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "holds step 4; continue with --resume" in err, err
-    monkeypatch.setattr(app, "make_batch", real_make_batch)
+    monkeypatch.setattr(layer_training, "sets_with_starts", real_sets)
     assert _load(part / app.CHECKPOINT)["step"] == 4 and not (part / "metrics.json").exists()
 
     assert app.main(TINY + steps + ["--output", str(part), "--resume"]) == 0
