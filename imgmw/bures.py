@@ -127,7 +127,7 @@ def dense_backward(n_pairs: int, n_active: int, d: int) -> bool:
 
 
 def bures_backward(grad: Tensor, cb: Tensor, la: Tensor, pa: Tensor, *, grads: tuple[Tensor, Tensor] | None = None,
-                   support: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+                   support: tuple[Tensor, ...] | None = None) -> tuple[Tensor, Tensor]:
     """Vector-Jacobian product of :func:`bures_forward`: ``(∂/∂Σa [N, K0, D, D], ∂/∂Σb [N, K1, D, D])``.
 
     ``grad [N, K0, K1]``: ``∂/∂Σa_k = Σ_l grad_kl ∂B_kl/∂Σa_k`` and ``∂/∂Σb_l = Σ_k grad_kl ∂B_kl/∂Σb_l`` with the
@@ -150,8 +150,8 @@ def bures_backward(grad: Tensor, cb: Tensor, la: Tensor, pa: Tensor, *, grads: t
     d_a, d_b = torch.zeros_like(la), torch.zeros_like(cb)
     if dense_backward(grad.numel(), support[0].numel(), d):
         for s, e in _row_chunks(k0, n * k1 * d * d):
-            ga, gb = pair_gradients(*torch.linalg.eigh(_all_sandwiches(la[:, s:e], cb)), la[:, s:e, None],
-                                    pa[:, s:e, None])
+            lam, vec = torch.linalg.eigh(_all_sandwiches(la[:, s:e], cb))
+            ga, gb = pair_gradients(lam, vec, la[:, s:e, None], pa[:, s:e, None])
             g = grad[:, s:e, :, None, None]
             d_a[:, s:e] = (g * ga).sum(-3)
             d_b += (g * gb).sum(-4)
@@ -160,7 +160,8 @@ def bures_backward(grad: Tensor, cb: Tensor, la: Tensor, pa: Tensor, *, grads: t
     for s, e in _row_chunks(bi.numel(), d * d):
         b, k, l = bi[s:e], ki[s:e], li[s:e]  # noqa: E741
         lak = la[b, k]
-        ga, gb = pair_gradients(*torch.linalg.eigh(_sandwich(lak, cb[b, l])), lak, pa[b, k])
+        lam, vec = torch.linalg.eigh(_sandwich(lak, cb[b, l]))
+        ga, gb = pair_gradients(lam, vec, lak, pa[b, k])
         g = grad[b, k, l][:, None, None]
         d_a.index_put_((b, k), g * ga, accumulate=True)
         d_b.index_put_((b, l), g * gb, accumulate=True)

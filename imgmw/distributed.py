@@ -109,7 +109,8 @@ def reduce_stats(stats: SuffStats, group) -> SuffStats:
     for p in parts:
         out.append(flat[start:start + p.numel()].reshape(p.shape).to(p.dtype))
         start += p.numel()
-    return SuffStats(*out, stats.shift)
+    s0, s1, s2, log_lik, total = out
+    return SuffStats(s0, s1, s2, log_lik, total, stats.shift)
 
 
 def global_stats(gmm, x: Tensor, weight: Tensor | None, chunk_size: int | None, features: QuadFeatures | None,

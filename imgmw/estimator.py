@@ -33,7 +33,7 @@ except ImportError:  # pragma: no cover - exercised only without scikit-learn
     _SklearnConvergenceWarning = UserWarning
     _BASES = ()
 
-    class _SklearnNotFittedError(ValueError, AttributeError):
+    class _SklearnNotFittedError(ValueError, AttributeError):  # type: ignore[no-redef]
         pass
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -68,7 +68,7 @@ def _same(a, b) -> bool:
         return False
 
 
-class GaussianMixture(*_BASES):
+class GaussianMixture(*_BASES):  # type: ignore[misc]  # bases known at import time only
     """Full-covariance Gaussian mixture fitted by EM, with scikit-learn's estimator contract.
 
     Parameters follow ``sklearn.mixture.GaussianMixture`` (``n_components``, ``tol``, ``reg_covar``,
@@ -263,6 +263,7 @@ class GaussianMixture(*_BASES):
         n, d = x.shape
         if n < self.n_components:
             raise ValueError(f"n_samples={n} must be >= n_components={self.n_components}")
+        init: GMM | str
         if self.warm_start and hasattr(self, "means_"):
             init, n_init = self._model(), 1
         else:

@@ -161,7 +161,7 @@ def _gmm_state(g: GMM | None) -> dict[str, Tensor] | None:
 def _gmm_from_state(state: dict[str, Tensor] | None, like: Tensor) -> GMM | None:
     if state is None:
         return None
-    return GMM(*(state[key].to(like) for key in ("weights", "means", "covariances")))
+    return GMM(state["weights"].to(like), state["means"].to(like), state["covariances"].to(like))
 
 
 class MW2GeneratorTrainer(StepTrainer):
@@ -324,7 +324,10 @@ class MW2GeneratorTrainer(StepTrainer):
         """Restore :meth:`state_dict` (tensors are moved to the trainer's device and dtype)."""
         self.net.load_state_dict(state["net"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.real_fit = _gmm_from_state(state["real_fit"], self.data)
+        real_fit = _gmm_from_state(state["real_fit"], self.data)
+        if real_fit is None:
+            raise ValueError("the trainer state has no fit of the real data")
+        self.real_fit = real_fit
         self.gen_fit = _gmm_from_state(state["gen_fit"], self.data)
         self.rng.set_state(state["rng"])
         self.step_count = int(state["step"])

@@ -64,9 +64,9 @@ def load_image(path: str | os.PathLike) -> Tensor:
     if p.is_dir():
         raise ImageError(f"{p}: is a directory, not an image file")
     try:
-        with Image.open(p) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
+        with Image.open(p) as opened:
+            opened.load()
+            im = ImageOps.exif_transpose(opened)
             if im.width == 0 or im.height == 0:
                 raise ImageError(f"{p}: image has zero size ({im.width}x{im.height})")
             array, alpha = _pil_to_array(im)

@@ -191,7 +191,7 @@ class StepLinearisation:
 
     def jvp(self, v: Tensor) -> Tensor:
         """``(∂_φF̃) v`` for ``v [*B, p]``: the VJP of the linear map ``u ↦ (∂_φF̃)ᵀ u``."""
-        if self._dual is None:
+        if self._dual is None or self._dual_grad is None:
             with torch.enable_grad():
                 self._dual = torch.zeros_like(self.out, requires_grad=True)
                 self._dual_grad = torch.autograd.grad(self.out, self.phi, self._dual, create_graph=True)[0]

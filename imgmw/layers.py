@@ -220,10 +220,10 @@ class ComponentMLP(nn.Module):
 
     def __init__(self, n_in: int, n_out: int, hidden: int) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(n_in, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                                 nn.Linear(hidden, n_out))
-        nn.init.zeros_(self.net[-1].weight)
-        nn.init.zeros_(self.net[-1].bias)
+        last = nn.Linear(hidden, n_out)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        self.net = nn.Sequential(nn.Linear(n_in, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), last)
 
     def forward(self, features: Tensor) -> Tensor:
         return self.net(features)
@@ -385,7 +385,7 @@ class EMLayer(nn.Module):
         """History features ``[*B, K, 2D + 2]``; updates ``trace`` with this step."""
         step_mean = (new.means - prev.means) / scale.unsqueeze(-2)
         step_log_diag = _log_diag(new.cholesky) - _log_diag(prev.cholesky)
-        if trace.step_mean is None:
+        if trace.step_mean is None or trace.step_log_diag is None:
             out = torch.zeros(*step_mean.shape[:-1], 2 * self.n_features + 2, dtype=scale.dtype,
                               device=scale.device)
         else:

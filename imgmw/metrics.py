@@ -19,6 +19,7 @@ Definitions (``P`` projection directions ``θ_1..θ_P`` uniform on the unit sphe
 from __future__ import annotations
 
 import math
+from typing import Literal, overload
 
 import torch
 from torch import Tensor
@@ -177,10 +178,10 @@ def color_w2_exact(a: Tensor, b: Tensor, n_samples: int = 2000, seed: int = 0) -
     xa, xb = _as_points(a, "a"), _as_points(b, "b")
     _check_same_dim(xa, xb)
     g = _generator(seed)
-    xa = _subsample(xa, n_samples, g).cpu().numpy()
-    xb = _subsample(xb, n_samples, g).cpu().numpy()
-    cost = ot.dist(xa, xb, metric="sqeuclidean")
-    w2_sq = ot.emd2(ot.unif(xa.shape[0]), ot.unif(xb.shape[0]), cost, numItermax=10_000_000)
+    na = _subsample(xa, n_samples, g).cpu().numpy()
+    nb = _subsample(xb, n_samples, g).cpu().numpy()
+    cost = ot.dist(na, nb, metric="sqeuclidean")
+    w2_sq = ot.emd2(ot.unif(na.shape[0]), ot.unif(nb.shape[0]), cost, numItermax=10_000_000)
     return math.sqrt(max(float(w2_sq), 0.0))
 
 
@@ -288,7 +289,8 @@ def patch_sliced_w2(a: Tensor, b: Tensor, patch: int = 4, scales: int = 4, n_pro
             raise ValueError(f"{name} of size {img.shape[-2]}x{img.shape[-1]} is smaller than the patch size "
                              f"{patch}x{patch}")
     min_side = max(16, patch)
-    n_levels = min(scales, n_scales_for(*a.shape[-2:], min_side), n_scales_for(*b.shape[-2:], min_side))
+    n_levels = min(scales, n_scales_for(a.shape[-2], a.shape[-1], min_side),
+                   n_scales_for(b.shape[-2], b.shape[-1], min_side))
     with torch.no_grad():
         pyr_a = gaussian_pyramid(a.detach().to(torch.float64)[None], n_levels)
         pyr_b = gaussian_pyramid(b.detach().to(device=a.device, dtype=torch.float64)[None], n_levels)
@@ -301,8 +303,8 @@ def patch_sliced_w2(a: Tensor, b: Tensor, patch: int = 4, scales: int = 4, n_pro
 def _level_sliced_w2(a: Tensor, b: Tensor, patch: int, n_samples: int, theta: Tensor,
                      generator: torch.Generator) -> float:
     """SW2 between equal-size random patch subsets of two pyramid levels ``[1, 3, h, w]``."""
-    n_a = math.prod(patch_grid(*a.shape[-2:], patch))
-    n_b = math.prod(patch_grid(*b.shape[-2:], patch))
+    n_a = math.prod(patch_grid(a.shape[-2], a.shape[-1], patch))
+    n_b = math.prod(patch_grid(b.shape[-2], b.shape[-1], patch))
     n = min(n_samples, n_a, n_b)
     pa = random_patches(a, patch, n, generator)[0]
     pb = random_patches(b, patch, n, generator)[0]
@@ -311,6 +313,12 @@ def _level_sliced_w2(a: Tensor, b: Tensor, patch: int, n_samples: int, theta: Te
 
 # -------------------------------------------------------------------------------------------- structure
 
+@overload
+def nearest_patch_rms(result: Tensor, exemplar: Tensor, patch: int = ..., n_samples: int = ..., seed: int = ...,
+                      chunk: int = ..., *, with_contrast: Literal[False] = ...) -> Tensor: ...
+@overload
+def nearest_patch_rms(result: Tensor, exemplar: Tensor, patch: int = ..., n_samples: int = ..., seed: int = ...,
+                      chunk: int = ..., *, with_contrast: Literal[True]) -> tuple[Tensor, Tensor]: ...
 def nearest_patch_rms(result: Tensor, exemplar: Tensor, patch: int = STRUCTURE_PATCH, n_samples: int = 1024,
                       seed: int = 0, chunk: int = 4096, *, with_contrast: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """RMS distance of random ``patch × patch`` patches of ``result [3, H, W]`` to their nearest patch of
@@ -330,12 +338,12 @@ def nearest_patch_rms(result: Tensor, exemplar: Tensor, patch: int = STRUCTURE_P
         if min(img.shape[-2:]) < patch:
             raise ValueError(f"{name} ({img.shape[-2]}x{img.shape[-1]}) is smaller than the {patch}x{patch} patches")
     with torch.no_grad():
-        n = min(n_samples, math.prod(patch_grid(*a.shape[-2:], patch)))
+        n = min(n_samples, math.prod(patch_grid(a.shape[-2], a.shape[-1], patch)))
         q = random_patches(a[None].double(), patch, n, _generator(seed))[0]           # [n, 3p²]
         q_sq = q.square().sum(-1, keepdim=True)
         best = torch.full((n,), math.inf, dtype=torch.float64, device=q.device)
         where = torch.zeros(n, dtype=torch.long, device=q.device)
-        rows, cols = patch_grid(*b.shape[-2:], patch)
+        rows, cols = patch_grid(b.shape[-2], b.shape[-1], patch)
         b64 = b[None].double()
         for start in range(0, rows * cols, chunk):
             pos = torch.arange(start, min(start + chunk, rows * cols), device=b.device)

@@ -103,7 +103,8 @@ def collect_patches(paths: Sequence[Path], indices: Sequence[int], *, patch: int
     d = 3 * patch * patch
     train = torch.empty(n_scales, len(indices) * n_train, d, device=device)
     held = torch.empty(n_scales, len(indices) * n_held, d, device=device)
-    used, skipped = [], []
+    used: list[Path] = []
+    skipped: list[Path] = []
     for path, sample in iter_image_patches(paths, indices, patch=patch, n_scales=n_scales, n_train=n_train,
                                            n_held=n_held, seed=seed, max_side=max_side, device=device):
         if sample is None:

@@ -19,7 +19,7 @@ patches, the exemplar's per-scale patch mixtures ``ν_s``), at a fixed training 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,7 @@ class _Block(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, periodic: bool) -> None:
         super().__init__()
-        mode = "circular" if periodic else "reflect"
+        mode: Literal["circular", "reflect"] = "circular" if periodic else "reflect"
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, padding_mode=mode)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, padding_mode=mode)
 
