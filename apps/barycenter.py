@@ -166,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   colour_targets, recolour_to_gmm, stack_targets)
     from imgmw.image import load_image, save_image, side_by_side
     from imgmw.losses import relative_reg_covar
-    from imgmw.flow import refit_mw2
+    from imgmw.flow import SYNC_EVERY, refit_mw2
     from imgmw.ot import gmm_barycentre, mw2
     from imgmw.warm import WarmStartEM
 
@@ -189,9 +189,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     with staged_output(args.output) as out:
         bar = tqdm(total=args.iters, desc="barycentre flow", disable=args.quiet, file=sys.stderr)
 
-        def progress(i: int, energy: float, x) -> None:
+        def progress(i: int, energy, x) -> None:
             bar.update(1)
-            bar.set_postfix(objective=f"{energy:.4g}")
+            if (i + 1) % SYNC_EVERY == 0:  # the energy is a device tensor: read it where the flow reads its own
+                bar.set_postfix(objective=f"{float(energy):.4g}")
             if args.save_every and (i + 1) % args.save_every == 0:
                 frame = out / f"frame_{i + 1:05d}.png"
                 if args.mode == "points":

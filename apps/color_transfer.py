@@ -70,6 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tqdm import tqdm
 
     from imgmw.colour import transfer_colours
+    from imgmw.flow import SYNC_EVERY
     from imgmw.image import load_image, save_image, side_by_side
     from imgmw.metrics import color_sliced_w2, false_edges, luminance_ssim
 
@@ -82,9 +83,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         bar = tqdm(total=steps, desc="colour flow", disable=args.quiet or steps == 0,
                    file=sys.stderr)
 
-        def progress(i: int, loss: float, render) -> None:
+        def progress(i: int, loss, render) -> None:
             bar.update(1)
-            bar.set_postfix(mw2=f"{loss:.3g}")
+            if (i + 1) % SYNC_EVERY == 0:  # the loss is a device tensor: read it where the flow reads its own
+                bar.set_postfix(mw2=f"{float(loss):.3g}")
             if args.save_every and (i + 1) % args.save_every == 0:
                 save_image(render(), out / f"frame_{i + 1:05d}.png")
 

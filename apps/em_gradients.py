@@ -440,7 +440,7 @@ def _flow_run(mode: str, x0, target, iters: int, lr: float, n_iter: int, seed: i
             yield
         peak[0] = max(peak[0], meter.bytes)
 
-    def record(step: int, energy: float, x) -> None:
+    def record(step: int, energy, x) -> None:
         frames.append(x.clone())
         bar.update(1)
 

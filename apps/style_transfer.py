@@ -95,6 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
     from tqdm import tqdm
 
+    from imgmw.flow import SYNC_EVERY
     from imgmw.image import load_image, resize_max, save_image, side_by_side
     from imgmw.style import make_extractor, style_transfer
 
@@ -117,7 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         def progress(step: int, image, terms) -> None:
             bar.update(1)
-            bar.set_postfix(mw2=" ".join(f"{float(v):.3g}" for v in terms))
+            if (step + 1) % SYNC_EVERY == 0:  # the terms are a device tensor: read them where the flow reads its own
+                bar.set_postfix(mw2=" ".join(f"{v:.3g}" for v in terms.tolist()))
             if args.save_every and (step + 1) % args.save_every == 0:
                 save_image(image[0], out / f"frame_{step + 1:05d}.png")
 

@@ -128,9 +128,11 @@ def _load_prior(args: argparse.Namespace):
 
 
 def _progress(args: argparse.Namespace, out_dir: Path):
-    """``(callback, bar)``: updates a tqdm bar with the per-scale losses and saves frames if asked."""
+    """``(callback, bar)``: updates a tqdm bar with the per-scale losses (read from the device at the flow's sync
+    points only) and saves frames if asked."""
     from tqdm import tqdm
 
+    from imgmw.flow import SYNC_EVERY
     from imgmw.image import save_image
 
     bar = tqdm(total=args.iters, desc=PROG, disable=args.quiet, leave=False, dynamic_ncols=True)
@@ -139,7 +141,8 @@ def _progress(args: argparse.Namespace, out_dir: Path):
         if step == 0:
             bar.reset()  # restart the clock: the target fits before the first step are not steps
         bar.update(1)
-        bar.set_postfix_str(" ".join(f"s{i}={float(v):.4g}" for i, v in enumerate(per_scale)), refresh=False)
+        if (step + 1) % SYNC_EVERY == 0:
+            bar.set_postfix_str(" ".join(f"s{i}={v:.4g}" for i, v in enumerate(per_scale.tolist())), refresh=False)
         if args.save_every and (step + 1) % args.save_every == 0:
             frames = out_dir / "frames"
             frames.mkdir(exist_ok=True)

@@ -97,7 +97,7 @@ def barycentre_flow(targets: Sequence[GMM], weights: Sequence[float] | Tensor | 
                     *, k: int | None = None, iters: int = 300, lr: float = 0.1, reg_covar: float | None = None,
                     init: Tensor | str = "normal", generator: torch.Generator | None = None,
                     em: WarmStartEM | None = None,
-                    callback: Callable[[int, float, Tensor], None] | None = None) -> tuple[Tensor, list[float]]:
+                    callback: Callable[[int, Tensor, Tensor], None] | None = None) -> tuple[Tensor, list[float]]:
     """Minimise ``E(X) = Σ_i λ_i MW2²(EM_K(X), ν_i)`` over points ``X [*B, N, D]`` (see the module docstring).
 
     Args:
@@ -115,7 +115,8 @@ def barycentre_flow(targets: Sequence[GMM], weights: Sequence[float] | Tensor | 
         em: the warm-started EM to use (default: a new :class:`imgmw.WarmStartEM` with ``k``, fixed uniform
             weights — the barycentre :func:`imgmw.gmm_barycentre` computes has them —, ``reg_covar`` and
             ``generator``); pass one to read the final fit of ``X`` from its ``state`` afterwards.
-        callback: ``callback(i, E, X)`` after every step (``E`` summed over ``*B``, ``X`` detached).
+        callback: ``callback(i, E, X)`` after every step (``E`` summed over ``*B``, a 0-d device tensor to read at
+            :func:`imgmw.flow.run_flow`'s sync points; ``X`` detached).
 
     Returns:
         ``(X [*B, N, D], history)``: the final points and ``E`` (summed over ``*B``) before every step.

@@ -290,7 +290,8 @@ def colour_flow(points: Tensor, weights: Tensor, target: GMM, *, iters: int = 10
                 optimizer: str = "gd", max_step: float = 0.01, init: GMM | None = None,
                 fixed_weights: bool = False, policy: FitPolicy | None = FitPolicy(), frozen: tuple[int, ...] = (),
                 smooth: Callable[[Tensor], Tensor] | None = None, generator: torch.Generator | None = None,
-                callback: Callable[[int, float, Tensor], None] | None = None) -> tuple[Tensor, FlowResult, WarmStartEM]:
+                callback: Callable[[int, Tensor, Tensor], None] | None = None
+                ) -> tuple[Tensor, FlowResult, WarmStartEM]:
     """Minimise ``E(X) = MW2²(EM(X), target)`` over weighted points ``X = points [M, D]`` (warm-started EM).
 
     Each iteration does one warm-started EM step on the current ``X`` (point weights ``weights [M]``,
@@ -302,7 +303,8 @@ def colour_flow(points: Tensor, weights: Tensor, target: GMM, *, iters: int = 10
     uses Adam, which normalises every coordinate's step and so moves rare colours as fast as frequent ones
     (noisier). ``reg_covar=None`` uses ``1e-4 ×`` the largest covariance eigenvalue of ``target``.
     ``init``: the GMM the warm-started EM starts from (default: k-means++ on ``X``). ``frozen``: coordinates
-    that keep their values (the flow moves the others). ``callback(i, loss, X)`` is called after every step.
+    that keep their values (the flow moves the others). ``callback(i, loss, X)`` is called after every step
+    (``loss`` a 0-d device tensor, see :func:`imgmw.flow.run_flow` for when to read it).
     Returns ``(X, flow result, the warm-started EM)``.
     """
     if optimizer not in ("gd", "adam"):
@@ -362,7 +364,7 @@ def transfer_colours(source: Tensor, target: Tensor, *, method: str = "flow", co
                      unbalanced: tuple[float, float] = (10.0, 0.1), map_method: str = "bary",
                      luminance: str = "match", regrain: bool = True, polish_iters: int = POLISH_ITERS,
                      fixed_weights: bool = False, policy: FitPolicy | None = COLOUR_POLICY, seed: int = 0,
-                     diagnose: bool = True, callback: Callable[[int, float, Callable[[], Tensor]], None] | None = None
+                     diagnose: bool = True, callback: Callable[[int, Tensor, Callable[[], Tensor]], None] | None = None
                      ) -> ColourTransferResult:
     """Give ``source [3, H, W]`` the colours of ``target [3, H', W']`` (sRGB in [0, 1]); see the module doc.
 
@@ -383,7 +385,8 @@ def transfer_colours(source: Tensor, target: Tensor, *, method: str = "flow", co
         fixed_weights, policy: the mixtures' weighting and the warm start's fit-keeping policy.
         seed: seeds k-means++ and the random map.
         diagnose: compute :attr:`ColourTransferResult.refit_mw2` (three fresh fits of the result's palette).
-        callback: ``callback(i, loss, render)`` after every flow iteration (polish steps continue the count);
+        callback: ``callback(i, loss, render)`` after every flow iteration (polish steps continue the count;
+            ``loss`` a 0-d device tensor, read it at :func:`imgmw.flow.run_flow`'s sync points);
             ``render()`` returns the current recoloured image ``[3, H, W]`` (computed only when called).
     """
     check_choice("method", method, METHODS)
@@ -432,7 +435,7 @@ def transfer_colours(source: Tensor, target: Tensor, *, method: str = "flow", co
         if best is not None:
             best.offer(0, pts)
 
-        def hook(i: int, loss: float, x: Tensor) -> None:
+        def hook(i: int, loss: Tensor, x: Tensor) -> None:
             if best is not None and (i + 1) % POLISH_CHECK == 0:
                 best.offer(i + 1, x)
             if callback is not None:

@@ -24,6 +24,18 @@ starting loss. The ``"gd"`` cap divides by each point's step length computed wit
 huge ``lr`` with ``max_step`` takes steps of length ``max_step`` (before: an overflowing norm made it a
 silent no-op).
 
+**Host synchronisation.** The ``"gd"`` and ``"adam"`` steps never read a device value on the host: the
+losses ``E_t`` and a flag "``x_{t+1}`` is finite" are kept on the device and read in one transfer every
+``sync_every`` steps (and after the last step). At those *sync points* the divergence rules are checked for
+every step of the batch in order (so a divergence is reported at the step where it happened, at most
+``sync_every − 1`` steps later), :attr:`FlowResult.losses` grows and ``stop`` is asked. ``callback``
+runs after every step with ``E_t`` as a 0-d device tensor: reading it (``float(E_t)``) synchronises, so a
+progress display should read it only at sync points (``(t + 1) % SYNC_EVERY == 0``), where the device
+queue has just been drained and the read is free. If the objective raises between sync points (e.g. on
+non-finite points), the pending steps are checked first, and a divergence among them is reported as
+:class:`FlowDivergence`. ``sync_every=1`` checks every step (the earlier behaviour). L-BFGS's line search
+reads values on the host by itself.
+
 :func:`refit_mw2` answers whether a loss still describes its points: the ``MW2²`` between a **fresh** EM
 fit of the points (k-means++, ``n_iter`` steps, best of ``n_init`` seeds by likelihood) and the target. A
 warm-started loss far below it has stopped describing the data (:mod:`imgmw.warm`).
@@ -45,16 +57,17 @@ from .gmm import GMM
 from .ot import mw2
 from .validation import check_choice, check_points
 
-__all__ = ["STEP_RULES", "SCHEDULES", "FlowDivergence", "FlowResult", "run_flow", "plateau", "check_divergence", "guarded_step", "StepTrainer",
-           "refit_mw2"]
+__all__ = ["STEP_RULES", "SCHEDULES", "SYNC_EVERY", "FlowDivergence", "FlowResult", "run_flow", "plateau",
+           "check_divergence", "guarded_step", "StepTrainer", "refit_mw2"]
 
 STEP_RULES = ("gd", "adam", "lbfgs")
 SCHEDULES = ("constant", "linear")
 DIVERGENCE_WARMUP = 5  # losses of the first steps that set the divergence reference
 STALL_GROWTH = 10.0    # this many times the starting loss, DIVERGENCE_WARMUP steps in a row: diverged
+SYNC_EVERY = 10        # run_flow's steps between host reads of the losses (progress, divergence, stop)
 
 Objective = Callable[[Tensor, int], Tensor]
-Callback = Callable[[int, float, Tensor], None]
+Callback = Callable[[int, Tensor, Tensor], None]
 
 
 class FlowDivergence(ArithmeticError):
@@ -67,7 +80,8 @@ class FlowResult:
 
     Attributes:
         x: the final (detached) variables, same shape as the start.
-        losses: ``E_t`` (summed terms) before every step taken.
+        losses: ``E_t`` (summed terms) before every step taken, as Python floats (read from the device at
+            the sync points; complete when :func:`run_flow` returns).
         terms: ``[T, *S]`` the objective's terms (its output, detached) at every step.
         n_steps: steps taken (``< iters`` when ``stop`` ended the flow).
         stopped: whether ``stop`` ended the flow.
@@ -110,7 +124,7 @@ def _factor(schedule: str | Callable[[int], float], step: int, iters: int) -> fl
 
 
 def _check_args(x: Tensor, iters: int, lr: float, step: str, schedule, point_mass: Tensor | None,
-                max_step: float | None, precondition, divergence_factor: float) -> None:
+                max_step: float | None, precondition, divergence_factor: float, sync_every: int) -> None:
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise ValueError(f"x must be a floating-point tensor, got {type(x).__name__ if not isinstance(x, Tensor) else x.dtype}")
     if not isinstance(iters, int) or isinstance(iters, bool) or iters < 0:
@@ -130,6 +144,45 @@ def _check_args(x: Tensor, iters: int, lr: float, step: str, schedule, point_mas
         raise ValueError(f"max_step must be a finite number > 0 or None, got {max_step!r}")
     if not divergence_factor > 1:
         raise ValueError(f"divergence_factor must be > 1, got {divergence_factor!r}")
+    if not isinstance(sync_every, int) or isinstance(sync_every, bool) or sync_every < 1:
+        raise ValueError(f"sync_every must be an integer >= 1, got {sync_every!r}")
+
+
+class _LossRecord:
+    """The losses of a flow, kept on the device and read by the host in batches.
+
+    Every step appends ``E_t`` (a 0-d tensor) and whether the variables after the step are all finite (a 0-d
+    bool tensor); :meth:`sync` reads all pending values in one transfer, appends the losses to ``losses``
+    and applies the divergence rules of :func:`check_divergence` to every pending step in order."""
+
+    def __init__(self, losses: list[float], lr: float, factor: float) -> None:
+        self.losses, self.lr, self.factor = losses, lr, factor
+        self.pending_loss: list[Tensor] = []
+        self.pending_finite: list[Tensor] = []
+
+    def add(self, value: Tensor, var: Tensor) -> Tensor:
+        """Record the step's terms ``value`` and the variables ``var`` after it; returns ``E_t`` (0-d, on the
+        device)."""
+        loss = value.detach().sum()
+        self.pending_loss.append(loss)
+        self.pending_finite.append(torch.isfinite(var.detach()).all())
+        return loss
+
+    def sync(self) -> None:
+        """Read the pending steps (one host synchronisation) and raise :class:`FlowDivergence` at the first
+        that diverged."""
+        if not self.pending_loss:
+            return
+        n = len(self.pending_loss)
+        host = torch.cat([torch.stack(self.pending_loss).double(), torch.stack(self.pending_finite).double()]).tolist()
+        self.pending_loss, self.pending_finite = [], []
+        for loss, finite in zip(host[:n], host[n:]):
+            self.losses.append(loss)
+            message = _loss_divergence(self.losses, self.factor)
+            if message is None and not finite:
+                message = f"at step {len(self.losses) - 1}: the variables became non-finite"
+            if message is not None:
+                raise FlowDivergence(f"the flow diverged {message}; lower the step size (lr={self.lr:g})")
 
 
 def run_flow(x: Tensor, objective: Objective, *, iters: int, lr: float, step: str = "gd",
@@ -137,7 +190,7 @@ def run_flow(x: Tensor, objective: Objective, *, iters: int, lr: float, step: st
              max_step: float | None = None, project: Callable[[Tensor], None] | None = None,
              callback: Callback | None = None, stop: Callable[[list[float]], bool] | None = None,
              divergence_factor: float = 1e6, precondition: Callable[[Tensor], Tensor] | None = None,
-             step_context: Callable[[], ContextManager] | None = None) -> FlowResult:
+             step_context: Callable[[], ContextManager] | None = None, sync_every: int = SYNC_EVERY) -> FlowResult:
     """Minimise ``Σ objective(x, t)`` over ``x`` from the given start (see the module docstring).
 
     Args:
@@ -153,16 +206,20 @@ def run_flow(x: Tensor, objective: Objective, *, iters: int, lr: float, step: st
         precondition: ``"gd"``: a map applied to every step before the cap (e.g. a smoothing of the velocity
             field over the points).
         project: in-place projection after every step.
-        callback: ``callback(t, E_t, x)`` after every step (``x`` detached, after the step).
-        stop: ``stop(losses) -> bool`` checked after every step.
+        callback: ``callback(t, E_t, x)`` after every step: ``E_t`` the summed terms as a detached 0-d tensor on
+            ``x``'s device (read it at sync points only, see the module docstring), ``x`` detached, after the step.
+        stop: ``stop(losses) -> bool`` asked at every sync point with all losses so far (Python floats); the flow
+            then ends at that step (so up to ``sync_every − 1`` steps after the rule first held).
         divergence_factor: a loss above this multiple of the early losses' maximum is a divergence.
         step_context: a factory of a context manager entered around each step's evaluations, backward
             passes and update (e.g. a meter of the tensors saved for backward).
+        sync_every: steps between the host reads of the losses (divergence checks, ``stop``); also after the
+            last step.
 
     Raises:
         FlowDivergence: non-finite or exploding loss or variables; the message names ``lr``.
     """
-    _check_args(x, iters, lr, step, schedule, point_mass, max_step, precondition, divergence_factor)
+    _check_args(x, iters, lr, step, schedule, point_mass, max_step, precondition, divergence_factor, sync_every)
     var = x.detach().clone().requires_grad_(True)
     opt: torch.optim.Optimizer | None = None
     if step == "adam":
@@ -171,22 +228,31 @@ def run_flow(x: Tensor, objective: Objective, *, iters: int, lr: float, step: st
         opt = torch.optim.LBFGS([var], lr=lr, max_iter=1, history_size=10, line_search_fn="strong_wolfe")
     inv_mass = None if point_mass is None else point_mass.detach().to(var).reciprocal().unsqueeze(-1)
     result = FlowResult(var.detach())
+    record = _LossRecord(result.losses, lr, divergence_factor)
     terms: list[Tensor] = []
     start = time.perf_counter()
     for t in range(iters):
-        with (step_context() if step_context is not None else contextlib.nullcontext()):
-            value = _step(var, objective, t, lr * _factor(schedule, t, iters), opt, inv_mass, max_step, precondition)
+        try:
+            with (step_context() if step_context is not None else contextlib.nullcontext()):
+                value = _step(var, objective, t, lr * _factor(schedule, t, iters), opt, inv_mass, max_step,
+                              precondition)
+        except (ValueError, RuntimeError, ArithmeticError) as err:  # a diverged step may fail the objective
+            try:
+                record.sync()
+            except FlowDivergence as divergence:
+                raise divergence from err
+            raise
         if project is not None:
             with torch.no_grad():
                 project(var)
-        result.losses.append(float(value.detach().sum()))
-        check_divergence(result.losses, var, lr, factor=divergence_factor)
-        loss = result.losses[-1]
+        loss = record.add(value, var)
         terms.append(value.detach())
+        result.n_steps = t + 1
+        if (t + 1) % sync_every == 0 or t + 1 == iters:
+            record.sync()
         if callback is not None:
             callback(t, loss, var.detach())
-        result.n_steps = t + 1
-        if stop is not None and stop(result.losses):
+        if stop is not None and len(result.losses) == t + 1 and stop(result.losses):
             result.stopped = True
             break
     result.seconds = time.perf_counter() - start
@@ -206,11 +272,7 @@ def _step(var: Tensor, objective: Objective, t: int, lr: float, opt: torch.optim
             if precondition is not None:
                 delta = precondition(delta)
             if max_step is not None:
-                norm = torch.linalg.vector_norm(delta, dim=-1, keepdim=True)
-                if not bool(torch.isfinite(norm).all()):  # ‖δ‖² overflowed (a huge lr): top · ‖δ / top‖
-                    top = delta.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(delta.dtype).tiny)
-                    norm = top * torch.linalg.vector_norm(delta / top, dim=-1, keepdim=True)
-                delta = delta * (max_step / norm.clamp_min(max_step))
+                delta = delta * (max_step / _step_length(delta).clamp_min(max_step))
             var -= delta
         return value
     for group in opt.param_groups:
@@ -236,28 +298,50 @@ def _step(var: Tensor, objective: Objective, t: int, lr: float, opt: torch.optim
     return first[0]
 
 
+def _step_length(delta: Tensor) -> Tensor:
+    """``‖δ‖ [..., 1]`` over the last dimension without overflow and without a host branch.
+
+    ``‖δ‖ = ‖2⁻ᵏ δ‖ · 2ᵏ`` with the smallest integer ``k ≥ 0`` that brings ``max |δ|`` below ``2^(e/2 − 8)``
+    (``2^e`` the dtype's largest power of two), so that the sum of squares cannot overflow for up to ``2¹⁶``
+    coordinates (a huge ``lr``). Scaling by a power of two is exact: when no scaling is needed (``k = 0``)
+    this is ``‖δ‖`` to the last bit."""
+    exponent = math.floor(math.log2(torch.finfo(delta.dtype).max))
+    top = torch.linalg.vector_norm(delta, float("inf"))
+    k = (torch.log2(top).ceil() - (exponent // 2 - 8)).clamp_min(0)
+    return torch.linalg.vector_norm(delta * torch.exp2(-k), dim=-1, keepdim=True) * torch.exp2(k)
+
+
+def _loss_divergence(losses: list[float], factor: float) -> str | None:
+    """What the losses so far (``losses[t]`` before step ``t``) say about the last step: ``None``, or the
+    end of a divergence message ("at step t: ..."; rules in the module docstring)."""
+    t, loss = len(losses) - 1, losses[-1]
+    if not math.isfinite(loss):
+        return f"at step {t}: the loss became {loss}"
+    reference = max(abs(v) for v in losses[:DIVERGENCE_WARMUP])
+    if reference > 0 and loss > factor * reference:
+        return f"at step {t}: the loss grew to {loss:.3g} from {reference:.3g}"
+    recent = losses[-DIVERGENCE_WARMUP:]
+    if t >= DIVERGENCE_WARMUP and losses[0] > 0 and min(recent) > STALL_GROWTH * losses[0]:
+        return (f"from step {t + 1 - DIVERGENCE_WARMUP} to {t}: the loss stayed above {min(recent):.3g}, more "
+                f"than {STALL_GROWTH:g}x its starting {losses[0]:.3g}")
+    return None
+
+
 def check_divergence(losses: list[float], variables: Tensor | Sequence[Tensor], lr: float, *,
                      factor: float = 1e6, what: str = "flow") -> None:
     """Raise :class:`FlowDivergence` (naming ``lr``) when the losses so far (``losses[t]`` after step ``t``)
     and the ``variables`` after the last step show a divergence (see the module docstring): a non-finite
     last loss or variable, a last loss above ``factor ×`` the largest of the first ``DIVERGENCE_WARMUP``
-    losses, or ``DIVERGENCE_WARMUP`` losses in a row above ``STALL_GROWTH ×`` the first. Used by
-    :func:`run_flow` and by the generator trainers (:func:`guarded_step`). One host synchronisation."""
-    t, loss = len(losses) - 1, losses[-1]
-    hint = f"lower the step size (lr={lr:g})"
-    if not math.isfinite(loss):
-        raise FlowDivergence(f"the {what} diverged at step {t}: the loss became {loss}; {hint}")
-    reference = max(abs(v) for v in losses[:DIVERGENCE_WARMUP])
-    if reference > 0 and loss > factor * reference:
-        raise FlowDivergence(f"the {what} diverged at step {t}: the loss grew to {loss:.3g} from {reference:.3g}; "
-                             f"{hint}")
-    recent = losses[-DIVERGENCE_WARMUP:]
-    if t >= DIVERGENCE_WARMUP and losses[0] > 0 and min(recent) > STALL_GROWTH * losses[0]:
-        raise FlowDivergence(f"the {what} diverged: from step {t + 1 - DIVERGENCE_WARMUP} to {t} the loss stayed above "
-                             f"{min(recent):.3g}, more than {STALL_GROWTH:g}x its starting {losses[0]:.3g}; {hint}")
-    tensors = [variables] if isinstance(variables, Tensor) else list(variables)
-    if not bool(torch.stack([torch.isfinite(v).all() for v in tensors]).all()):
-        raise FlowDivergence(f"the {what} diverged at step {t}: the variables became non-finite; {hint}")
+    losses, or ``DIVERGENCE_WARMUP`` losses in a row above ``STALL_GROWTH ×`` the first. Used by the
+    generator trainers (:func:`guarded_step`); :func:`run_flow` applies the same rules at its sync points.
+    One host synchronisation."""
+    message = _loss_divergence(losses, factor)
+    if message is None:
+        tensors = [variables] if isinstance(variables, Tensor) else list(variables)
+        if not bool(torch.stack([torch.isfinite(v).all() for v in tensors]).all()):
+            message = f"at step {len(losses) - 1}: the variables became non-finite"
+    if message is not None:
+        raise FlowDivergence(f"the {what} diverged {message}; lower the step size (lr={lr:g})")
 
 
 @torch.no_grad()

@@ -189,12 +189,17 @@ class MW2Loss(nn.Module):
 
     def forward(self, x: Tensor, *, mask: Tensor | None = None, sample_weight: Tensor | None = None) -> Tensor:
         """Loss of points ``x [*B, N, D]`` (weighted or masked points as in :meth:`fit`): a scalar
-        (``"mean"``/``"sum"``) or ``[*B]`` (``"none"``)."""
+        (``"mean"``/``"sum"``) or ``[*B]`` (``"none"``).
+
+        The transport skips :func:`imgmw.mw2`'s validation of its two mixtures: the target was checked when
+        the loss was built and the fit is an M-step's output (normalised weights, covariances made SPD by
+        ``reg_covar``), so the linear program's transfer is the only host synchronisation of the transport."""
         target = self.target
         if x.dtype != target.dtype or x.device != target.device:
             raise ValueError(f"x ({x.dtype}, {x.device}) must match the loss's target ({target.dtype}, "
                              f"{target.device}); move the loss with loss.to(x)")
-        value = mw2(self.fit(x, mask=mask, sample_weight=sample_weight), target, unbalanced=self.unbalanced)
+        value = mw2(self.fit(x, mask=mask, sample_weight=sample_weight), target, unbalanced=self.unbalanced,
+                    check_input=False)
         if self.reduction == "mean":
             return value.mean()
         if self.reduction == "sum":

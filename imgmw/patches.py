@@ -54,13 +54,15 @@ def extract_patches(img: Tensor, patch: int, stride: int = 1, periodic: bool = F
     return F.unfold(img, kernel_size=patch, stride=stride).transpose(1, 2)
 
 
-def gather_patches(img: Tensor, patch: int, positions: Tensor, periodic: bool = False) -> Tensor:
+def gather_patches(img: Tensor, patch: int, positions: Tensor, periodic: bool = False, *,
+                   check_input: bool = True) -> Tensor:
     """Patches at flat grid ``positions [n]`` (raster indices over :func:`patch_grid`) → ``[B, n, C·p·p]``.
 
     Built by index arithmetic, without materialising all patches: position ``k`` has top-left corner
     ``(r, c) = (k // cols, k % cols)`` and pixel ``(i, j)`` of the patch is ``x[r + i, c + j]`` (taken
     modulo ``(H, W)`` when periodic). Row ``m`` equals row ``positions[m]`` of
-    ``extract_patches(img, patch, 1, periodic)``.
+    ``extract_patches(img, patch, 1, periodic)``. ``check_input=False`` skips the range check of the positions
+    (the one check that needs a host synchronisation), for positions drawn in range by the caller.
     """
     b, c, h, w = _check_image(img, patch)
     rows, cols = patch_grid(h, w, patch, periodic)
@@ -68,7 +70,7 @@ def gather_patches(img: Tensor, patch: int, positions: Tensor, periodic: bool = 
     if positions.dim() != 1 or positions.dtype.is_floating_point or positions.dtype == torch.bool:
         raise ValueError(f"positions must be a 1-D integer tensor, got shape {tuple(positions.shape)} "
                          f"and dtype {positions.dtype}")
-    if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= rows * cols):
+    if check_input and positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= rows * cols):
         raise ValueError(f"positions must lie in [0, {rows * cols}) for a {h}x{w} image with {patch}x{patch} "
                          f"patches (periodic={periodic})")
     offsets = torch.arange(patch, device=img.device)

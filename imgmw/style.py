@@ -558,7 +558,9 @@ def style_transfer(content: Tensor, style: Tensor | StyleModel, *, features: str
         restart_every: every ``R`` steps restart the warm-started fits from ``ν_ℓ`` (``n_init_iter`` EM
             steps on the current image); 0 (default) never restarts, as the paper's Algorithm 3.
         generator: ``torch.Generator`` for the target fits, the position draws and the k-means++ starts.
-        callback: ``callback(step, image [1, 3, H, W], style_terms [L])`` after each step.
+        callback: ``callback(step, image [1, 3, H, W], style_terms [L])`` after each step; ``style_terms`` stays
+            on the device (read it at :func:`imgmw.flow.run_flow`'s sync points:
+            ``(step + 1) % imgmw.flow.SYNC_EVERY == 0``).
     """
     c = _as_batch(content, "content").detach()
     if c.shape[0] != 1:
@@ -605,8 +607,7 @@ def style_transfer(content: Tensor, style: Tensor | StyleModel, *, features: str
         content_errors.append(content_error.detach())
         return out
 
-    hook = None if callback is None else (lambda step, _, x: callback(
-        step, x, (last[0][:n_layers] / loss_fn.weights).to("cpu", torch.float64)))
+    hook = None if callback is None else (lambda step, _, x: callback(step, x, last[0][:n_layers] / loss_fn.weights))
     flow = run_flow(c, objective, iters=iters, lr=float(lr), step="adam", project=lambda x: x.clamp_(0.0, 1.0),
                     callback=hook)
     terms = flow.terms.to("cpu", torch.float64)

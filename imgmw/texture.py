@@ -395,6 +395,7 @@ class PatchMW2Loss(nn.Module):
             MW2Loss(t, warm_start=True, fixed_weights=fixed_weights, reg_covar=reg, n_iter=n_init_iter,
                     policy=policy, generator=generator, process_group=process_group) for t, reg in pairs)
         self._positions: list[Tensor] | None = None
+        self._drawn_grids: list[int] = []   # the patch-grid sizes the kept positions were drawn on
         self.last_per_scale: Tensor | None = None
 
     @property
@@ -406,7 +407,7 @@ class PatchMW2Loss(nn.Module):
         """Forget the warm-start fits and the drawn positions (the next call starts afresh)."""
         for loss in self.scales:
             loss.reset()
-        self._positions = None
+        self._positions, self._drawn_grids = None, []
 
     def _grid_sizes(self, levels: list[Tensor]) -> list[int]:
         return [math.prod(patch_grid(*lv.shape[-2:], self.patch, self.periodic)) for lv in levels]
@@ -414,14 +415,14 @@ class PatchMW2Loss(nn.Module):
     def resample(self, levels: list[Tensor]) -> list[Tensor]:
         """Draw new patch positions ``[n_s]`` for every level ``[B, 3, h_s, w_s]`` and keep them."""
         device = self.generator.device if self.generator is not None else torch.device("cpu")
-        positions = []
-        for level, total in zip(levels, self._grid_sizes(levels)):
+        positions, grids = [], self._grid_sizes(levels)
+        for level, total in zip(levels, grids):
             if total <= self.n_patches:
                 pos = torch.arange(total, device=level.device)
             else:
                 pos = torch.randint(total, (self.n_patches,), generator=self.generator, device=device)
             positions.append(pos.to(level.device))
-        self._positions = positions
+        self._positions, self._drawn_grids = positions, grids
         return positions
 
     def _levels(self, image: Tensor) -> list[Tensor]:
@@ -434,16 +435,17 @@ class PatchMW2Loss(nn.Module):
     def per_scale(self, image: Tensor, *, resample: bool = True) -> Tensor:
         """``[S]``: ``MW2²(EM_K(P_s(image)), ν_s)`` of every scale for ``image [B, 3, H, W]`` (mean over the
         batch). ``resample=False`` reuses the previous call's patch positions (for line searches, e.g.
-        L-BFGS, that evaluate one objective several times); the warm-start fits still advance."""
+        L-BFGS, that evaluate one objective several times); the warm-start fits still advance. Positions drawn
+        on patch grids of other sizes (an image of another size) are drawn anew."""
         levels = self._levels(image)
         positions = self._positions
-        if resample or positions is None or any(
-                p.numel() > total or int(p.max()) >= total for p, total in zip(positions, self._grid_sizes(levels))):
+        if resample or positions is None or self._drawn_grids != self._grid_sizes(levels):
             positions = self.resample(levels)
         terms = []
         for loss, level, pos in zip(self.scales, levels, positions):
             loss.start_from_target(image.shape[:1])
-            terms.append(loss(gather_patches(level, self.patch, pos, self.periodic)))
+            # positions come from resample() on this grid: in range, no host check needed
+            terms.append(loss(gather_patches(level, self.patch, pos, self.periodic, check_input=False)))
         per_scale = torch.stack(terms)
         self.last_per_scale = per_scale.detach()
         return per_scale
@@ -531,8 +533,9 @@ def synthesize_texture(exemplar: Tensor | Sequence[Tensor], size: tuple[int, int
     (``lr`` default 1, strong-Wolfe line search, one L-BFGS iteration per step, its evaluations sharing
     one patch draw). After every step the pixels are clamped to [0, 1] (a projection onto the valid image
     range, so the loss never sees values a PNG cannot hold); the loop is :func:`imgmw.flow.run_flow`.
-    ``callback(step, image [1, 3, H, W], per_scale [S])`` runs after each step. ``policy``: the warm
-    starts' fit keeping (:class:`PatchMW2Loss`); ``diagnose``: compute the result's per-scale
+    ``callback(step, image [1, 3, H, W], per_scale [S])`` runs after each step (``per_scale`` on the device:
+    read it at :func:`imgmw.flow.run_flow`'s sync points, ``(step + 1) % imgmw.flow.SYNC_EVERY == 0``).
+    ``policy``: the warm starts' fit keeping (:class:`PatchMW2Loss`); ``diagnose``: compute the result's per-scale
     :meth:`PatchMW2Loss.refit_mw2`.
 
     A grey exemplar (three equal channels) is synthesised as a grey image: one channel is optimised and

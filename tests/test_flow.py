@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from imgmw import GMM, fit_gmm, mw2
-from imgmw.flow import FlowDivergence, plateau, refit_mw2, run_flow
+from imgmw.flow import SYNC_EVERY, FlowDivergence, plateau, refit_mw2, run_flow
 
 
 def _quadratic(centre: torch.Tensor):
@@ -41,7 +41,7 @@ def test_linear_schedule_and_callback():
     x0 = torch.zeros(1, 1, dtype=torch.float64)
     c = torch.ones(1, 1, dtype=torch.float64)
     out = run_flow(x0, _quadratic(c), iters=4, lr=0.5, schedule="linear",
-                   callback=lambda t, loss, x: seen.append((t, loss, float(x))))
+                   callback=lambda t, loss, x: seen.append((t, float(loss), float(x))))
     # factors 1, 3/4, 1/2, 1/4: x_{t+1} = x_t + lr·f_t·(1 − x_t)
     x, expect = 0.0, []
     for t, f in enumerate((1.0, 0.75, 0.5, 0.25)):
@@ -78,10 +78,16 @@ def test_projection_runs_after_every_step():
 
 
 def test_plateau_stops_early():
-    out = run_flow(torch.zeros(1, 1, dtype=torch.float64), _quadratic(torch.ones(1, 1, dtype=torch.float64)),
-                   iters=1000, lr=0.5, stop=plateau(tol=1e-6, window=5))
-    assert out.stopped and out.n_steps < 200
-    assert out.final_loss < 1e-6
+    """``stop`` is asked at the sync points (every SYNC_EVERY steps), so the flow ends at one of them; with
+    ``sync_every=1`` at the first step where the rule holds."""
+    x0, c = torch.zeros(1, 1, dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64)
+    out = run_flow(x0, _quadratic(c), iters=1000, lr=0.5, stop=plateau(tol=1e-6, window=5))
+    assert out.stopped and out.n_steps < 200 and out.n_steps % SYNC_EVERY == 0
+    assert out.final_loss < 1e-6 and len(out.losses) == out.n_steps
+    rule = plateau(tol=1e-6, window=5)
+    every = run_flow(x0, _quadratic(c), iters=1000, lr=0.5, stop=rule, sync_every=1)
+    first = next(t for t in range(1, 1000) if rule(every.losses[:t]))
+    assert every.n_steps == first and every.n_steps <= out.n_steps < every.n_steps + SYNC_EVERY
     with pytest.raises(ValueError, match="window"):
         plateau(window=0)
 
@@ -97,6 +103,54 @@ def test_divergence_names_the_step_size():
         run_flow(torch.ones(1, 1), lambda x, _: (x * 1e38).sum()[None], iters=2, lr=1e38)
 
 
+@pytest.mark.parametrize("sync_every", [1, 4, SYNC_EVERY, 1000])
+def test_a_divergence_is_reported_at_its_step_whatever_the_sync_interval(sync_every):
+    """The losses are read in batches, but every step of a batch is checked in order: the message names the
+    step where the loss exploded, the same as when every step is read. Gradient descent with lr = 3 on
+    ``½x² − ½`` from x = 1 takes x to (−2)ᵗ: the loss ``½·4ᵗ − ½`` starts at 0 (no stall rule) and first
+    exceeds 1e6 × the early maximum 127.5 at step 14; the stall rule (on ``½x²``) fires from step 2 to 6."""
+    x0 = torch.ones(1, 1, dtype=torch.float64)
+    with pytest.raises(FlowDivergence, match=r"at step 14: the loss grew to 1.34e\+08 .*lr=3\)"):
+        run_flow(x0, lambda x, _: 0.5 * x.square().sum(-1) - 0.5, iters=40, lr=3.0, sync_every=sync_every)
+    with pytest.raises(FlowDivergence, match=r"from step 2 to 6: the loss stayed above 8,"):
+        run_flow(x0, _quadratic(torch.zeros(1, 1, dtype=torch.float64)), iters=40, lr=3.0, sync_every=sync_every)
+
+
+def test_an_objective_failing_on_diverged_points_is_a_divergence():
+    """Between sync points the objective may see the non-finite points of a diverged step; the error it raises
+    is reported as the divergence (naming the step and lr) when the pending steps show one, and passed on
+    unchanged otherwise."""
+    def objective(x, t):
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("x contains NaN or inf")
+        return (x * 1e38).sum()[None]
+
+    with pytest.raises(FlowDivergence, match=r"at step 0: the variables became non-finite.*lr=1e\+38") as info:
+        run_flow(torch.ones(1, 1), objective, iters=5, lr=1e38)
+    assert isinstance(info.value.__cause__, ValueError)
+
+    def failing(x, t):
+        if t == 3:
+            raise ValueError("not a divergence")
+        return x.square().sum()[None]
+
+    with pytest.raises(ValueError, match="not a divergence") as info:
+        run_flow(torch.ones(1, 1), failing, iters=5, lr=0.1)
+    assert not isinstance(info.value, FlowDivergence)
+
+
+def test_callback_gets_the_loss_on_the_device_every_step():
+    """``callback`` runs after every step with ``E_t`` as a 0-d tensor (no host read); ``losses`` holds the same
+    values as floats once the flow returns."""
+    seen = []
+    out = run_flow(torch.ones(3, 2), lambda x, _: x.square().sum(-1), iters=7, lr=0.1, sync_every=3,
+                   callback=lambda t, loss, x: seen.append((t, loss)))
+    assert [t for t, _ in seen] == list(range(7))
+    assert all(isinstance(loss, torch.Tensor) and loss.dim() == 0 for _, loss in seen)
+    assert [float(loss) for _, loss in seen] == out.losses and len(out.losses) == 7
+    torch.testing.assert_close(out.terms.sum(1), torch.tensor(out.losses))
+
+
 def test_bad_arguments_are_value_errors():
     x = torch.zeros(2, 2)
     for kwargs, match in ((dict(lr=0.0), "lr"), (dict(lr=1.0, step="sgd"), "step"), (dict(lr=1.0, iters=-1), "iters"),
@@ -104,7 +158,8 @@ def test_bad_arguments_are_value_errors():
                           (dict(lr=1.0, point_mass=torch.ones(3)), "point_mass"),
                           (dict(lr=1.0, step="adam", point_mass=torch.ones(2)), "point_mass"),
                           (dict(lr=1.0, max_step=-1.0), "max_step"),
-                          (dict(lr=1.0, step="adam", max_step=1.0), "max_step")):
+                          (dict(lr=1.0, step="adam", max_step=1.0), "max_step"),
+                          (dict(lr=1.0, sync_every=0), "sync_every")):
         kwargs.setdefault("iters", 1)
         with pytest.raises(ValueError, match=match):
             run_flow(x, lambda v, _: v.sum()[None], **kwargs)
