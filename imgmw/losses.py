@@ -177,12 +177,15 @@ class MW2Loss(nn.Module):
         if self.em is not None:
             self.em.reset()
 
-    def fit(self, x: Tensor, *, mask: Tensor | None = None, sample_weight: Tensor | None = None) -> GMM:
+    def fit(self, x: Tensor, *, mask: Tensor | None = None, sample_weight: Tensor | None = None,
+            check_finite: bool = True) -> GMM:
         """The differentiable ``K``-component fit of ``x [*B, N, D]`` used by :meth:`forward`
-        (optional ``mask`` / ``sample_weight`` ``[*B, N]`` as in :func:`imgmw.fit_gmm`)."""
+        (optional ``mask`` / ``sample_weight`` ``[*B, N]`` as in :func:`imgmw.fit_gmm`). ``check_finite=False``
+        skips the warm start's finiteness check of ``x`` (one host read), for a caller that transports the fit
+        with :func:`imgmw.mw2`, whose linear program rejects the non-finite costs of a non-finite fit."""
         check_points(x)
         if self.em is not None:
-            return self.em(x, mask=mask, sample_weight=sample_weight)
+            return self.em(x, mask=mask, sample_weight=sample_weight, check_finite=check_finite)
         return fit_gmm(x, self.n_components, n_iter=self.n_iter, fixed_weights=self.fixed_weights,
                        reg_covar=self.reg_covar, grad="unrolled", mask=mask, sample_weight=sample_weight,
                        generator=self.generator, process_group=self.process_group).gmm
@@ -193,13 +196,15 @@ class MW2Loss(nn.Module):
 
         The transport skips :func:`imgmw.mw2`'s validation of its two mixtures: the target was checked when
         the loss was built and the fit is an M-step's output (normalised weights, covariances made SPD by
-        ``reg_covar``), so the linear program's transfer is the only host synchronisation of the transport."""
+        ``reg_covar``), so the linear program's transfer is the only host synchronisation of the transport. Nor
+        is ``x`` checked for NaN or inf before the fit: a non-finite point makes the fit and its costs
+        non-finite, which the linear program rejects with a ``ValueError`` on the host."""
         target = self.target
         if x.dtype != target.dtype or x.device != target.device:
             raise ValueError(f"x ({x.dtype}, {x.device}) must match the loss's target ({target.dtype}, "
                              f"{target.device}); move the loss with loss.to(x)")
-        value = mw2(self.fit(x, mask=mask, sample_weight=sample_weight), target, unbalanced=self.unbalanced,
-                    check_input=False)
+        fit = self.fit(x, mask=mask, sample_weight=sample_weight, check_finite=False)
+        value = mw2(fit, target, unbalanced=self.unbalanced, check_input=False)
         if self.reduction == "mean":
             return value.mean()
         if self.reduction == "sum":

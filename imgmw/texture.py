@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from .flow import refit_mw2, run_flow
 from .gmm import GMM
 from .losses import MW2Loss, data_reg_covar, fit_target, relative_reg_covar
-from .ot import gmm_barycentre
+from .ot import gmm_barycentre, mw2
 from .patches import gather_patches, gaussian_pyramid, n_scales_for, patch_grid, random_patches
 from .validation import check_choice
 from .warm import FitPolicy
@@ -441,12 +441,17 @@ class PatchMW2Loss(nn.Module):
         positions = self._positions
         if resample or positions is None or self._drawn_grids != self._grid_sizes(levels):
             positions = self.resample(levels)
-        terms = []
+        fits = []
         for loss, level, pos in zip(self.scales, levels, positions):
             loss.start_from_target(image.shape[:1])
             # positions come from resample() on this grid: in range, no host check needed
-            terms.append(loss(gather_patches(level, self.patch, pos, self.periodic, check_input=False)))
-        per_scale = torch.stack(terms)
+            patches = gather_patches(level, self.patch, pos, self.periodic, check_input=False)
+            fits.append(loss.fit(patches, check_finite=False))  # a non-finite fit fails in mw2's linear program
+        # every scale's fit has the same K and D: one MW2 call for all scales, one linear-program transfer
+        bshape, k, d = fits[0].batch_shape, fits[0].n_components, fits[0].n_features
+        targets = GMM.stack([GMM(t.weights.expand(*bshape, k), t.means.expand(*bshape, k, d),
+                                 t.covariances.expand(*bshape, k, d, d)) for t in (loss.target for loss in self.scales)])
+        per_scale = mw2(GMM.stack(fits), targets, check_input=False).mean(-1)  # [S, B] → [S]
         self.last_per_scale = per_scale.detach()
         return per_scale
 

@@ -38,13 +38,15 @@ def check_points(x: Tensor) -> Tensor:
 
 
 def point_weights(x: Tensor, mask: Tensor | None, sample_weight: Tensor | None,
-                  n_components: int | None) -> tuple[Tensor, Tensor | None]:
+                  n_components: int | None, *, check_finite: bool = True) -> tuple[Tensor, Tensor | None]:
     """Combine ``mask [*B, N]`` and ``sample_weight [*B, N]`` into point weights ``ω [*B, N]`` (or None).
 
     Returns ``(x_clean, ω)`` where masked-out entries of ``x`` are replaced by zeros so that garbage
     (even NaN) there cannot leak into the fit. Checks finiteness of the valid points, that every batch
     element keeps at least ``n_components`` valid points (skipped for ``None``: a shard of distributed data is
     checked on the reduced counts, :func:`check_valid_counts`) and that weights are finite and non-negative.
+    ``check_finite=False`` skips the finiteness check of ``x`` (a host synchronisation), for callers that
+    check what they compute from ``x`` further on (e.g. a loss whose linear program rejects non-finite costs).
     """
     bn = x.shape[:-1]
     weight: Tensor | None = None
@@ -62,7 +64,7 @@ def point_weights(x: Tensor, mask: Tensor | None, sample_weight: Tensor | None,
         if not bool(torch.isfinite(sw).all()) or bool((sw < 0).any()):
             raise ValueError("sample_weight must be finite and >= 0")
         weight = sw if weight is None else weight * sw
-    if not all_finite(x):
+    if check_finite and not all_finite(x):
         raise ValueError("x contains NaN or inf at valid (unmasked) points; clean or mask them")
     if n_components is not None:
         check_valid_counts(valid_counts(x, weight), n_components)

@@ -308,13 +308,16 @@ class WarmStartEM(nn.Module):
             gmm = GMM.where(better, fresh, gmm)
         self.state = gmm
 
-    def forward(self, x: Tensor, *, mask: Tensor | None = None, sample_weight: Tensor | None = None) -> GMM:
+    def forward(self, x: Tensor, *, mask: Tensor | None = None, sample_weight: Tensor | None = None,
+                check_finite: bool = True) -> GMM:
         """One EM step on ``x [*B, N, D]`` (optional ``mask`` / ``sample_weight`` ``[*B, N]``) from the
-        repaired stored parameters; returns a GMM differentiable in ``x``."""
+        repaired stored parameters; returns a GMM differentiable in ``x``. ``check_finite=False`` skips the
+        finiteness check of ``x`` (a host read per call) for callers that check the fit downstream (the MW2
+        losses: their linear program rejects non-finite costs)."""
         check_points(x)
         # without a mask or weights every batch element has its N >= 1 points: no count to check
         counted = self.process_group is None and (mask is not None or sample_weight is not None)
-        xw, weight = point_weights(x, mask, sample_weight, 1 if counted else None)
+        xw, weight = point_weights(x, mask, sample_weight, 1 if counted else None, check_finite=check_finite)
         if self._needs_init(x):
             self.diagnostics = FitDiagnostics()
             self.state = self._fresh_fit(x.detach(), mask, sample_weight, self.n_init_iter, self.init)[0]

@@ -211,6 +211,9 @@ def solve_batch(cost: Tensor, wa: Tensor, wb: Tensor,
     n, kk = max(1, math.prod(bshape)), k0 * k1
     host = torch.cat([cost.reshape(n, kk), wa.expand(*bshape, k0).reshape(n, k0),
                       wb.expand(*bshape, k1).reshape(n, k1)], dim=-1).to("cpu", torch.float64).numpy()
+    if not np.isfinite(host).all():  # e.g. a fit of non-finite points, transported without input checks
+        raise ValueError("the mixtures to transport hold NaN or inf (their costs or weights are not finite); "
+                         "check the points they were fitted to")
     c_np, a_np, b_np = host[:, :kk].reshape(n, k0, k1), host[:, kk:kk + k0], host[:, kk + k0:]
     result = np.empty_like(host)  # per row: plan, then the weight gradients
     plans, grad_a, grad_b = result[:, :kk].reshape(n, k0, k1), result[:, kk:kk + k0], result[:, kk + k0:]
