@@ -164,52 +164,12 @@ def _comparison(exemplars, result, tileable: bool):
 
 
 def _plot_loss(losses, path: Path) -> None:
-    """Loss per scale and in total against the step (log scale): matplotlib, else a Pillow drawing."""
+    """Loss per scale and in total against the step (log scale)."""
+    from apps._plots import Panel, plot_panels
+
     curves = {f"scale {s}": losses[:, s].tolist() for s in range(losses.shape[1])}
     curves["total"] = losses.sum(1).tolist()
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        _plot_loss_pillow(curves, path)
-        return
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for name, values in curves.items():
-        ax.plot(range(1, len(values) + 1), values, label=name, lw=2 if name == "total" else 1)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("MW2² (patch GMMs)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def _plot_loss_pillow(curves: dict[str, list[float]], path: Path) -> None:
-    """Poor man's log-scale line plot with Pillow (no matplotlib installed)."""
-    from PIL import Image, ImageDraw
-
-    width, height, margin = 600, 400, 40
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    values = [v for vs in curves.values() for v in vs if v > 0]
-    lo, hi = (math.log10(min(values)), math.log10(max(values))) if values else (0.0, 1.0)
-    hi = hi if hi > lo else lo + 1
-    n = max(len(vs) for vs in curves.values())
-    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#000000"]
-    draw.rectangle([margin, margin, width - margin, height - margin], outline="black")
-    for i, (name, vs) in enumerate(curves.items()):
-        colour = colours[i % len(colours)] if name != "total" else "#000000"
-        pts = [(margin + (width - 2 * margin) * j / max(1, n - 1),
-                height - margin - (height - 2 * margin) * (math.log10(max(v, 10 ** lo)) - lo) / (hi - lo))
-               for j, v in enumerate(vs)]
-        if len(pts) > 1:
-            draw.line(pts, fill=colour, width=2 if name == "total" else 1)
-        draw.text((margin + 5, margin + 5 + 12 * i), name, fill=colour)
-    draw.text((margin, height - margin + 5), f"step 1..{n}; log10 loss {lo:.2f}..{hi:.2f}", fill="black")
-    img.save(path)
+    plot_panels(path, [Panel(curves, "MW2² (patch GMMs)", title="texture synthesis loss", log_y=True)])
 
 
 def _scores(init, image, exemplar) -> dict[str, Any]:
