@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: demo test test-fast bench venv
+.PHONY: demo test test-fast bench venv notebooks
 
 # $(1): stamp name, $(2): extras
 define install_step
@@ -44,3 +44,7 @@ test-fast: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-bench
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+# Rebuild every walkthrough notebook from notebooks/src/ and store it executed at full size (a few minutes each).
+notebooks: $(VENV)/.installed-test
+	$(PY) notebooks/build.py
