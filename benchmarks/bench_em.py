@@ -1,22 +1,70 @@
 """Benchmark imgmw's batched EM against scikit-learn's GaussianMixture, in one run.
 
-Cases (issue 2):
+Cases:
 1. B=256 independent colour fits (N=4096, D=3, K=10, 20 EM iterations, float32) vs sklearn looping over the
    B problems. Both sides include their initialisation (k-means++ seeding for imgmw, sklearn's default k-means).
 2. One patch fit (N=60000, D=48, K=8, 20 iterations) vs sklearn, float32 and float64, plus the achieved
    GFLOP/s of imgmw's EM as a fraction of a same-run float32 GEMM of similar shape.
 3. Peak memory (resident-set growth) of a 10-million-point D=3 fit, measured in a subprocess.
+4. (issue 18) 32 small fits (N=2048, D=3, K=10, 20 EM steps, float32), both sides initialised by
+   ``"random_from_data"``, vs a loop of ``GaussianMixture(10, init_params="random_from_data", max_iter=20, tol=0)``.
+5. (issue 18) One patch fit (N=30000, D=48, K=8, 20 steps, float32), both sides from the SAME initial parameters
+   (``weights_init``, ``means_init``, ``precisions_init``, ``tol=0``), vs scikit-learn on torch tensors through
+   the array API (``SCIPY_ARRAY_API=1``, ``array_api_dispatch=True``) and vs scikit-learn on NumPy; GFLOP/s
+   (``4·K·N·D²`` per step) against a same-run GEMM of the per-component E-step's shape and a square GEMM.
 
-Usage: PYTHONPATH=. python benchmarks/bench_em.py [--quick]
+Cases 4 and 5 time both sides interleaved (min of ``--repeats``, each timed run right after an untimed one; CPU
+time at one thread, synchronised wall time on a GPU or with more threads) and print point·component·iterations/s
+next to published GPU figures.
+
+Usage: PYTHONPATH=. python benchmarks/bench_em.py [--quick] [--threads 1] [--device auto|cpu|cuda] [--json F]
 """
 from __future__ import annotations
 
-import argparse
-import json
-import subprocess
-import sys
-import time
-import warnings
+import os
+
+os.environ.setdefault("SCIPY_ARRAY_API", "1")  # before SciPy/scikit-learn are imported: array-API dispatch
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+
+# Published GPU throughputs of fused E-steps, in point·component·iterations per second (reference lines only).
+GPU_ANCHORS = (("Flash-GMM fused E-step, A100, spherical covariances", 6.7e9),
+               ("torchgmm, GPU, diagonal covariances", 8e8))
+
+
+def make_clock(device, threads: int):
+    """CPU time at one thread (immune to other processes' load); synchronised wall time on a GPU or when
+    several threads run (CPU time would add the threads up)."""
+    import torch
+
+    if device.type == "cuda":
+        def clock() -> float:
+            torch.cuda.synchronize(device)
+            return time.perf_counter()
+        return clock
+    return time.process_time if threads == 1 else time.perf_counter
+
+
+def interleaved(fns: dict, repeats: int, clock) -> dict:
+    """Minimum time of each function over ``repeats`` rounds, the functions taking turns within a round.
+
+    Each function runs once untimed right before its timed run: without that, the first run after another
+    side's turn pays for the caches that turn evicted (measured: an imgmw fit of case 4 took 2× longer right
+    after scikit-learn's loop than on its second run), so the order of the turns would decide the ratio."""
+    best = {name: math.inf for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            fn()
+            t0 = clock()
+            fn()
+            best[name] = min(best[name], clock() - t0)
+    return best
 
 
 def best_of(fn, repeat: int) -> float:
@@ -51,12 +99,32 @@ def patch_data(n: int, d: int, seed: int):
     return centres[labels] + torch.randn(n, d, generator=g) @ mix
 
 
-def sklearn_fit(x, k: int, n_iter: int):
+def sklearn_fit(x, k: int, n_iter: int, **kwargs):
     from sklearn.mixture import GaussianMixture
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        GaussianMixture(k, max_iter=n_iter, tol=0.0, random_state=0).fit(x)
+        GaussianMixture(k, max_iter=n_iter, tol=0.0, random_state=kwargs.pop("random_state", 0), **kwargs).fit(x)
+
+
+def gemm_reference(rows: int, d: int, device, block: int = 8192):
+    """A same-run float32 GEMM ``[rows, d] @ [d, d]`` (the shape of a per-component E-step) as ``(fn, flops)``.
+
+    Computed in row blocks of ``block`` into one output block, as the EM kernels work on chunks: one
+    ``[rows, d]`` product streams ~100 MB through memory and measures the bandwidth left by other processes
+    (half of the core's GEMM rate on a loaded machine), not the rate the core's arithmetic reaches."""
+    import torch
+
+    a = torch.randn(block, d, device=device)
+    w = torch.randn(d, d, device=device)
+    out = torch.empty(block, d, device=device)
+    n_blocks = max(1, rows // block)
+
+    def fn():
+        for _ in range(n_blocks):
+            torch.matmul(a, w, out=out)
+
+    return fn, 2.0 * n_blocks * block * d * d
 
 
 def case_batched(quick: bool) -> dict:
@@ -103,6 +171,76 @@ def case_patch(quick: bool, dtype_name: str) -> dict:
             "gemm_fraction": flops / ours_em / 1e9 / gemm_gflops}
 
 
+def case_small_fits(quick: bool, device, clock, repeats: int) -> dict:
+    """32 small colour fits, ``random_from_data`` on both sides, vs the scikit-learn loop (issue 18)."""
+    import torch
+
+    import imgmw
+
+    b, n, k, it = (8, 2048, 10, 20) if quick else (32, 2048, 10, 20)
+    x = colour_data(b, n, 0)
+    xd, xs = x.to(device), x.numpy()
+
+    def ours():
+        imgmw.fit_gmm(xd, k, n_iter=it, init="random_from_data", grad="none",
+                      generator=torch.Generator(device=device).manual_seed(0))
+
+    def reference():
+        for i in range(b):
+            sklearn_fit(xs[i], k, it, init_params="random_from_data", random_state=i)
+
+    t = interleaved({"imgmw": ours, "sklearn": reference}, repeats, clock)
+    pci = b * n * k * it
+    return {"case": f"{b} small fits N={n} D=3 K={k} T={it} float32, random_from_data on both sides",
+            "imgmw_s": t["imgmw"], "sklearn_s": t["sklearn"], "speedup": t["sklearn"] / t["imgmw"],
+            "pci_per_s": pci / t["imgmw"], "sklearn_pci_per_s": pci / t["sklearn"]}
+
+
+def case_patch_same_init(quick: bool, device, clock, repeats: int) -> dict:
+    """One D=48 patch fit from the same initial parameters vs scikit-learn on torch tensors (array API) and on
+    NumPy (issue 18)."""
+    import sklearn
+    import torch
+
+    import imgmw
+
+    n, d, k, it = (8000, 48, 8, 20) if quick else (30000, 48, 8, 20)
+    x = patch_data(n, d, 1).float()
+    init = imgmw.fit_gmm(x, k, n_iter=1, grad="none", generator=torch.Generator().manual_seed(0)).gmm
+    prec = torch.linalg.inv(init.covariances.double())
+    prec = (0.5 * (prec + prec.mT)).float()  # scikit-learn checks that the precisions are symmetric
+    xd, init_d = x.to(device), init.to(device)
+    start = {"weights_init": init.weights.to(device), "means_init": init.means.to(device),
+             "precisions_init": prec.to(device)}
+    start_np = {key: value.cpu().numpy() for key, value in start.items()}
+
+    def ours():
+        imgmw.fit_gmm(xd, k, n_iter=it, init=init_d, grad="none")
+
+    def sklearn_torch():
+        with sklearn.config_context(array_api_dispatch=True):
+            sklearn_fit(xd, k, it, init_params="random_from_data", **start)
+
+    def sklearn_numpy():
+        with sklearn.config_context(array_api_dispatch=False):
+            sklearn_fit(x.numpy(), k, it, init_params="random_from_data", **start_np)
+
+    gemm_fn, gemm_flops = gemm_reference(k * n, d, device)
+    peak_fn, peak_flops = gemm_reference(1024, 1024, device, block=1024)  # square: the core's GEMM peak
+    t = interleaved({"imgmw": ours, "sklearn_torch": sklearn_torch, "sklearn_numpy": sklearn_numpy,
+                     "gemm": gemm_fn, "peak": peak_fn}, repeats, clock)
+    flops = it * 4.0 * k * n * d * d  # E-step (x − m)P and the second moments: 2·K·N·D² each, per step
+    gemm, peak = gemm_flops / t["gemm"] / 1e9, peak_flops / t["peak"] / 1e9
+    pci = n * k * it
+    return {"case": f"patch fit N={n} D={d} K={k} T={it} float32 from the same initial parameters",
+            "imgmw_s": t["imgmw"], "sklearn_torch_s": t["sklearn_torch"], "sklearn_numpy_s": t["sklearn_numpy"],
+            "speedup_vs_sklearn_torch": t["sklearn_torch"] / t["imgmw"],
+            "speedup_vs_sklearn_numpy": t["sklearn_numpy"] / t["imgmw"],
+            "em_gflops": flops / t["imgmw"] / 1e9, "sklearn_torch_gflops": flops / t["sklearn_torch"] / 1e9,
+            "gemm_gflops": gemm, "gemm_fraction": flops / t["imgmw"] / 1e9 / gemm, "peak_gemm_gflops": peak,
+            "peak_fraction": flops / t["imgmw"] / 1e9 / peak, "pci_per_s": pci / t["imgmw"]}
+
+
 MEMORY_SCRIPT = r"""
 import resource, sys, torch, imgmw
 n = int(sys.argv[1])
@@ -124,23 +262,59 @@ def case_memory(quick: bool) -> dict:
             "peak_rss_mb": peak / 2**20, "growth_mb": (peak - base) / 2**20}
 
 
+def report(r: dict) -> None:
+    print(r["case"])
+    if "speedup" in r:
+        print(f"  imgmw {r['imgmw_s']:.3f} s   sklearn {r['sklearn_s']:.3f} s   "
+              f"speedup vs sklearn: {r['speedup']:.1f}x")
+    if "speedup_vs_sklearn_torch" in r:
+        print(f"  imgmw {r['imgmw_s']:.3f} s   sklearn on torch (array API) {r['sklearn_torch_s']:.3f} s   "
+              f"speedup: {r['speedup_vs_sklearn_torch']:.2f}x")
+        print(f"  sklearn on NumPy {r['sklearn_numpy_s']:.3f} s   speedup: {r['speedup_vs_sklearn_numpy']:.2f}x")
+    if "gemm_fraction" in r:
+        print(f"  EM {r['em_gflops']:.1f} GFLOP/s vs same-run GEMM {r['gemm_gflops']:.1f} GFLOP/s: "
+              f"{100 * r['gemm_fraction']:.0f}% of GEMM")
+    if "peak_fraction" in r:
+        print(f"  (sklearn on torch {r['sklearn_torch_gflops']:.1f} GFLOP/s; square 1024³ GEMM "
+              f"{r['peak_gemm_gflops']:.1f} GFLOP/s: EM at {100 * r['peak_fraction']:.0f}% of it)")
+    if "pci_per_s" in r:
+        print(f"  imgmw {r['pci_per_s']:.3g} point·component·iterations/s")
+    if "peak_rss_mb" in r:
+        print(f"  peak RSS {r['peak_rss_mb']:.0f} MB (growth during the fit {r['growth_mb']:.0f} MB, "
+              f"data {r['data_mb']:.0f} MB)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes (for a smoke run)")
+    parser.add_argument("--threads", type=int, default=1, help="torch and BLAS threads (default 1)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="device of imgmw and of scikit-learn's torch tensors in cases 4-5 "
+                             "(auto: cuda if available)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds of cases 4-5 (minimum kept)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
-    results = [case_batched(args.quick), case_patch(args.quick, "float32"), case_patch(args.quick, "float64"),
-               case_memory(args.quick)]
+
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    torch.set_num_threads(args.threads)
+    clock = make_clock(device, args.threads)
+    print(f"device {device}, {args.threads} thread(s), {'CPU' if clock is time.process_time else 'wall'} time")
+    with threadpool_limits(limits=args.threads):
+        results = [case_small_fits(args.quick, device, clock, args.repeats),
+                   case_patch_same_init(args.quick, device, clock, args.repeats),
+                   case_batched(args.quick), case_patch(args.quick, "float32"), case_patch(args.quick, "float64"),
+                   case_memory(args.quick)]
     for r in results:
-        print(r["case"])
-        if "speedup" in r:
-            print(f"  imgmw {r['imgmw_s']:.3f} s   sklearn {r['sklearn_s']:.3f} s   speedup vs sklearn: {r['speedup']:.1f}x")
-        if "gemm_fraction" in r:
-            print(f"  EM {r['em_gflops']:.1f} GFLOP/s vs same-run GEMM {r['gemm_gflops']:.1f} GFLOP/s: "
-                  f"{100 * r['gemm_fraction']:.0f}% of GEMM")
-        if "peak_rss_mb" in r:
-            print(f"  peak RSS {r['peak_rss_mb']:.0f} MB (growth during the fit {r['growth_mb']:.0f} MB, "
-                  f"data {r['data_mb']:.0f} MB)")
+        report(r)
+    print("reference, published GPU figures:")
+    for name, rate in GPU_ANCHORS:
+        print(f"  {name}: {rate:.2g} point·component·iterations/s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -12,8 +12,13 @@ Algorithm 3 (one step per call from the previous, detached parameters) with a fi
 
 Memory of a fit: the inputs, ``O(B·K·D²)`` parameters and statistics, and per-chunk temporaries of about
 ``4·CHUNK_ELEMENTS`` elements (16 MiB in float32), independent of ``N`` when gradients are off; the
-returned ``log_resp`` adds ``B·N·K`` elements. With gradients on, autograd keeps the chunk temporaries
-of every step (``O(T·B·N·K·D)``), as full unrolling requires.
+returned ``log_resp`` adds ``B·N·K`` elements. With gradients off the chunk temporaries live in one
+:class:`imgmw.stats.Workspace` per fit, allocated in the first step and reused by every chunk of every step, so
+an EM step allocates only ``O(B·K·D²)`` parameters and statistics. With gradients on, autograd keeps the chunk
+temporaries of every step (``O(T·B·N·K·D)``), as full unrolling requires.
+
+The loop never waits for the device with ``tol=None``, and once per step (the early-stopping test) with a
+``tol``: see :func:`_iterate` for how a failed Cholesky factorisation is still caught and repaired.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ from .gmm import GMM
 from .implicit import implicit_em_fixed_point
 from .init import INIT_METHODS, init_gmm
 from .mstep import em_map, m_step
-from .stats import e_step, quad_features
+from .stats import QuadFeatures, WhitenedFeatures, Workspace, e_step, point_features
 from .validation import check_choice, check_points, check_reg_covar, check_valid_counts, point_weights, valid_counts
 
 __all__ = ["EMResult", "GRAD_MODES", "m_step", "em_step", "fit_gmm", "e_step"]
@@ -80,19 +85,12 @@ def em_step(gmm: GMM, x: Tensor, *, mask: Tensor | None = None, sample_weight: T
     check_reg_covar(reg_covar)
     _check_gmm_matches(gmm, x)
     x, weight = point_weights(x, mask, sample_weight, 1)
-    return em_map(gmm, x, weight, reg_covar, fixed_weights, chunk_size)[0]
-
-
-def _freeze(done: Tensor, old: GMM, new: GMM) -> GMM:
-    """Keep ``old`` where ``done [*B]`` is true (converged instances stop changing)."""
-    if not bool(done.any()):
-        return new
-    return GMM.where(done, old, new)
+    return em_map(gmm.check_cholesky(), x, weight, reg_covar, fixed_weights, chunk_size)[0]
 
 
 def _initial_gmm(x: Tensor, weight: Tensor | None, n_components: int, init: str | GMM, fixed_weights: bool,
                  reg_covar: float, generator: torch.Generator | None, chunk_size: int | None,
-                 process_group=None) -> GMM:
+                 process_group=None, features: QuadFeatures | WhitenedFeatures | None = None) -> GMM:
     if isinstance(init, GMM):
         if init.n_components != n_components:
             raise ValueError(f"init GMM has {init.n_components} components, n_components={n_components}")
@@ -102,7 +100,7 @@ def _initial_gmm(x: Tensor, weight: Tensor | None, n_components: int, init: str 
         return init
     check_choice("init", init, INIT_METHODS)
     gmm = init_gmm(x, n_components, init, weight=weight, reg_covar=reg_covar, generator=generator,
-                   chunk_size=chunk_size, process_group=process_group)
+                   chunk_size=chunk_size, process_group=process_group, features=features)
     if fixed_weights:
         gmm = GMM(torch.full_like(gmm.weights, 1.0 / n_components), gmm.means, gmm.covariances)
     return gmm
@@ -161,29 +159,15 @@ def fit_gmm(x: Tensor, n_components: int, *, n_iter: int = 100, tol: float | Non
     x, weight = point_weights(x, mask, sample_weight, None if group is not None else n_components)
     if group is not None:
         check_valid_counts(all_reduce_sum(valid_counts(x, weight), group), n_components)
-    gmm = _initial_gmm(x, weight, n_components, init, fixed_weights, reg_covar, generator, chunk_size, group)
-
-    bshape = x.shape[:-2]
-    done = torch.zeros(bshape, dtype=torch.bool, device=x.device)
-    converged = torch.zeros_like(done)
-    steps = torch.zeros(bshape, dtype=torch.long, device=x.device)
-    lower = torch.full(bshape, -torch.inf, dtype=x.dtype, device=x.device)
     n_free = n_iter - 1 if grad in ("one_step", "implicit") else n_iter
     track = grad == "unrolled"
     with torch.set_grad_enabled(track and torch.is_grad_enabled()):
-        features = quad_features(x, weight)  # φ(X) once per fit (small D), shared by every step
-    for _ in range(n_free):
-        with torch.set_grad_enabled(track and torch.is_grad_enabled()):
-            new, ll = em_map(gmm, x, weight, reg_covar, fixed_weights, chunk_size, features, group)
-            gmm = _freeze(done, gmm, new)
-        steps = steps + (~done).long()
-        if tol is not None:
-            change = (ll - lower).abs()
-            converged = converged | (~done & (change < tol))
-        lower = torch.where(done, lower, ll.detach())
-        done = converged.clone()
-        if bool(done.all()):
-            break
+        features = point_features(x, weight)  # the kernels' features of X, once per fit (init and every step)
+    gmm = _initial_gmm(x, weight, n_components, init, fixed_weights, reg_covar, generator, chunk_size, group,
+                       features)
+    workspace = Workspace()  # the E-step's scratch, for every step and the final E-step
+    gmm, (_, converged, steps, lower) = _iterate(
+        gmm, n_free, _Loop(x, weight, reg_covar, fixed_weights, chunk_size, features, group, workspace, tol, track))
     if grad in ("one_step", "implicit"):
         gmm, lower, steps, converged = _last_step(gmm, x, weight, reg_covar, fixed_weights, chunk_size,
                                                   grad, lower, steps, converged, tol, implicit_options, group)
@@ -191,10 +175,83 @@ def fit_gmm(x: Tensor, n_components: int, *, n_iter: int = 100, tol: float | Non
         gmm = gmm.detach()
     with torch.set_grad_enabled(grad != "none" and torch.is_grad_enabled()):
         if track or grad == "none":
-            log_resp, _ = e_step(gmm, x, chunk_size, features)
+            log_resp, _ = e_step(gmm, x, chunk_size, features, workspace)
         else:  # the cached features carry no graph in these modes
-            log_resp, _ = e_step(gmm, x, chunk_size)
+            log_resp, _ = e_step(gmm, x, chunk_size, workspace=workspace)
     return EMResult(gmm, log_resp, lower, steps, converged)
+
+
+@dataclass
+class _Loop:
+    """What the EM steps of one fit share: points, weights, settings, cached features, workspace, ``tol`` and
+    whether autograd records the steps (``track``)."""
+
+    x: Tensor
+    weight: Tensor | None
+    reg_covar: float
+    fixed_weights: bool
+    chunk_size: int | None
+    features: QuadFeatures | WhitenedFeatures | None
+    group: object
+    workspace: Workspace
+    tol: float | None
+    track: bool
+
+
+_State = tuple[Tensor, Tensor, Tensor, Tensor]  # per instance [*B]: done, converged, steps taken, lower bound
+
+
+def _step(gmm: GMM, state: _State, loop: _Loop) -> tuple[GMM, _State]:
+    """One EM step with per-instance convergence: converged instances are frozen by ``GMM.where``
+    (branch-free) and an instance converges when its lower bound changes by less than ``tol``."""
+    done, converged, steps, lower = state
+    with torch.set_grad_enabled(loop.track and torch.is_grad_enabled()):
+        new, ll = em_map(gmm, loop.x, loop.weight, loop.reg_covar, loop.fixed_weights, loop.chunk_size,
+                         loop.features, loop.group, loop.workspace)
+        gmm = new if loop.tol is None else GMM.where(done, gmm, new)
+    steps = steps + (~done).long()
+    if loop.tol is not None:
+        converged = converged | (~done & ((ll - lower).abs() < loop.tol))
+    lower = torch.where(done, lower, ll.detach())
+    return gmm, (converged if loop.tol is not None else done, converged, steps, lower)
+
+
+def _iterate(gmm: GMM, n_steps: int, loop: _Loop) -> tuple[GMM, _State]:
+    """Up to ``n_steps`` EM steps from ``gmm``, stopping early once every instance converged (with a ``tol``).
+
+    Host synchronisation: none per step with ``tol=None``, one per step (the early-stopping test) with a
+    ``tol``, and one per fit. Each step factorises its input with :meth:`GMM.factorise_unchecked`, which keeps
+    the failure flags on the device (a failed factor is NaN, never used as a number), and the loop keeps
+    every step's input and state. The flags are read where the loop synchronises anyway: at the
+    early-stopping test, which then also stops at a failed step, and once after the loop. After a failure
+    the steps are redone from the input of the first failed step with jitter-escalated factors
+    (:attr:`GMM.cholesky`, checked by :meth:`GMM.check_cholesky`: its ``ValueError`` when no jitter helps),
+    which gives exactly the result of escalating at every step, while the steps before it are kept: their
+    factors equal the escalated ones bit for bit. Failures need nearly singular covariances (``reg_covar``
+    small against the spread, e.g. few points per component in high dimension), so the common path never
+    waits for the device and factorises once per step. :attr:`GMM.cholesky` alone (the escalation folded into
+    tensor ops) would need no check but factorises nine times: 5% of a colour fit's step.
+    """
+    x = loop.x
+    done = torch.zeros(x.shape[:-2], dtype=torch.bool, device=x.device)
+    state = (done, done, torch.zeros_like(done, dtype=torch.long),
+             torch.full(done.shape, -torch.inf, dtype=x.dtype, device=x.device))
+    trail: list[tuple[GMM, _State, Tensor]] = []  # input, state and failure flag of every unchecked step
+    for _ in range(n_steps):
+        factorised, failed = gmm.factorise_unchecked()
+        trail.append((gmm, state, failed.any()))
+        gmm, state = _step(factorised, state, loop)
+        if loop.tol is not None and bool(state[0].all() | trail[-1][2]):
+            break
+    failures = torch.stack([failed for _, _, failed in trail]) if trail else None
+    if failures is not None and bool(failures.any()):
+        first = int(failures.long().argmax())  # read only after a failure
+        gmm, state = trail[first][:2]
+        for _ in range(first, n_steps):
+            gmm, state = _step(gmm.check_cholesky(), state, loop)
+            if loop.tol is not None and bool(state[0].all()):
+                break
+    return gmm, state
 
 
 def _last_step(gmm: GMM, x: Tensor, weight: Tensor | None, reg_covar: float, fixed_weights: bool,

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .linalg import all_finite, cholesky_inverse_transpose, log_det_from_cholesky, safe_cholesky
+from .linalg import (all_finite, cholesky_inverse_transpose, cholesky_jittered, cholesky_unchecked,
+                     log_det_from_cholesky, safe_cholesky)
 
 __all__ = ["GMM", "centred_log_prob", "gaussian_log_prob"]
 
@@ -109,10 +110,48 @@ class GMM:
     # ----------------------------------------------------------------- cached factors
     @property
     def cholesky(self) -> Tensor:
-        """``[*B, K, D, D]`` lower factors ``L_k`` with ``Σ_k = L_k L_kᵀ`` (jitter if needed)."""
+        """``[*B, K, D, D]`` lower factors ``L_k`` with ``Σ_k = L_k L_kᵀ`` (jitter if needed).
+
+        Computed by :func:`imgmw.linalg.cholesky_jittered`, without reading the device: the factors of
+        :func:`imgmw.linalg.safe_cholesky`, bit for bit. A covariance that no jitter repairs (NaN entries, numerically
+        zero, strongly indefinite) gets a NaN factor, flagged by :attr:`cholesky_failed`; :meth:`check_cholesky`
+        raises the error, and so do :meth:`log_prob`, :func:`imgmw.e_step`, :func:`imgmw.em_step` and
+        :func:`imgmw.fit_gmm`, which read the device anyway.
+        """
         if "chol" not in self._cache:
-            self._cache["chol"] = safe_cholesky(self.covariances, what="GMM covariances")
+            self._cache["chol"], self._cache["chol_failed"] = cholesky_jittered(self.covariances)
         return self._cache["chol"]
+
+    @property
+    def cholesky_failed(self) -> Tensor:
+        """``[*B, K]`` booleans (on the device): covariances whose factor :attr:`cholesky` could not compute."""
+        self.cholesky
+        return self._cache.get("chol_failed", torch.zeros(self.weights.shape, dtype=torch.bool, device=self.device))
+
+    def check_cholesky(self) -> "GMM":
+        """Raise :func:`imgmw.linalg.safe_cholesky`'s ``ValueError`` if :attr:`cholesky` failed for a covariance
+        (one read of the device); returns ``self``."""
+        if bool(self.cholesky_failed.any()):
+            safe_cholesky(self.covariances, what="GMM covariances")
+        return self
+
+    def factorise_unchecked(self) -> tuple["GMM", Tensor]:
+        """``(gmm, failed)``: this mixture with its Cholesky factors cached by :func:`cholesky_unchecked` (one
+        factorisation instead of :attr:`cholesky`'s nine, no host synchronisation), or itself when factors are
+        cached already (``failed``: their :attr:`cholesky_failed`).
+
+        ``failed [*B, K]`` stays on the device; the returned mixture's factors are NaN where it is true. The
+        caller must check ``failed`` before trusting anything computed from the returned mixture, and redo the
+        computation from ``self`` (whose :attr:`cholesky` escalates jitter, :meth:`check_cholesky` raising when
+        that fails) when any is true; ``self`` is not modified. :func:`imgmw.fit_gmm` does this once per fit
+        instead of once per EM step.
+        """
+        if "chol" in self._cache:
+            return self, self.cholesky_failed
+        chol, failed = cholesky_unchecked(self.covariances)
+        out = GMM(self.weights, self.means, self.covariances)
+        out._cache["chol"] = chol
+        return out, failed
 
     @property
     def precision_cholesky(self) -> Tensor:
@@ -137,6 +176,7 @@ class GMM:
     def log_prob(self, x: Tensor) -> Tensor:
         """Mixture log-density ``log Σ_k w_k N(x_n | m_k, Σ_k)`` for ``x [*B, N, D]``; returns ``[*B, N]``."""
         self.validate_points(x)
+        self.check_cholesky()
         return torch.logsumexp(self.component_log_prob(x), dim=-1)
 
     def validate_points(self, x: Tensor) -> None:
@@ -155,6 +195,7 @@ class GMM:
         """
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
+        self.check_cholesky()
         bshape = self.batch_shape
         w = self.weights.detach().reshape(-1, self.n_components)
         labels = (torch.multinomial(w, n, replacement=True, generator=generator) if n > 0  # multinomial rejects n=0

@@ -29,7 +29,8 @@ from .distributed import all_gather_stack, all_reduce_sum, broadcast_from_first,
 from .gmm import GMM
 from .linalg import add_to_diagonal, symmetrize
 from .mstep import m_step
-from .stats import SMALL_D, SuffStats, chunk_bounds, quad_point_features, quad_stats_about, stats_from_resp
+from .stats import (SMALL_D, QuadFeatures, SuffStats, WhitenedFeatures, chunk_bounds, quad_point_features,
+                    quad_stats_about, stats_from_resp)
 
 __all__ = ["INIT_METHODS", "COLLECTIVE_INIT_METHODS", "init_gmm", "kmeans_plus_plus", "data_moments"]
 
@@ -140,31 +141,39 @@ def kmeans_plus_plus(x: Tensor, n_components: int, weight: Tensor | None = None,
     return torch.cat(centres, dim=-2)
 
 
-def _hard_stats(x: Tensor, weight: Tensor | None, centres: Tensor,
-                chunk_size: int | None, process_group=None) -> SuffStats:
+def _hard_stats(x: Tensor, weight: Tensor | None, centres: Tensor, chunk_size: int | None, process_group=None,
+                features: QuadFeatures | None = None) -> SuffStats:
     """Statistics of the nearest-centre assignment, shifted by the centres (chunked over points).
 
-    Summed over the ranks of ``process_group``. Nearest centres come from one GEMM (``‖c‖² − 2 x·c``). For
-    ``D ≤ SMALL_D`` the statistics are one float64 GEMM with the quadratic features (as in the E-step);
-    otherwise every point is centred on its own centre first. Neither carries cancellation.
+    Summed over the ranks of ``process_group``. Nearest centres come from one GEMM (``‖c‖² − 2 x·c``); the
+    assignment is written as weighted one-hot rows ``[*B, K, n]`` by one scatter. For ``D ≤ SMALL_D`` the
+    statistics are one float64 GEMM of those rows with the quadratic features (the fit's cached ones when
+    given), as in the E-step; otherwise every point is centred on its own centre first. Neither carries
+    cancellation.
     """
     k, d = centres.shape[-2], centres.shape[-1]
     quad = d <= SMALL_D
-    origin = centres.mean(-2)  # expansion point of the quadratic features
+    origin = centres.mean(-2) if features is None else features.centre  # expansion point of the features
     c_sq = centres.square().sum(-1).unsqueeze(-2)  # [*B, 1, K]
+    minus_2c = -2.0 * centres.mT  # [*B, D, K]
     acc = None
     for lo, hi in chunk_bounds(x.shape[-2], math.prod(x.shape[:-2]), k, d, chunk_size):
         xc = x[..., lo:hi, :]
-        wc = _weights_or_ones(xc, None if weight is None else weight[..., lo:hi])
-        labels = (c_sq - 2.0 * (xc @ centres.mT)).argmin(-1)  # [*B, n]
-        rw = torch.nn.functional.one_hot(labels, k).to(x.dtype) * wc.unsqueeze(-1)  # [*B, n, K]
-        if quad:
-            parts = (rw.mT.double() @ quad_point_features(xc, origin),)
+        wc = None if weight is None else weight[..., lo:hi]
+        labels = (xc @ minus_2c).add_(c_sq).argmin(-1, keepdim=True).mT  # [*B, 1, n]
+        rw = x.new_zeros(*xc.shape[:-2], k, hi - lo, dtype=torch.float64 if quad else x.dtype)
+        if wc is None:
+            rw.scatter_(-2, labels, 1.0)
         else:
-            diff = xc - _gather_points(centres, labels)  # [*B, n, D]
-            parts = (rw.sum(-2), rw.mT @ diff,
-                     ((rw.unsqueeze(-1) * diff.unsqueeze(-2)).flatten(-2).mT @ diff).unflatten(-2, (k, d)))
-        parts = (*parts, wc.sum(-1))
+            rw.scatter_(-2, labels, wc.unsqueeze(-2).to(rw.dtype))
+        if quad:
+            phi = quad_point_features(xc, origin) if features is None else features.phi[..., lo:hi, :]
+            parts = (rw @ phi,)
+        else:
+            diff = xc - _gather_points(centres, labels.squeeze(-2))  # [*B, n, D]
+            parts = (rw.sum(-1), rw @ diff,
+                     ((rw.mT.unsqueeze(-1) * diff.unsqueeze(-2)).flatten(-2).mT @ diff).unflatten(-2, (k, d)))
+        parts = (*parts, xc.new_full(xc.shape[:-2], hi - lo) if wc is None else wc.sum(-1))
         acc = parts if acc is None else tuple(a + b for a, b in zip(acc, parts))
     assert acc is not None
     if quad:
@@ -193,12 +202,14 @@ def _random_stats(x: Tensor, weight: Tensor | None, k: int, shift: Tensor,
 
 def init_gmm(x: Tensor, n_components: int, method: str = "kmeans++", *, weight: Tensor | None = None,
              reg_covar: float = 1e-6, generator: torch.Generator | None = None, kmeans_iter: int = 10,
-             chunk_size: int | None = None, process_group=None) -> GMM:
+             chunk_size: int | None = None, process_group=None,
+             features: QuadFeatures | WhitenedFeatures | None = None) -> GMM:
     """Initial GMM for ``x [*B, N, D]`` with point weights ``weight [*B, N]`` (runs without autograd).
 
     See the module docstring for the methods. Weights are the assigned masses (use
     ``fixed_weights`` in :func:`imgmw.fit_gmm` for uniform ones). With a ``process_group`` ``x`` is this
-    rank's shard and ``method`` one of :data:`COLLECTIVE_INIT_METHODS`.
+    rank's shard and ``method`` one of :data:`COLLECTIVE_INIT_METHODS`. ``features``: the fit's cached
+    :func:`imgmw.stats.point_features` of ``x`` (the quadratic ones serve the assignment statistics).
     """
     process_group = check_process_group(process_group)
     if process_group is not None and method not in COLLECTIVE_INIT_METHODS:
@@ -223,11 +234,12 @@ def init_gmm(x: Tensor, n_components: int, method: str = "kmeans++", *, weight: 
             centres = kmeans_plus_plus(x, k, weight, generator, process_group)
         else:
             raise ValueError(f"init must be a GMM or one of {', '.join(map(repr, INIT_METHODS))}; got {method!r}")
+        quad = features if isinstance(features, QuadFeatures) else None
         n_lloyd = kmeans_iter if method == "kmeans" else 0
         for _ in range(n_lloyd):
-            stats = _hard_stats(x, weight, centres, chunk_size, process_group)
+            stats = _hard_stats(x, weight, centres, chunk_size, process_group, quad)
             filled = stats.s0 > 0
             centres = torch.where(filled.unsqueeze(-1),
                                   centres + stats.s1 / stats.s0.clamp_min(torch.finfo(x.dtype).tiny).unsqueeze(-1), centres)
-        stats = _hard_stats(x, weight, centres, chunk_size, process_group)
+        stats = _hard_stats(x, weight, centres, chunk_size, process_group, quad)
         return m_step(stats, GMM(uniform, centres, cov_k), reg_covar=reg_covar)

@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 
 from .gmm import GMM
-from .distributed import global_stats
+from .distributed import reduce_stats
 from .linalg import add_to_diagonal, symmetrize
-from .stats import QuadFeatures, SuffStats
+from .stats import QuadFeatures, SuffStats, WhitenedFeatures, Workspace, accumulate_stats
 
 __all__ = ["m_step", "em_map"]
 
@@ -44,13 +44,15 @@ def m_step(stats: SuffStats, prev: GMM, *, reg_covar: float = 1e-6, fixed_weight
 
 
 def em_map(gmm: GMM, x: Tensor, weight: Tensor | None, reg_covar: float, fixed_weights: bool,
-           chunk_size: int | None = None, features: QuadFeatures | None = None,
-           process_group=None) -> tuple[GMM, Tensor]:
+           chunk_size: int | None = None, features: QuadFeatures | WhitenedFeatures | None = None,
+           process_group=None, workspace: Workspace | None = None) -> tuple[GMM, Tensor]:
     """One EM step ``θ' = F(θ, X)`` on points ``x [*B, N, D]`` with point weights ``weight [*B, N]`` (or
     ``None``), without input checks: the map that :func:`imgmw.fit_gmm` iterates and whose fixed point
     :mod:`imgmw.implicit` differentiates. Returns ``(F(θ, X), mean log-likelihood under θ [*B])``
-    (``features``: the fit's cached quadratic features of ``x``, see :func:`imgmw.stats.quad_features`;
+    (``features``: the fit's cached features of ``x``, see :func:`imgmw.stats.point_features`;
     ``process_group``: ``x`` is this rank's shard and the statistics are summed over the group,
-    :mod:`imgmw.distributed`)."""
-    stats = global_stats(gmm, x, weight, chunk_size, features, process_group)
+    :mod:`imgmw.distributed`; ``workspace``: the fit's E-step scratch, :class:`imgmw.stats.Workspace`).
+
+    Neither the E-step, nor the M-step, nor :attr:`imgmw.gmm.GMM.cholesky` reads the device."""
+    stats = reduce_stats(accumulate_stats(gmm, x, weight, chunk_size, features, workspace), process_group)
     return m_step(stats, gmm, reg_covar=reg_covar, fixed_weights=fixed_weights), stats.log_lik / stats.total

@@ -66,7 +66,7 @@ def _verdict(g: GMM, name: str, summary: list[float], normalised: bool) -> None:
         raise ValueError(f"{name}.covariances must be symmetric positive definite: an eigenvalue is "
                          f"{float(lam[..., 0].min()):.3g}")
     try:
-        g.cholesky
+        g.check_cholesky()
     except ValueError as err:
         raise ValueError(f"{name}.covariances must be symmetric positive definite: {err}") from None
 
