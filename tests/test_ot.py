@@ -480,3 +480,17 @@ def test_public_solvers_reject_bad_problems(args, match):
     if match != "equal masses":
         with pytest.raises(ValueError, match=match):
             solve_unbalanced(*args, (1.0, 1.0))
+
+
+def test_a_factor_needing_jitter_is_retried_with_the_escalated_factors():
+    """mw2 factorises once without a host read; a covariance that needs jitter (singular to rounding) makes the
+    costs NaN on the host, and the transport is redone with GMM.cholesky's escalated factors: the value is the
+    one computed from those factors directly."""
+    a, b = random_gmm(3, 3, seed=50), random_gmm(4, 3, seed=51)
+    v = torch.tensor([1.0, 2.0, 3.0], dtype=F64)
+    singular = torch.outer(v, v)  # rank one: cholesky_ex fails, a tiny jitter repairs it
+    a = GMM(a.weights, a.means, torch.cat([a.covariances[:2], singular[None]]))
+    value = mw2(a, b, check_input=False)
+    assert torch.isfinite(value)
+    from imgmw.ot.mixture import _transport
+    torch.testing.assert_close(value, _transport(a, b, None)[0], rtol=0, atol=0)

@@ -22,7 +22,11 @@ from torch import Tensor
 
 from .checks import check_unbalanced
 
-__all__ = ["solve_balanced", "solve_unbalanced", "solve_batch", "EMD_MAX_ITER"]
+__all__ = ["solve_balanced", "solve_unbalanced", "solve_batch", "NonFiniteCosts", "EMD_MAX_ITER"]
+
+
+class NonFiniteCosts(ValueError):
+    """The costs or weights of a transport problem reached the host with NaN or inf in them."""
 
 EMD_MAX_ITER = 100_000  # network simplex iterations (POT's default)
 
@@ -212,7 +216,7 @@ def solve_batch(cost: Tensor, wa: Tensor, wb: Tensor,
     host = torch.cat([cost.reshape(n, kk), wa.expand(*bshape, k0).reshape(n, k0),
                       wb.expand(*bshape, k1).reshape(n, k1)], dim=-1).to("cpu", torch.float64).numpy()
     if not np.isfinite(host).all():  # e.g. a fit of non-finite points, transported without input checks
-        raise ValueError("the mixtures to transport hold NaN or inf (their costs or weights are not finite); "
+        raise NonFiniteCosts("the mixtures to transport hold NaN or inf (their costs or weights are not finite); "
                          "check the points they were fitted to")
     c_np, a_np, b_np = host[:, :kk].reshape(n, k0, k1), host[:, kk:kk + k0], host[:, kk + k0:]
     result = np.empty_like(host)  # per row: plan, then the weight gradients

@@ -39,7 +39,7 @@ from ..bures import (ROUNDOFF_TOL, batch_shape, bures_backward, bures_barycentre
                      flatten_batch, gaussian_w2_cost, squared_mean_distances, w2_cost)
 from ..gmm import GMM
 from .checks import check_compatible, check_gmm, check_pair, check_unbalanced, weight_tol
-from .discrete import solve_batch
+from .discrete import NonFiniteCosts, solve_batch
 
 __all__ = ["mw2", "gmm_ot_plan", "gmm_barycentre", "barycentre_weights"]
 
@@ -93,7 +93,24 @@ class _MixtureOT(torch.autograd.Function):
 
 
 def _mixture_ot(a: GMM, b: GMM, lams: tuple[float, float] | None) -> tuple[Tensor, Tensor]:
-    """``(value [*B], plan [*B, K0, K1])`` of the (un)balanced problem, batch shapes broadcast."""
+    """``(value [*B], plan [*B, K0, K1])`` of the (un)balanced problem, batch shapes broadcast.
+
+    ``a``'s Cholesky factors come from one unchecked factorisation (:meth:`GMM.factorise_unchecked`, no host
+    read, instead of :attr:`GMM.cholesky`'s batched jitter ladder); a covariance it cannot factorise has NaN
+    factors, on which the eigen-solver fails (CPU) or the costs turn NaN (detected by the host solve,
+    :class:`imgmw.ot.discrete.NonFiniteCosts`), and only then is the transport redone with the
+    jitter-escalated factors (or the factorisation's error raised).
+    """
+    factorised, failed = a.factorise_unchecked()
+    try:
+        return _transport(factorised, b, lams)
+    except (NonFiniteCosts, torch.linalg.LinAlgError):
+        if not bool(failed.any()):
+            raise
+    return _transport(a.check_cholesky(), b, lams)
+
+
+def _transport(a: GMM, b: GMM, lams: tuple[float, float] | None) -> tuple[Tensor, Tensor]:
     bshape = batch_shape(a, b)
     k0, k1, d = a.n_components, b.n_components, a.n_features
     covs = (a.covariances, b.covariances)
