@@ -357,9 +357,12 @@ class PatchMW2Loss(nn.Module):
         last_per_scale: ``[S]`` detached values of the last call's per-scale terms (for progress bars).
 
     Example:
-        >>> loss_fn = PatchMW2Loss(exemplar, patch=4, generator=torch.Generator().manual_seed(0))
-        >>> x = gaussian_random_field(exemplar, (128, 128)).unsqueeze(0).requires_grad_()
+        >>> exemplar = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))   # [3, H, W] in [0, 1]
+        >>> loss_fn = PatchMW2Loss(exemplar, patch=4, n_scales=2, generator=torch.Generator().manual_seed(0))
+        >>> x = gaussian_random_field(exemplar, (64, 64)).unsqueeze(0).requires_grad_()
         >>> loss_fn(x).backward()     # x.grad: the pixel gradient of Σ_s MW2²
+        >>> x.grad.shape
+        torch.Size([1, 3, 64, 64])
     """
 
     def __init__(self, exemplar: Tensor | Sequence[Tensor], patch: int = 4, n_components: int = 4,
