@@ -83,6 +83,9 @@ def safe_cholesky(a: Tensor, *, what: str = "covariance") -> Tensor:
         if not bool(failed.any()):
             return chol
     bad = int(failed.sum())
+    if not bool(torch.isfinite(a).all()):
+        raise ValueError(f"{what}: {bad} matrix/matrices hold NaN or inf, so are not positive definite (e.g. fitted "
+                         "to non-finite points)")
     raise ValueError(
         f"{what}: {bad} matrix/matrices are not positive definite even with jitter "
         f"{float(jitter.max()):.3g}; check for NaN/inf values or increase reg_covar"
