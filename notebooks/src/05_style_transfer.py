@@ -17,20 +17,19 @@
 # **Run time:** about a minute on a 2-core CPU.
 
 # %%
-import io
 import os
 import tempfile
 
 import matplotlib.pyplot as plt
 import numpy as np
-import PIL.Image
 import torch
-from IPython.display import Image, display
 
 import imgmw
 from imgmw.image import resize_max
 from imgmw.metrics import luminance_ssim, patch_sliced_w2
 from imgmw.style import StyleModel, make_extractor, style_distances
+
+from walkthrough import rgb, show
 
 SMALL = os.environ.get("IMGMW_NB_SMALL") == "1"  # the test suite's switch: smaller sizes everywhere
 torch.manual_seed(0)
@@ -38,27 +37,8 @@ torch.set_num_threads(1)  # small problems: on a shared 2-core machine a second 
 plt.rcParams.update({"figure.dpi": 72, "axes.titlesize": 10})
 
 
-def show(fig, photo=False):
-    """Display a figure, stored compactly in the notebook: plots as 256-colour PNG, photographs as JPEG."""
-    buf = io.BytesIO()
-    if photo:
-        fig.savefig(buf, format="jpeg", bbox_inches="tight", pil_kwargs={"quality": 80})
-    else:
-        png = io.BytesIO()
-        fig.savefig(png, format="png", bbox_inches="tight")
-        PIL.Image.open(png).convert("RGB").quantize(256).save(buf, format="PNG", optimize=True)
-    plt.close(fig)
-    display(Image(buf.getvalue()))
-
-
 SIDE = 96 if SMALL else 256   # longest side of the content image
 ITERS = 10 if SMALL else 100  # Adam steps (the paper's 100)
-
-
-def rgb(img):
-    """[3, H, W] tensor -> [H, W, 3] array for imshow."""
-    return img.detach().permute(1, 2, 0).clamp(0, 1).numpy()
-
 
 
 def gallery(images, titles, suptitle, width=3.2):

@@ -17,15 +17,12 @@
 # **Run time:** two to three minutes on a 2-core CPU, most of it training.
 
 # %%
-import io
 import os
 import time
 
 import matplotlib.pyplot as plt
 import numpy as np
-import PIL.Image
 import torch
-from IPython.display import Image, display
 
 import imgmw
 from imgmw.generative import (MW2GeneratorTrainer, digit_classifier_scores, generated_sliced_w2, load_samples,
@@ -34,29 +31,12 @@ from imgmw.metrics import patch_sliced_w2
 from imgmw.texture import PatchMW2Loss
 from imgmw.texture_net import TextureGenerator, TextureGeneratorTrainer
 
+from walkthrough import rgb, show
+
 SMALL = os.environ.get("IMGMW_NB_SMALL") == "1"  # the test suite's switch: smaller sizes everywhere
 torch.manual_seed(0)
 torch.set_num_threads(1)  # small problems: on a shared 2-core machine a second thread mostly waits
 plt.rcParams.update({"figure.dpi": 72, "axes.titlesize": 10})
-
-
-def show(fig, photo=False):
-    """Display a figure, stored compactly in the notebook: plots as 256-colour PNG, photographs as JPEG."""
-    buf = io.BytesIO()
-    if photo:
-        fig.savefig(buf, format="jpeg", bbox_inches="tight", pil_kwargs={"quality": 80})
-    else:
-        png = io.BytesIO()
-        fig.savefig(png, format="png", bbox_inches="tight")
-        PIL.Image.open(png).convert("RGB").quantize(256).save(buf, format="PNG", optimize=True)
-    plt.close(fig)
-    display(Image(buf.getvalue()))
-
-
-def rgb(img):
-    """[3, H, W] tensor -> [H, W, 3] array for imshow."""
-    return img.detach().permute(1, 2, 0).clamp(0, 1).numpy()
-
 
 
 def moving_mean(values, window):

@@ -20,18 +20,17 @@
 # **Run time:** under half a minute on a 2-core CPU.
 
 # %%
-import io
 import os
 import time
 
 import matplotlib.pyplot as plt
-import PIL.Image
 import torch
-from IPython.display import Image, display
 
 import imgmw
 from imgmw.implicit import last_solve_info
 from imgmw.init import init_gmm
+
+from walkthrough import show
 
 SMALL = os.environ.get("IMGMW_NB_SMALL") == "1"  # the test suite's switch: smaller sizes everywhere
 torch.manual_seed(0)
@@ -39,17 +38,6 @@ torch.set_num_threads(1)  # small problems: on a shared 2-core machine a second 
 plt.rcParams.update({"figure.dpi": 72, "axes.titlesize": 10})
 
 
-def show(fig, photo=False):
-    """Display a figure, stored compactly in the notebook: plots as 256-colour PNG, photographs as JPEG."""
-    buf = io.BytesIO()
-    if photo:
-        fig.savefig(buf, format="jpeg", bbox_inches="tight", pil_kwargs={"quality": 80})
-    else:
-        png = io.BytesIO()
-        fig.savefig(png, format="png", bbox_inches="tight")
-        PIL.Image.open(png).convert("RGB").quantize(256).save(buf, format="PNG", optimize=True)
-    plt.close(fig)
-    display(Image(buf.getvalue()))
 f64 = torch.float64
 K, D = 3, 3
 
