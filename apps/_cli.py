@@ -14,7 +14,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 __all__ = ["AppError", "Interrupted", "AppParser", "seed", "check_output", "add_common_args", "check_input_file", "resolve_device", "staged_output",
            "write_json", "run", "positive_int", "positive_float", "check_pixel_adam_lr", "process_group_for"]
@@ -272,8 +272,12 @@ def write_json(obj: dict, path: Path) -> None:
 
 
 def settings(args: argparse.Namespace) -> dict:
-    """The parsed flags as JSON-able values (paths as strings): what metrics.json and checkpoints record."""
-    return {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
+    """The parsed flags as JSON-able values (paths, also in lists, as strings): what metrics.json and checkpoints
+    record."""
+    def plain(value: Any) -> Any:
+        return [plain(v) for v in value] if isinstance(value, list) else str(value) if isinstance(value, Path) \
+            else value
+    return {key: plain(value) for key, value in vars(args).items()}
 
 
 def read_resume_checkpoint(path: Path, args: argparse.Namespace, keys: Sequence[str], must_match: Sequence[str],

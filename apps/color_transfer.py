@@ -67,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.luminance == "match" and args.colorspace != "lab":
         raise AppError(f"--luminance match needs --colorspace lab (got {args.colorspace}); use --luminance free")
 
+    import torch
     from tqdm import tqdm
 
     from imgmw.colour import transfer_colours
@@ -90,12 +91,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.save_every and (i + 1) % args.save_every == 0:
                 save_image(render(), out / f"frame_{i + 1:05d}.png")
 
-        result = transfer_colours(source, target, method=args.method, colorspace=args.colorspace, k=args.k,
-                                  iters=args.iters, lr=args.lr, optimizer=args.optimizer, max_colors=args.max_colors,
-                                  unbalanced=tuple(args.lambdas), map_method=args.map_method,
-                                  fixed_weights=args.fixed_weights, luminance=args.luminance,
-                                  regrain=args.regrain, polish_iters=args.polish_iters, seed=args.seed,
-                                  callback=progress)
+        try:
+            result = transfer_colours(source, target, method=args.method, colorspace=args.colorspace,
+                                      n_components=args.k, n_iter=args.iters, lr=args.lr, optimizer=args.optimizer,
+                                      max_colors=args.max_colors, unbalanced=tuple(args.lambdas),
+                                      map_method=args.map_method, fixed_weights=args.fixed_weights,
+                                      luminance=args.luminance, regrain=args.regrain, polish_n_iter=args.polish_iters,
+                                      generator=torch.Generator(device=device).manual_seed(args.seed),
+                                      callback=progress)
+        except ValueError as err:  # the library's argument name in this app's words
+            raise AppError(str(err).replace("n_components=", "--k ")) from None
         bar.close()
         image_name = f"result.{args.format}"
         save_image(result.image, out / image_name)

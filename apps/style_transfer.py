@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Sequence
 
 from apps._cli import (AppError, AppParser, add_common_args, check_input_file, check_pixel_adam_lr, positive_float,
-                       positive_int, resolve_device, run, staged_output, write_json)
+                       positive_int, resolve_device, run, settings, staged_output, write_json)
 
 NAME = "style_transfer"
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -116,17 +116,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     with staged_output(args.output) as out:
         bar = tqdm(total=args.iters, desc=f"style ({extractor.name})", disable=args.quiet, file=sys.stderr)
 
-        def progress(step: int, image, terms) -> None:
+        def progress(step: int, terms, image) -> None:
             bar.update(1)
             if (step + 1) % SYNC_EVERY == 0:  # the terms are a device tensor: read them where the flow reads its own
                 bar.set_postfix(mw2=" ".join(f"{v:.3g}" for v in terms.tolist()))
             if args.save_every and (step + 1) % args.save_every == 0:
                 save_image(image[0], out / f"frame_{step + 1:05d}.png")
 
-        result = style_transfer(content, target, features=extractor, k=args.k, iters=args.iters, lr=args.lr,
-                                content_weight=args.content_weight, n_samples=args.n_samples,
-                                restart_every=args.restart_every, generator=generator,
-                                callback=progress)
+        result = style_transfer(content, target, features=extractor, n_components=args.k, n_iter=args.iters,
+                                lr=args.lr, content_weight=args.content_weight, n_samples=args.n_samples,
+                                restart_every=args.restart_every, generator=generator, callback=progress)
         bar.close()
         save_image(result.image, out / "stylised.png")
         save_image(side_by_side([content, style, result.image], height=min(512, content.shape[-2])),
@@ -162,11 +161,11 @@ def _metrics(args: argparse.Namespace, device, result, content, style, t_start: 
     from imgmw.style import style_distances
 
     layers = list(result.extractor.layers)
-    dist_content = style_distances(content, result.model, result.extractor, seed=args.seed)
-    dist_result = style_distances(result.image, result.model, result.extractor, seed=args.seed)
-    refit = style_distances(result.image, result.model, result.extractor, seed=args.seed, fresh=True)
+    dist_content, dist_result, refit = (
+        style_distances(image, result.model, result.extractor, generator=torch.Generator().manual_seed(args.seed),
+                        fresh=fresh) for image, fresh in ((content, False), (result.image, False), (result.image, True)))
     return {
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings": settings(args),
         "device": str(device),
         "extractor": result.extractor.config(),
         "layers": layers,

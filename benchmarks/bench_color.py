@@ -68,10 +68,12 @@ def idt(source, target, regrain: bool = False):
 
 def imgmw_method(method: str, regrain: bool):
     def run(source, target):
+        import torch
+
         from imgmw.colour import transfer_colours
 
         return transfer_colours(source, target, method=method, colorspace="lab", regrain=regrain,
-                                diagnose=False).image
+                                diagnose=False, generator=torch.Generator().manual_seed(0)).image
 
     return run
 

@@ -27,13 +27,14 @@ import torch
 from torch import Tensor
 
 from .colour import apply_palette_lut, build_palette, colour_flow, fit_colour_gmm, from_scaled_space, to_scaled_space
-from .flow import run_flow
+from .deprecation import renamed_parameters
+from .flow import refit_mw2, run_flow
 from .gmm import GMM
 from .losses import relative_reg_covar
-from .ot import barycentre_weights, check_gmm, mw2
+from .ot import barycentre_weights, check_gmm, gmm_barycentre, mw2
 from .warm import WarmStartEM
 
-__all__ = ["INITS", "stack_targets", "barycentre_objective", "barycentre_flow", "demo_targets",
+__all__ = ["INITS", "stack_targets", "barycentre_objective", "barycentre_flow", "barycentre_report", "demo_targets",
            "colour_targets", "palette_image", "recolour_to_gmm"]
 
 INITS = ("normal", "moments")
@@ -93,8 +94,9 @@ def _initial_points(how: str, n_points: int, stacked: GMM, lam: Tensor, generato
     return mean.unsqueeze(-2) + z @ torch.linalg.cholesky(cov).mT
 
 
+@renamed_parameters(k="n_components", iters="n_iter")
 def barycentre_flow(targets: Sequence[GMM], weights: Sequence[float] | Tensor | None = None, n_points: int = 500,
-                    *, k: int | None = None, iters: int = 300, lr: float = 0.1, reg_covar: float | None = None,
+                    *, n_components: int | None = None, n_iter: int = 300, lr: float = 0.1, reg_covar: float | None = None,
                     init: Tensor | str = "normal", generator: torch.Generator | None = None,
                     em: WarmStartEM | None = None,
                     callback: Callable[[int, Tensor, Tensor], None] | None = None) -> tuple[Tensor, list[float]]:
@@ -105,14 +107,15 @@ def barycentre_flow(targets: Sequence[GMM], weights: Sequence[float] | Tensor | 
             barycentre problems at once when ``*B`` is non-empty).
         weights: ``λ [M]``, ``≥ 0``, summing to one (default uniform).
         n_points: ``N``, the number of points (ignored when ``init`` is given).
-        k: components of the EM fit of ``X`` (default: the targets' ``K_ν``, the paper's advice).
-        iters: flow steps; lr: Euler step ``τ`` of ``x_i ← x_i − τ N ∇_{x_i} E``.
+        n_components: ``K``, components of the EM fit of ``X`` (default: the targets' ``K_ν``, the paper's
+            advice).
+        n_iter: flow steps; lr: Euler step ``τ`` of ``x_i ← x_i − τ N ∇_{x_i} E``.
         reg_covar: ``ε_r`` of the EM fits (default ``1e-4 ×`` the targets' largest covariance eigenvalue).
         init: starting points ``[*B, N, D]``, or noise drawn with ``generator``: ``"normal"`` (standard
             normal, the paper's choice) or ``"moments"`` (normal with the mean and covariance of
             ``Σ_i λ_i ν_i``).
         generator: seeds the initial noise and the k-means++ start of the first EM fit.
-        em: the warm-started EM to use (default: a new :class:`imgmw.WarmStartEM` with ``k``, fixed uniform
+        em: the warm-started EM to use (default: a new :class:`imgmw.WarmStartEM` with ``K`` components, fixed uniform
             weights — the barycentre :func:`imgmw.gmm_barycentre` computes has them —, ``reg_covar`` and
             ``generator``); pass one to read the final fit of ``X`` from its ``state`` afterwards.
         callback: ``callback(i, E, X)`` after every step (``E`` summed over ``*B``, a 0-d device tensor to read at
@@ -127,17 +130,18 @@ def barycentre_flow(targets: Sequence[GMM], weights: Sequence[float] | Tensor | 
     """
     stacked = stack_targets(targets)
     lam = barycentre_weights(weights, stacked.batch_shape[0], stacked.means)
-    k = stacked.n_components if k is None else k
+    k = stacked.n_components if n_components is None else n_components
     if not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
-    if not (isinstance(iters, int) and iters >= 0) or not (0 < lr < math.inf):
-        raise ValueError(f"iters must be an integer >= 0 and lr a finite number > 0, got iters={iters!r}, lr={lr!r}")
+        raise ValueError(f"n_components must be an integer >= 1, got {k!r}")
+    if not (isinstance(n_iter, int) and n_iter >= 0) or not (0 < lr < math.inf):
+        raise ValueError(f"n_iter must be an integer >= 0 and lr a finite number > 0, got n_iter={n_iter!r}, "
+                         f"lr={lr!r}")
     x = (_initial_points(init, n_points, stacked, lam, generator) if isinstance(init, str)
          else init.detach().to(stacked.means))
     if x.shape[:-2] != stacked.batch_shape[1:] or x.shape[-1] != stacked.n_features or x.shape[-2] < k:
         want = ", ".join([*map(str, stacked.batch_shape[1:]), f"N >= {k}", str(stacked.n_features)])
-        raise ValueError(f"points must be [*B, N, D] = [{want}] (the targets' batch and dimension, at least k "
-                         f"points), got {tuple(x.shape)} (n_points={n_points})")
+        raise ValueError(f"points must be [*B, N, D] = [{want}] (the targets' batch and dimension, at least "
+                         f"n_components points), got {tuple(x.shape)} (n_points={n_points})")
     reg = relative_reg_covar(stacked) if reg_covar is None else reg_covar
     if em is None:
         em = WarmStartEM(k, fixed_weights=True, reg_covar=reg, n_init_iter=30, generator=generator)
@@ -145,8 +149,34 @@ def barycentre_flow(targets: Sequence[GMM], weights: Sequence[float] | Tensor | 
     def objective(points: Tensor, _: int) -> Tensor:
         return barycentre_objective(em(points), stacked, lam)[0]
 
-    flow = run_flow(x, objective, iters=iters, lr=lr * x.shape[-2], callback=callback)
+    flow = run_flow(x, objective, n_iter=n_iter, lr=lr * x.shape[-2], callback=callback)
     return flow.x, flow.losses
+
+
+def barycentre_report(points: Tensor, fit: GMM, targets: Sequence[GMM], weights: Sequence[float] | Tensor | None = None,
+                      *, n_components: int | None = None, reg_covar: float | None = None,
+                      generator: torch.Generator | None = None) -> dict[str, float | list]:
+    """How good a flow's barycentre is, as JSON-able numbers (no gradient).
+
+    ``points [*B, N, D]`` and ``fit`` (its warm-started fit, e.g. ``em.state``) come from
+    :func:`barycentre_flow` on ``targets`` with ``weights``. Returns ``final_objective`` ``E`` of ``fit``,
+    ``per_target_mw2`` (``MW2²(fit, ν_i)``), ``refit_mw2`` (``E`` of a fresh fit of the points,
+    :func:`imgmw.flow.refit_mw2`: the loss still describes its points when it is close to ``final_objective``),
+    ``fixed_point_objective`` (``E`` of :func:`imgmw.gmm_barycentre`'s fixed point) and
+    ``mw2_flow_fit_to_fixed_point`` (``MW2²`` between the two barycentres); values summed over ``*B``.
+    """
+    stacked = stack_targets(targets)
+    lam = barycentre_weights(weights, stacked.batch_shape[0], stacked.means)
+    reg = relative_reg_covar(stacked) if reg_covar is None else reg_covar
+    k = stacked.n_components if n_components is None else n_components
+    with torch.no_grad():
+        final, per_target = barycentre_objective(fit, stacked, lam)
+        fixed_point = gmm_barycentre(list(targets), lam)
+        refit = refit_mw2(points, stacked, n_components=k, fixed_weights=True, reg_covar=reg, generator=generator)
+        return {"final_objective": float(final.sum()), "per_target_mw2": per_target.tolist(),
+                "refit_mw2": float((lam.view(-1, *[1] * (refit.dim() - 1)) * refit).sum()),
+                "fixed_point_objective": float(barycentre_objective(fixed_point, stacked, lam)[0].sum()),
+                "mw2_flow_fit_to_fixed_point": float(mw2(fit, fixed_point).sum())}
 
 
 def demo_targets(dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> list[GMM]:
@@ -156,27 +186,31 @@ def demo_targets(dtype: torch.dtype = torch.float64, device: torch.device | str 
     components at ``±s_i (cos a_i, sin a_i)`` from its centre (``s = 1.5, 1, 2``; ``a = 0°, 50°, 100°``) and
     anisotropic covariances of different orientations, so the barycentre is unique (no symmetry).
     """
-    like = dict(dtype=dtype, device=device)
-    centres = 4.0 * torch.tensor([[0.0, 1.0], [-0.866, -0.5], [0.866, -0.5]], **like)
-    angles = torch.tensor([0.0, 50.0, 100.0], **like).deg2rad()
-    offsets = torch.tensor([1.5, 1.0, 2.0], **like)[:, None] * torch.stack([angles.cos(), angles.sin()], -1)
+    def tensor(values: list) -> Tensor:
+        return torch.tensor(values, dtype=dtype, device=device)
+
+    centres = 4.0 * tensor([[0.0, 1.0], [-0.866, -0.5], [0.866, -0.5]])
+    angles = tensor([0.0, 50.0, 100.0]).deg2rad()
+    offsets = tensor([1.5, 1.0, 2.0])[:, None] * torch.stack([angles.cos(), angles.sin()], -1)
     means = centres[:, None, :] + torch.stack([offsets, -offsets], 1)  # [3, 2, 2]
     rot = torch.stack([torch.stack([angles.cos(), -angles.sin()], -1),
                        torch.stack([angles.sin(), angles.cos()], -1)], -2)  # [3, 2, 2]
-    variances = torch.tensor([[0.4, 0.05], [0.1, 0.3]], **like)  # per component, along the rotated axes
+    variances = tensor([[0.4, 0.05], [0.1, 0.3]])  # per component, along the rotated axes
     covs = rot[:, None] @ torch.diag_embed(variances)[None] @ rot[:, None].mT  # [3, 2, 2, 2]
-    weights = torch.full((2,), 0.5, **like)
+    weights = tensor([0.5, 0.5])
     return [GMM(weights, means[i], covs[i]) for i in range(3)]
 
 # --------------------------------------------------------------------------------------------- palettes
-def colour_targets(images: Sequence[Tensor], k: int = 10, *, colorspace: str = "lab", max_colors: int = 8192,
+@renamed_parameters(k="n_components")
+def colour_targets(images: Sequence[Tensor], n_components: int = 10, *, colorspace: str = "lab", max_colors: int = 8192,
                    generator: torch.Generator | None = None) -> list[GMM]:
-    """The ``k``-component colour GMM (fixed uniform weights, pixel-count weighted EM) of each image ``[3, H, W]``.
+    """The ``n_components``-component colour GMM (fixed uniform weights, pixel-count weighted EM) of each image ``[3, H, W]``.
 
     Colours live in ``colorspace`` scaled to O(1) (:func:`imgmw.colour.to_scaled_space`); see
     :func:`imgmw.colour.fit_colour_gmm`.
     """
-    return [fit_colour_gmm(build_palette(img, max_colors), colorspace, k, generator=generator) for img in images]
+    return [fit_colour_gmm(build_palette(img, max_colors), colorspace, n_components, generator=generator)
+            for img in images]
 
 
 def palette_image(colours: Tensor, columns: int = 25, cell: int = 12) -> Tensor:
@@ -196,7 +230,8 @@ def palette_image(colours: Tensor, columns: int = 25, cell: int = 12) -> Tensor:
     return grid.repeat_interleave(cell, 1).repeat_interleave(cell, 2)
 
 
-def recolour_to_gmm(image: Tensor, target: GMM, *, colorspace: str = "lab", iters: int = 100, lr: float = 0.2,
+@renamed_parameters(iters="n_iter")
+def recolour_to_gmm(image: Tensor, target: GMM, *, colorspace: str = "lab", n_iter: int = 100, lr: float = 0.2,
                     max_colors: int = 8192, generator: torch.Generator | None = None) -> tuple[Tensor, list[float]]:
     """Recolour ``image [3, H, W]`` towards the colour mixture ``target`` (in scaled ``colorspace``).
 
@@ -208,6 +243,6 @@ def recolour_to_gmm(image: Tensor, target: GMM, *, colorspace: str = "lab", iter
     if palette.colours.shape[0] < target.n_components:
         raise ValueError(f"the image to recolour has only {palette.colours.shape[0]} distinct colours, fewer than "
                          f"the {target.n_components} components of the palette mixture")
-    moved, flow, _ = colour_flow(to_scaled_space(palette.colours, colorspace), palette.counts, target, iters=iters,
+    moved, flow, _ = colour_flow(to_scaled_space(palette.colours, colorspace), palette.counts, target, n_iter=n_iter,
                                  lr=lr, generator=generator)
     return apply_palette_lut(image, palette, from_scaled_space(moved, colorspace)), flow.losses

@@ -34,7 +34,7 @@ false edges (:func:`imgmw.metrics.false_edges`). The pipeline is therefore:
    flip) and the MW2 flow moves only a* and b*. Raw SSIM rose to 0.13–0.74.
 2. **regrain** (:mod:`imgmw.regrain`): the image whose gradients follow the source's and whose colours follow
    the flow's; false edges fell to 0.01–0.5 %, SSIM rose to 0.21–0.83.
-3. **polish** (``polish_iters`` = 30): regrain pulls the colours back towards the source (colour SW2 to the
+3. **polish** (``polish_n_iter`` = 30): regrain pulls the colours back towards the source (colour SW2 to the
    target rose from 0.009–0.030 to 0.032–0.037), so a short flow from the regrained image's own palette,
    L* frozen, its velocity smoothed over the palette's colours (:class:`VelocitySmoother`, σ = 0.05),
    brings them back (0.024–0.037) without touching the luminance structure. Unsmoothed, the polish cut a
@@ -63,6 +63,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .deprecation import generator_from_seed, renamed_parameters
 from .flow import FlowResult, refit_mw2, run_flow
 from .gmm import GMM
 from .image import from_colorspace, image_to_points, points_to_image, to_colorspace
@@ -232,14 +233,17 @@ def from_scaled_space(points: Tensor, space: str) -> Tensor:
     return from_colorspace((points * SPACE_SCALE[space]).T.unsqueeze(-1), space).squeeze(-1).T
 
 
-def fit_colour_gmm(palette: Palette, space: str, k: int, *, generator: torch.Generator | None = None,
+@renamed_parameters(k="n_components")
+def fit_colour_gmm(palette: Palette, space: str, n_components: int, *, generator: torch.Generator | None = None,
                    fixed_weights: bool = False) -> GMM:
-    """GMM with ``k`` components of an image's colours (its palette, weighted by pixel counts), in ``space``
-    (:func:`imgmw.losses.fit_target`; its ``reg_covar`` is :func:`colour_reg_covar` of the palette)."""
+    """GMM with ``n_components`` components of an image's colours (its palette, weighted by pixel counts), in
+    ``space`` (:func:`imgmw.losses.fit_target`; its ``reg_covar`` is :func:`colour_reg_covar` of the palette)."""
     pts = to_scaled_space(palette.colours, space)
-    if pts.shape[0] < k:
-        raise ValueError(f"the image has only {pts.shape[0]} distinct colours, fewer than k={k}; lower --k")
-    return fit_target(pts, k, sample_weight=palette.counts, fixed_weights=fixed_weights, generator=generator)
+    if pts.shape[0] < n_components:
+        raise ValueError(f"the image has only {pts.shape[0]} distinct colours, fewer than n_components="
+                         f"{n_components}")
+    return fit_target(pts, n_components, sample_weight=palette.counts, fixed_weights=fixed_weights,
+                      generator=generator)
 
 
 def colour_reg_covar(palette: Palette, space: str) -> float:
@@ -276,7 +280,8 @@ class _BestIterate:
     def __init__(self, pal: Palette, target: Palette, space: str) -> None:
         self.pal, self.target, self.space = pal, target, space
         self.directions = random_directions(64, 3, 0, device=pal.colours.device, dtype=pal.colours.dtype)
-        self.score, self.step, self.x = math.inf, 0, None
+        self.score, self.step = math.inf, 0
+        self.x: Tensor | None = None
 
     def offer(self, step: int, x: Tensor) -> None:
         score = float(weighted_sliced_w2(from_scaled_space(x.detach(), self.space), self.target.colours,
@@ -285,7 +290,8 @@ class _BestIterate:
             self.score, self.step, self.x = score, step, x.detach().clone()
 
 
-def colour_flow(points: Tensor, weights: Tensor, target: GMM, *, iters: int = 100, lr: float = 0.2,
+@renamed_parameters(weights="sample_weight", iters="n_iter")
+def colour_flow(points: Tensor, sample_weight: Tensor, target: GMM, *, n_iter: int = 100, lr: float = 0.2,
                 unbalanced: tuple[float, float] | None = None, reg_covar: float | None = None,
                 optimizer: str = "gd", max_step: float = 0.01, init: GMM | None = None,
                 fixed_weights: bool = False, policy: FitPolicy | None = FitPolicy(), frozen: tuple[int, ...] = (),
@@ -294,7 +300,7 @@ def colour_flow(points: Tensor, weights: Tensor, target: GMM, *, iters: int = 10
                 ) -> tuple[Tensor, FlowResult, WarmStartEM]:
     """Minimise ``E(X) = MW2²(EM(X), target)`` over weighted points ``X = points [M, D]`` (warm-started EM).
 
-    Each iteration does one warm-started EM step on the current ``X`` (point weights ``weights [M]``,
+    Each iteration does one warm-started EM step on the current ``X`` (point weights ``sample_weight [M]``,
     :class:`imgmw.WarmStartEM` with ``policy``; learned mixture weights unless ``fixed_weights``) and one
     step of :func:`imgmw.flow.run_flow`. ``optimizer="gd"`` (default) is the explicit Euler step of the
     Wasserstein gradient flow of ``E`` on the measure ``Σ ω̂_i δ_{x_i}`` (``ω̂ = ω / Σω``):
@@ -323,11 +329,11 @@ def colour_flow(points: Tensor, weights: Tensor, target: GMM, *, iters: int = 10
         return torch.stack([cols[d] for d in range(points.shape[-1])], -1)
 
     def objective(x: Tensor, _: int) -> Tensor:
-        return mw2(em(full(x), sample_weight=weights), target, unbalanced=unbalanced)
+        return mw2(em(full(x), sample_weight=sample_weight), target, unbalanced=unbalanced)
 
     hook = None if callback is None else (lambda i, loss, x: callback(i, loss, full(x)))
-    mass = weights / weights.sum() if optimizer == "gd" else None
-    result = run_flow(points[:, free], objective, iters=iters, lr=lr, step=optimizer, point_mass=mass,
+    mass = sample_weight / sample_weight.sum() if optimizer == "gd" else None
+    result = run_flow(points[:, free], objective, n_iter=n_iter, lr=lr, step=optimizer, point_mass=mass,
                       max_step=max_step if optimizer == "gd" else None, precondition=smooth, callback=hook)
     return full(result.x), result, em
 
@@ -358,12 +364,14 @@ class ColourTransferResult:
     seconds: float = 0.0
 
 
+@renamed_parameters(k="n_components", iters="n_iter", polish_iters="polish_n_iter")
 def transfer_colours(source: Tensor, target: Tensor, *, method: str = "flow", colorspace: str = "lab",
-                     k: int = 20, iters: int = 100, lr: float = 0.2, optimizer: str = "gd", max_step: float = 0.01,
+                     n_components: int = 20, n_iter: int = 100, lr: float = 0.2, optimizer: str = "gd", max_step: float = 0.01,
                      max_colors: int = MAX_COLORS,
                      unbalanced: tuple[float, float] = (10.0, 0.1), map_method: str = "bary",
-                     luminance: str = "match", regrain: bool = True, polish_iters: int = POLISH_ITERS,
-                     fixed_weights: bool = False, policy: FitPolicy | None = COLOUR_POLICY, seed: int = 0,
+                     luminance: str = "match", regrain: bool = True, polish_n_iter: int = POLISH_ITERS,
+                     fixed_weights: bool = False, policy: FitPolicy | None = COLOUR_POLICY,
+                     generator: torch.Generator | None = None, seed: int | None = None,
                      diagnose: bool = True, callback: Callable[[int, Tensor, Callable[[], Tensor]], None] | None = None
                      ) -> ColourTransferResult:
     """Give ``source [3, H, W]`` the colours of ``target [3, H', W']`` (sRGB in [0, 1]); see the module doc.
@@ -371,8 +379,8 @@ def transfer_colours(source: Tensor, target: Tensor, *, method: str = "flow", co
     Args:
         method: ``"flow"``, ``"unbalanced"`` or ``"map"``.
         colorspace: ``"lab"``, ``"rgb"`` or ``"linear"``: where the GMMs live and the flow moves colours.
-        k: mixture components on both sides.
-        iters, lr, optimizer, max_step: steps, step size, step rule and per-colour step cap of the flows (see
+        n_components: mixture components on both sides.
+        n_iter, lr, optimizer, max_step: steps, step size, step rule and per-colour step cap of the flows (see
             :func:`colour_flow`; colours are scaled to O(1) in every space).
         max_colors: bound on the palette size of the flows (see the module doc).
         unbalanced: ``(λ_source, λ_target)`` of the unbalanced method.
@@ -380,10 +388,11 @@ def transfer_colours(source: Tensor, target: Tensor, *, method: str = "flow", co
         luminance: ``"match"`` (Lab only): the flows keep L* at its monotone match to the target's
             (:func:`monotone_match`) and move a*, b*; ``"free"``: they move all three coordinates.
         regrain: post-process with :func:`imgmw.regrain.regrain` (the source's gradients, the result's colours).
-        polish_iters: after regrain, steps of a short flow from the regrained image's palette that brings its
+        polish_n_iter: after regrain, steps of a short flow from the regrained image's palette that brings its
             colours back to the target (0: none; L* stays frozen with ``luminance="match"``).
         fixed_weights, policy: the mixtures' weighting and the warm start's fit-keeping policy.
-        seed: seeds k-means++ and the random map.
+        generator: draws the k-means++ starts and the random map (a ``torch.Generator`` on ``source``'s device;
+            ``None``: torch's global generator). ``seed`` (an integer) is its deprecated former.
         diagnose: compute :attr:`ColourTransferResult.refit_mw2` (three fresh fits of the result's palette).
         callback: ``callback(i, loss, render)`` after every flow iteration (polish steps continue the count;
             ``loss`` a 0-d device tensor, read it at :func:`imgmw.flow.run_flow`'s sync points);
@@ -394,10 +403,10 @@ def transfer_colours(source: Tensor, target: Tensor, *, method: str = "flow", co
     check_choice("luminance", luminance, LUMINANCE)
     if luminance == "match" and colorspace != "lab":
         raise ValueError(f"luminance='match' needs colorspace='lab' (L* is its first coordinate), got {colorspace!r}")
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
-    if not isinstance(polish_iters, int) or polish_iters < 0:
-        raise ValueError(f"polish_iters must be an integer >= 0, got {polish_iters!r}")
+    if not isinstance(n_components, int) or n_components < 1:
+        raise ValueError(f"n_components must be an integer >= 1, got {n_components!r}")
+    if not isinstance(polish_n_iter, int) or polish_n_iter < 0:
+        raise ValueError(f"polish_n_iter must be an integer >= 0, got {polish_n_iter!r}")
     for name, img in (("source", source), ("target", target)):
         if not isinstance(img, Tensor) or img.dim() != 3 or img.shape[0] != 3 or not img.is_floating_point():
             raise ValueError(f"{name} must be a float RGB image [3, H, W], got "
@@ -405,15 +414,15 @@ def transfer_colours(source: Tensor, target: Tensor, *, method: str = "flow", co
         if not bool(torch.isfinite(img).all()):
             raise ValueError(f"{name} contains NaN or inf")
     t0 = time.perf_counter()
-    gen = torch.Generator(device=source.device).manual_seed(seed)
+    gen = generator_from_seed(seed, generator, source.device, "transfer_colours")
     tgt_pal = build_palette(target, max_colors)
-    tgt_gmm = fit_colour_gmm(tgt_pal, colorspace, k, generator=gen, fixed_weights=fixed_weights)
+    tgt_gmm = fit_colour_gmm(tgt_pal, colorspace, n_components, generator=gen, fixed_weights=fixed_weights)
     tgt_pts = to_scaled_space(tgt_pal.colours, colorspace)
     reg = colour_reg_covar(tgt_pal, colorspace)
     palette = build_palette(source, max_colors)
-    if palette.colours.shape[0] < k:
-        raise ValueError(f"the source has only {palette.colours.shape[0]} distinct colours, fewer than k={k}; "
-                         "lower k")
+    if palette.colours.shape[0] < n_components:
+        raise ValueError(f"the source has only {palette.colours.shape[0]} distinct colours, fewer than "
+                         f"n_components={n_components}")
     frozen = (0,) if luminance == "match" else ()
     lam = unbalanced if method == "unbalanced" else None
 
@@ -441,7 +450,7 @@ def transfer_colours(source: Tensor, target: Tensor, *, method: str = "flow", co
             if callback is not None:
                 callback(offset + i, loss, lambda: render(x))
 
-        moved, result, em = colour_flow(pts, pal.counts, tgt_gmm, iters=steps, lr=lr, optimizer=optimizer,
+        moved, result, em = colour_flow(pts, pal.counts, tgt_gmm, n_iter=steps, lr=lr, optimizer=optimizer,
                                         max_step=max_step, unbalanced=lam, reg_covar=reg,
                                         fixed_weights=fixed_weights, policy=policy, frozen=frozen, smooth=smooth,
                                         generator=gen, callback=hook)
@@ -449,24 +458,25 @@ def transfer_colours(source: Tensor, target: Tensor, *, method: str = "flow", co
         if best is not None:
             if steps % POLISH_CHECK:
                 best.offer(steps, moved)
-            kept, moved = best.step, best.x
+            if best.x is not None:
+                kept, moved = best.step, best.x
         return render(moved), result, em, kept
 
     kept = 0
     if method == "map":
-        src_gmm = fit_colour_gmm(palette, colorspace, k, generator=gen, fixed_weights=fixed_weights)
+        src_gmm = fit_colour_gmm(palette, colorspace, n_components, generator=gen, fixed_weights=fixed_weights)
         pts = to_scaled_space(image_to_points(source), colorspace)
         moved = gmm_ot_map(pts, src_gmm, tgt_gmm, method=map_method, generator=gen)
         image = points_to_image(from_scaled_space(moved, colorspace), source.shape[-2], source.shape[-1]).clamp(0, 1)
         losses, fit = [float(mw2(src_gmm, tgt_gmm))], {}
     else:
-        image, result, em, _ = flow(source, palette, iters, 0, False)
+        image, result, em, _ = flow(source, palette, n_iter, 0, False)
         losses, fit = result.losses, em.diagnostics.as_dict()
     if regrain:
         image = grain.regrain(image, source)   # the function; `regrain` here is the flag
-        if polish_iters:
-            offset = 0 if method == "map" else iters
-            image, result, _, kept = flow(image, build_palette(image, max_colors), polish_iters, offset, True)
+        if polish_n_iter:
+            offset = 0 if method == "map" else n_iter
+            image, result, _, kept = flow(image, build_palette(image, max_colors), polish_n_iter, offset, True)
             losses = losses + result.losses
     refit = float("nan")
     if diagnose:

@@ -13,7 +13,7 @@ pixels) with one of three step rules:
   the objective is evaluated several times per step with the same ``t`` (objectives that draw random
   patches should draw once per ``t``).
 
-The schedule ``s(t)`` is ``"constant"``, ``"linear"`` (from 1 to 0 over ``iters``) or a callable.
+The schedule ``s(t)`` is ``"constant"``, ``"linear"`` (from 1 to 0 over ``n_iter``) or a callable.
 ``project(x)`` runs in place after every step (e.g. clamping pixels to [0, 1]); ``callback(t, E_t, x)``
 after every step; ``stop(history)`` ends the flow early (see :func:`plateau`). A non-finite loss or
 point, a loss above ``divergence_factor ×`` the largest of the first ``DIVERGENCE_WARMUP`` losses, or
@@ -52,6 +52,7 @@ from typing import Callable, ContextManager, Sequence
 import torch
 from torch import Tensor
 
+from .deprecation import renamed_parameters
 from .em import fit_gmm
 from .gmm import GMM
 from .ot import mw2
@@ -83,7 +84,7 @@ class FlowResult:
         losses: ``E_t`` (summed terms) before every step taken, as Python floats (read from the device at
             the sync points; complete when :func:`run_flow` returns).
         terms: ``[T, *S]`` the objective's terms (its output, detached) at every step.
-        n_steps: steps taken (``< iters`` when ``stop`` ended the flow).
+        n_steps: steps taken (``< n_iter`` when ``stop`` ended the flow).
         stopped: whether ``stop`` ended the flow.
         seconds: wall time of the loop.
     """
@@ -117,18 +118,18 @@ def plateau(tol: float = 1e-4, window: int = 20) -> Callable[[list[float]], bool
     return stop
 
 
-def _factor(schedule: str | Callable[[int], float], step: int, iters: int) -> float:
+def _factor(schedule: str | Callable[[int], float], step: int, n_iter: int) -> float:
     if callable(schedule):
         return float(schedule(step))
-    return 1.0 if schedule == "constant" else 1.0 - step / iters
+    return 1.0 if schedule == "constant" else 1.0 - step / n_iter
 
 
-def _check_args(x: Tensor, iters: int, lr: float, step: str, schedule, point_mass: Tensor | None,
+def _check_args(x: Tensor, n_iter: int, lr: float, step: str, schedule, point_mass: Tensor | None,
                 max_step: float | None, precondition, divergence_factor: float, sync_every: int) -> None:
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise ValueError(f"x must be a floating-point tensor, got {type(x).__name__ if not isinstance(x, Tensor) else x.dtype}")
-    if not isinstance(iters, int) or isinstance(iters, bool) or iters < 0:
-        raise ValueError(f"iters must be an integer >= 0, got {iters!r}")
+    if not isinstance(n_iter, int) or isinstance(n_iter, bool) or n_iter < 0:
+        raise ValueError(f"n_iter must be an integer >= 0, got {n_iter!r}")
     if not (isinstance(lr, (int, float)) and 0 < lr < math.inf):
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
     check_choice("step", step, STEP_RULES)
@@ -185,9 +186,10 @@ class _LossRecord:
                 raise FlowDivergence(f"the flow diverged {message}; lower the step size (lr={self.lr:g})")
 
 
-def run_flow(x: Tensor, objective: Objective, *, iters: int, lr: float, step: str = "gd",
+@renamed_parameters(iters="n_iter")
+def run_flow(x: Tensor, objective: Objective, *, n_iter: int, lr: float, step: str = "gd",
              schedule: str | Callable[[int], float] = "constant", point_mass: Tensor | None = None,
-             max_step: float | None = None, project: Callable[[Tensor], None] | None = None,
+             max_step: float | None = None, project: Callable[[Tensor], object] | None = None,
              callback: Callback | None = None, stop: Callable[[list[float]], bool] | None = None,
              divergence_factor: float = 1e6, precondition: Callable[[Tensor], Tensor] | None = None,
              step_context: Callable[[], ContextManager] | None = None, sync_every: int = SYNC_EVERY) -> FlowResult:
@@ -197,7 +199,7 @@ def run_flow(x: Tensor, objective: Objective, *, iters: int, lr: float, step: st
         x: starting variables (any shape; ``[*B, N, D]`` points for ``point_mass`` / ``max_step``); not modified.
         objective: ``objective(x, t) -> Tensor`` differentiable in ``x``; its entries are the loss terms
             (recorded in :attr:`FlowResult.terms`) and their sum is minimised.
-        iters: maximum number of steps.
+        n_iter: maximum number of steps (the old name ``iters`` still works, with a DeprecationWarning).
         lr: step size (``τ`` of the ``"gd"`` rule, the learning rate of Adam / L-BFGS).
         step: ``"gd"``, ``"adam"`` or ``"lbfgs"``.
         schedule: ``"constant"``, ``"linear"`` or ``schedule(t) -> factor`` multiplying ``lr``.
@@ -219,7 +221,7 @@ def run_flow(x: Tensor, objective: Objective, *, iters: int, lr: float, step: st
     Raises:
         FlowDivergence: non-finite or exploding loss or variables; the message names ``lr``.
     """
-    _check_args(x, iters, lr, step, schedule, point_mass, max_step, precondition, divergence_factor, sync_every)
+    _check_args(x, n_iter, lr, step, schedule, point_mass, max_step, precondition, divergence_factor, sync_every)
     var = x.detach().clone().requires_grad_(True)
     opt: torch.optim.Optimizer | None = None
     if step == "adam":
@@ -231,10 +233,10 @@ def run_flow(x: Tensor, objective: Objective, *, iters: int, lr: float, step: st
     record = _LossRecord(result.losses, lr, divergence_factor)
     terms: list[Tensor] = []
     start = time.perf_counter()
-    for t in range(iters):
+    for t in range(n_iter):
         try:
             with (step_context() if step_context is not None else contextlib.nullcontext()):
-                value = _step(var, objective, t, lr * _factor(schedule, t, iters), opt, inv_mass, max_step,
+                value = _step(var, objective, t, lr * _factor(schedule, t, n_iter), opt, inv_mass, max_step,
                               precondition)
         except (ValueError, RuntimeError, ArithmeticError) as err:  # a diverged step may fail the objective
             try:
@@ -248,7 +250,7 @@ def run_flow(x: Tensor, objective: Objective, *, iters: int, lr: float, step: st
         loss = record.add(value, var)
         terms.append(value.detach())
         result.n_steps = t + 1
-        if (t + 1) % sync_every == 0 or t + 1 == iters:
+        if (t + 1) % sync_every == 0 or t + 1 == n_iter:
             record.sync()
         if callback is not None:
             callback(t, loss, var.detach())
@@ -289,7 +291,7 @@ def _step(var: Tensor, objective: Objective, t: int, lr: float, opt: torch.optim
         return total
 
     try:
-        opt.step(closure)
+        opt.step(closure)  # type: ignore[arg-type]  # the stub says float; LBFGS takes the loss tensor
     except (ValueError, RuntimeError) as err:
         if not first:  # the objective failed at the step's own start: not the step size's fault
             raise
@@ -405,10 +407,11 @@ class StepTrainer(abc.ABC):
     def step(self) -> float:
         """One training step; returns its loss."""
 
-    def train(self, iters: int, callback: Callable[[int, float], None] | None = None) -> list[float]:
-        """``iters`` steps; ``callback(step, loss)`` after each (``step`` counts from the first ever step,
+    @renamed_parameters(iters="n_iter")
+    def train(self, n_iter: int, callback: Callable[[int, float], None] | None = None) -> list[float]:
+        """``n_iter`` steps; ``callback(step, loss)`` after each (``step`` counts from the first ever step,
         1-based)."""
-        for _ in range(iters):
+        for _ in range(n_iter):
             value = self.step()
             if callback is not None:
                 callback(self.step_count, value)

@@ -26,7 +26,8 @@ from torch import Tensor
 
 __all__ = [
     "ImageError", "load_image", "save_image", "to_colorspace", "from_colorspace", "COLORSPACES",
-    "image_to_points", "points_to_image", "resize_max", "parse_size", "MAX_SIZE", "side_by_side",
+    "image_to_points", "points_to_image", "resize", "resize_max", "parse_size", "MAX_SIZE", "side_by_side",
+    "stack_rows",
 ]
 
 COLORSPACES = ("rgb", "lab", "linear")
@@ -278,11 +279,17 @@ def resize_max(img: Tensor, max_side: int) -> Tensor:
         return img
     scale = max_side / max(h, w)
     size = (max(1, round(h * scale)), max(1, round(w * scale)))
-    return _resize(img, size)
+    return resize(img, size)
 
 
-def _resize(img: Tensor, size: tuple[int, int]) -> Tensor:
-    """Antialiased bilinear resize of ``[C, H, W]`` or ``[B, C, H, W]`` to ``size = (H', W')``."""
+def resize(img: Tensor, size: tuple[int, int]) -> Tensor:
+    """Antialiased bilinear resize of ``[C, H, W]`` or ``[B, C, H, W]`` to exactly ``size = (H', W')``
+    (returned unchanged when it already has that size)."""
+    if not isinstance(img, Tensor) or img.dim() not in (3, 4):
+        raise ValueError(f"img must have shape [C, H, W] or [B, C, H, W], got "
+                         f"{tuple(img.shape) if isinstance(img, Tensor) else type(img).__name__}")
+    if len(size) != 2 or not all(isinstance(v, int) and v >= 1 for v in size):
+        raise ValueError(f"size must be two positive ints (H, W), got {size!r}")
     if tuple(img.shape[-2:]) == tuple(size):
         return img
     batched = img if img.dim() == 4 else img.unsqueeze(0)
@@ -324,7 +331,7 @@ def side_by_side(images: list[Tensor], height: int | None = None, pad: int = 4) 
     h = max(img.shape[-2] for img in rgb) if height is None else height
     if not isinstance(h, int) or h < 1:
         raise ValueError(f"height must be a positive int, got {height!r}")
-    resized = [_resize(img.to(ref), (h, max(1, round(img.shape[-1] * h / img.shape[-2])))) for img in rgb]
+    resized = [resize(img.to(ref), (h, max(1, round(img.shape[-1] * h / img.shape[-2])))) for img in rgb]
     width = sum(img.shape[-1] for img in resized) + (len(resized) + 1) * pad
     canvas = torch.full((3, h + 2 * pad, width), _WHITE, dtype=ref.dtype, device=ref.device)
     x = pad
@@ -332,6 +339,16 @@ def side_by_side(images: list[Tensor], height: int | None = None, pad: int = 4) 
         canvas[:, pad:pad + h, x:x + img.shape[-1]] = img.clamp(0.0, 1.0)
         x += img.shape[-1] + pad
     return canvas
+
+
+def stack_rows(rows: list[Tensor]) -> Tensor:
+    """Stack images ``[3, h_i, w_i]`` top to bottom, left-aligned on a white canvas ``[3, Σ h_i, max w_i]``
+    (device and dtype of the first row)."""
+    if not rows:
+        raise ValueError("rows must be a non-empty list of tensors")
+    rgb = [_as_rgb(row, f"rows[{i}]").to(rows[0]) for i, row in enumerate(rows)]
+    width = max(row.shape[-1] for row in rgb)
+    return torch.cat([torch.nn.functional.pad(row, (0, width - row.shape[-1]), value=_WHITE) for row in rgb], -2)
 
 
 def _as_rgb(img: Tensor, name: str) -> Tensor:

@@ -156,7 +156,7 @@ def _hard_stats(x: Tensor, weight: Tensor | None, centres: Tensor, chunk_size: i
     origin = centres.mean(-2) if features is None else features.centre  # expansion point of the features
     c_sq = centres.square().sum(-1).unsqueeze(-2)  # [*B, 1, K]
     minus_2c = -2.0 * centres.mT  # [*B, D, K]
-    acc = None
+    acc: tuple[Tensor, ...] | None = None
     for lo, hi in chunk_bounds(x.shape[-2], math.prod(x.shape[:-2]), k, d, chunk_size):
         xc = x[..., lo:hi, :]
         wc = None if weight is None else weight[..., lo:hi]
@@ -168,7 +168,7 @@ def _hard_stats(x: Tensor, weight: Tensor | None, centres: Tensor, chunk_size: i
             rw.scatter_(-2, labels, wc.unsqueeze(-2).to(rw.dtype))
         if quad:
             phi = quad_point_features(xc, origin) if features is None else features.phi[..., lo:hi, :]
-            parts = (rw @ phi,)
+            parts: tuple[Tensor, ...] = (rw @ phi,)
         else:
             diff = xc - _gather_points(centres, labels.squeeze(-2))  # [*B, n, D]
             parts = (rw.sum(-1), rw @ diff,

@@ -108,6 +108,10 @@ class MW2Loss(nn.Module):
         >>> loss_fn(x).backward()   # x.grad moves the points towards the target mixture
     """
 
+    target_weights: Tensor   # buffers: the fixed target mixture
+    target_means: Tensor
+    target_covariances: Tensor
+
     def __init__(self, target: GMM | Tensor, n_components: int | None = None, *, warm_start: bool = True,
                  fixed_weights: bool = False, reg_covar: float | None = None,
                  unbalanced: tuple[float, float] | None = None, n_iter: int = 30, reduction: str = "mean",

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -423,10 +424,10 @@ def accumulate_stats(gmm: GMM, x: Tensor, weight: Tensor | None = None, chunk_si
     bf = math.prod(bshape)
     quad = d <= SMALL_D
     if quad:
-        centre, w_nat, cached = _quad_setup(gmm, features)
+        centre, w_nat, cached = _quad_setup(gmm, cast(QuadFeatures | None, features))
         s = x.new_zeros(bf, k, w_nat.shape[-2], dtype=torch.float64)
     else:
-        centre, w_aug, const, cached = _whitened_setup(gmm, features)
+        centre, w_aug, const, cached = _whitened_setup(gmm, cast(WhitenedFeatures | None, features))
         u, g = x.new_zeros(bf, k, d + 1), x.new_zeros(bf * k, d, d)
     ws = None if workspace is None or _records(gmm, x, weight, cached) else workspace
     log_lik = x.new_zeros(bf)
@@ -478,9 +479,9 @@ def e_step(gmm: GMM, x: Tensor, chunk_size: int | None = None,
     bf = math.prod(bshape)
     quad = d <= SMALL_D
     if quad:
-        centre, w_nat, cached = _quad_setup(gmm, features)
+        centre, w_nat, cached = _quad_setup(gmm, cast(QuadFeatures | None, features))
     else:
-        centre, w_aug, const, cached = _whitened_setup(gmm, features)
+        centre, w_aug, const, cached = _whitened_setup(gmm, cast(WhitenedFeatures | None, features))
     ws = None if _records(gmm, x, cached) else workspace or Workspace()
     resp, norms = [], []
     out = None if ws is None else x.new_empty(*x.shape[:-1], k)
@@ -498,8 +499,10 @@ def e_step(gmm: GMM, x: Tensor, chunk_size: int | None = None,
             resp.append((logp - log_norm).reshape(*bshape, hi - lo, k))
             norms.append(log_norm.reshape(*bshape, hi - lo))
         else:
+            assert out is not None and log_prob is not None
             torch.sub(logp, log_norm, out=out[..., lo:hi, :].view(bf, hi - lo, k))
             log_prob[..., lo:hi].view(bf, hi - lo, 1).copy_(log_norm)
     if ws is None:
         return torch.cat(resp, dim=-2), torch.cat(norms, dim=-1)
+    assert out is not None and log_prob is not None
     return out, log_prob

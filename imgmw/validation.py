@@ -15,6 +15,13 @@ def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
+def check_positive_int(name: str, value: int) -> int:
+    """``value`` if it is an integer >= 1 (not a bool), else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
 def check_reg_covar(reg_covar: float) -> float:
     if not (reg_covar >= 0.0) or reg_covar != reg_covar or reg_covar == float("inf"):
         raise ValueError(f"reg_covar must be a finite number >= 0, got {reg_covar!r}")

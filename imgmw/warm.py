@@ -190,6 +190,10 @@ class WarmStartEM(nn.Module):
         >>> gmm.means.sum().backward()
     """
 
+    weights: Tensor | None   # buffers: the stored parameters (None before the first call)
+    means: Tensor | None
+    covariances: Tensor | None
+
     def __init__(self, n_components: int, *, init: str | GMM = "kmeans++", fixed_weights: bool = False,
                  reg_covar: float = 1e-6, n_init_iter: int = 10, policy: FitPolicy | None = FitPolicy(),
                  generator: torch.Generator | None = None, chunk_size: int | None = None,
@@ -217,7 +221,7 @@ class WarmStartEM(nn.Module):
     @property
     def state(self) -> GMM | None:
         """The stored (detached) parameters, or ``None`` before the first call."""
-        if self.means is None:
+        if self.weights is None or self.means is None or self.covariances is None:
             return None
         return GMM(self.weights, self.means, self.covariances)
 
@@ -227,6 +231,12 @@ class WarmStartEM(nn.Module):
             self.weights = self.means = self.covariances = None
         else:
             self.weights, self.means, self.covariances = gmm.weights.detach(), gmm.means.detach(), gmm.covariances.detach()
+
+    def _stored(self) -> GMM:
+        """:attr:`state` where the caller has made sure it is set."""
+        gmm = self.state
+        assert gmm is not None, "WarmStartEM has no stored parameters yet"
+        return gmm
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
@@ -274,7 +284,7 @@ class WarmStartEM(nn.Module):
         convergence test)."""
         policy = self.policy
         assert policy is not None
-        gmm = self.state
+        gmm = self._stored()
         diag = self.diagnostics
         ll: Tensor | None = None
         if policy.max_refine:
@@ -323,13 +333,14 @@ class WarmStartEM(nn.Module):
             self.state = self._fresh_fit(x.detach(), mask, sample_weight, self.n_init_iter, self.init)[0]
         elif self.policy is not None:
             self._repair(xw.detach(), None if weight is None else weight.detach(), mask, sample_weight)
-        stats = global_stats(self.state, xw, weight, self.chunk_size, None, self.process_group)
-        gmm = m_step(stats, self.state, reg_covar=self.reg_covar, fixed_weights=self.fixed_weights)
+        prev = self._stored()
+        stats = global_stats(prev, xw, weight, self.chunk_size, None, self.process_group)
+        gmm = m_step(stats, prev, reg_covar=self.reg_covar, fixed_weights=self.fixed_weights)
         with torch.no_grad():
             diag = self.diagnostics
             diag.calls += 1
             diag.log_lik = (stats.log_lik / stats.total).detach()
-            diag.mass_ratio = (stats.s0 / stats.total.unsqueeze(-1) / self.state.weights).detach()
-            diag.weights = self.state.weights
+            diag.mass_ratio = (stats.s0 / stats.total.unsqueeze(-1) / prev.weights).detach()
+            diag.weights = prev.weights
         self.state = gmm
         return gmm

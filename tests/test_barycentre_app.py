@@ -20,8 +20,8 @@ from apps import barycenter
 from apps._cli import run
 from tests.app_checks import assert_clean_failure
 from imgmw import GMM, WarmStartEM, gmm_barycentre, mw2
-from imgmw.barycentre import (barycentre_flow, barycentre_objective, barycentre_weights, colour_targets,
-                              demo_targets, palette_image, recolour_to_gmm, stack_targets)
+from imgmw.barycentre import (barycentre_flow, barycentre_objective, barycentre_report, barycentre_weights,
+                              colour_targets, demo_targets, palette_image, recolour_to_gmm, stack_targets)
 from imgmw.metrics import color_sliced_w2
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +31,7 @@ def _flow(seed: int, iters: int = 60, n: int = 200, targets=None, **kw):
     targets = demo_targets() if targets is None else targets
     g = torch.Generator().manual_seed(seed)
     em = WarmStartEM(2, fixed_weights=True, reg_covar=4e-5, n_init_iter=30, generator=g)
-    x, history = barycentre_flow(targets, None, n, iters=iters, lr=0.1, generator=g, em=em, **kw)
+    x, history = barycentre_flow(targets, None, n, n_iter=iters, lr=0.1, generator=g, em=em, **kw)
     return x, history, em.state
 
 
@@ -72,13 +72,31 @@ def test_flow_lands_on_fixed_point_barycentres():
     assert min(finals) == pytest.approx(min(fixed_values), rel=1e-9)
 
 
+def test_report_scores_the_flow_and_the_fixed_point():
+    """barycentre_report's numbers are the objective of the fit and of gmm_barycentre's fixed point, and the
+    fresh refit of converged points agrees with the warm-started fit (the loss still describes its points)."""
+    targets = demo_targets()
+    x, history, fit = _flow(0, iters=150)
+    report = barycentre_report(x, fit, targets, n_components=2, reg_covar=4e-5,
+                               generator=torch.Generator().manual_seed(0))
+    stacked = stack_targets(targets)
+    lam = barycentre_weights(None, 3, stacked.means)
+    assert report["final_objective"] == pytest.approx(float(barycentre_objective(fit, stacked, lam)[0]), rel=1e-12)
+    assert report["final_objective"] == pytest.approx(history[-1], rel=1e-3)
+    assert report["per_target_mw2"] == pytest.approx([float(mw2(fit, t)) for t in targets], rel=1e-12)
+    fixed = gmm_barycentre(targets, lam)
+    assert report["fixed_point_objective"] == pytest.approx(float(barycentre_objective(fixed, stacked, lam)[0]))
+    assert report["mw2_flow_fit_to_fixed_point"] == pytest.approx(float(mw2(fit, fixed)), abs=1e-12)
+    assert report["refit_mw2"] == pytest.approx(report["final_objective"], rel=0.02)
+
+
 def test_flow_float32_and_weights():
     """Non-uniform weights, float32: the flow's fit is still a fixed point of gmm_barycentre (MW2² < 1e-4)."""
     targets = [t.to(torch.float32) for t in demo_targets()]
     weights = [0.6, 0.3, 0.1]
     g = torch.Generator().manual_seed(0)
     em = WarmStartEM(2, fixed_weights=True, reg_covar=4e-5, n_init_iter=30, generator=g)
-    _, history = barycentre_flow(targets, weights, 200, iters=60, lr=0.1, generator=g, em=em)
+    _, history = barycentre_flow(targets, weights, 200, n_iter=60, lr=0.1, generator=g, em=em)
     assert history[-1] < history[0]
     assert float(mw2(gmm_barycentre(targets, weights, init=em.state), em.state)) < 1e-4
 
@@ -89,10 +107,10 @@ def test_batched_flow_equals_separate_flows():
     init = torch.randn(2, 60, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     start = [GMM(torch.full((2,), 0.5, dtype=torch.float64), init[i, :2].clone(),
                  torch.eye(2, dtype=torch.float64).expand(2, 2, 2)) for i in range(2)]
-    singles = [barycentre_flow(ts, None, init=init[i], iters=10, em=WarmStartEM(2, init=start[i], fixed_weights=True, reg_covar=1e-4))[0]
+    singles = [barycentre_flow(ts, None, init=init[i], n_iter=10, em=WarmStartEM(2, init=start[i], fixed_weights=True, reg_covar=1e-4))[0]
                for i, ts in enumerate((a, b))]
     batched_targets = [GMM.stack([ta, tb]) for ta, tb in zip(a, b)]
-    batched, _ = barycentre_flow(batched_targets, None, init=init, iters=10,
+    batched, _ = barycentre_flow(batched_targets, None, init=init, n_iter=10,
                                  em=WarmStartEM(2, init=GMM.stack(start), fixed_weights=True, reg_covar=1e-4))
     torch.testing.assert_close(batched, torch.stack(singles), rtol=1e-10, atol=1e-10)
 
@@ -101,14 +119,14 @@ def test_moment_matched_noise():
     """init="moments" draws points with the mean and covariance of Σ λ_i ν_i (Monte-Carlo reference)."""
     targets = demo_targets()
     weights = [0.5, 0.25, 0.25]
-    x, _ = barycentre_flow(targets, weights, 100_000, iters=0, init="moments",
+    x, _ = barycentre_flow(targets, weights, 100_000, n_iter=0, init="moments",
                            generator=torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(1)
     counts = torch.multinomial(torch.tensor(weights), 100_000, replacement=True, generator=g).bincount(minlength=3)
     ref = torch.cat([t.sample(int(c), g)[0] for t, c in zip(targets, counts)])
     torch.testing.assert_close(x.mean(0), ref.mean(0), atol=0.05, rtol=0)
     torch.testing.assert_close(torch.cov(x.T), torch.cov(ref.T), atol=0.1, rtol=0.02)
-    z, _ = barycentre_flow(targets, weights, 100_000, iters=0, generator=torch.Generator().manual_seed(0))
+    z, _ = barycentre_flow(targets, weights, 100_000, n_iter=0, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(torch.cov(z.T), torch.eye(2, dtype=z.dtype), atol=0.02, rtol=0)
 
 
@@ -156,7 +174,7 @@ def test_recolour_to_gmm_moves_colours_towards_target():
                 for name in ("coffee.jpg", "rocket.jpg"))
     g = torch.Generator().manual_seed(0)
     target_gmm = colour_targets([tgt], 6, colorspace="rgb", generator=g)[0]
-    out, history = recolour_to_gmm(src, target_gmm, colorspace="rgb", iters=40, generator=g)
+    out, history = recolour_to_gmm(src, target_gmm, colorspace="rgb", n_iter=40, generator=g)
     assert out.shape == src.shape and history[-1] < 0.5 * history[0]
     assert color_sliced_w2(out, tgt) < 0.5 * color_sliced_w2(src, tgt)
 

@@ -8,7 +8,7 @@ import torch
 
 from imgmw.colour import (apply_palette_lut, build_palette, colour_flow, fit_colour_gmm, from_scaled_space,
                           to_scaled_space, transfer_colours)
-from imgmw.image import _resize, image_to_points, load_image, points_to_image
+from imgmw.image import image_to_points, load_image, points_to_image, resize
 from imgmw.metrics import color_sliced_w2
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -16,8 +16,8 @@ DATA = Path(__file__).resolve().parent.parent / "data"
 
 @pytest.fixture(scope="module")
 def pair() -> tuple[torch.Tensor, torch.Tensor]:
-    source = _resize(load_image(DATA / "coffee.jpg"), (48, 72))
-    target = _resize(load_image(DATA / "rocket.jpg"), (48, 72))
+    source = resize(load_image(DATA / "coffee.jpg"), (48, 72))
+    target = resize(load_image(DATA / "rocket.jpg"), (48, 72))
     return source, target
 
 
@@ -76,7 +76,7 @@ def test_palette_flow_is_close_to_the_full_pixel_flow(pair):
     init = fit_gmm(pix, 10, n_iter=30, grad="none", generator=gen).gmm
 
     def full_flow(img: torch.Tensor) -> torch.Tensor:
-        moved, _, _ = colour_flow(to_scaled_space(image_to_points(img), "lab"), ones, tgt, iters=40, init=init,
+        moved, _, _ = colour_flow(to_scaled_space(image_to_points(img), "lab"), ones, tgt, n_iter=40, init=init,
                                   policy=None)
         return points_to_image(from_scaled_space(moved, "lab"), *img.shape[-2:])
 
@@ -84,7 +84,7 @@ def test_palette_flow_is_close_to_the_full_pixel_flow(pair):
     noise = (torch.rand(source.shape, generator=torch.Generator().manual_seed(1)) - 0.5) / 255
     sensitivity = float((full_flow((source + noise).clamp(0, 1)) - full_img).abs().mean())
     pal = build_palette(source)
-    moved, _, _ = colour_flow(to_scaled_space(pal.colours, "lab"), pal.counts, tgt, iters=40, init=init, policy=None)
+    moved, _, _ = colour_flow(to_scaled_space(pal.colours, "lab"), pal.counts, tgt, n_iter=40, init=init, policy=None)
     lut_img = apply_palette_lut(source, pal, from_scaled_space(moved, "lab"))
     err = float((lut_img - full_img).abs().mean())
     assert err < 1.5 * sensitivity + 2 / 255
@@ -96,7 +96,8 @@ def test_palette_flow_is_close_to_the_full_pixel_flow(pair):
 def test_flow_lowers_loss_and_colour_distance(pair, space):
     source, target = pair
     result = transfer_colours(source, target, colorspace=space, luminance="match" if space == "lab" else "free",
-                              regrain=False, iters=60, seed=0)
+                              regrain=False, n_iter=60,
+                              generator=torch.Generator().manual_seed(0))
     assert result.image.shape == source.shape
     assert torch.isfinite(result.image).all()
     assert result.losses[-1] < 0.05 * result.losses[0]
@@ -107,7 +108,8 @@ def test_map_methods_move_colours_towards_target(pair):
     source, target = pair
     before = color_sliced_w2(source, target)
     for map_method in ("bary", "rand"):
-        result = transfer_colours(source, target, method="map", map_method=map_method, seed=0)
+        result = transfer_colours(source, target, method="map", map_method=map_method,
+                                  generator=torch.Generator().manual_seed(0))
         assert result.image.shape == source.shape
         assert color_sliced_w2(result.image, target) < 0.5 * before
 
@@ -126,9 +128,10 @@ def test_unbalanced_flow_does_not_copy_an_outlier_colour(pair):
         return float(((image_to_points(img) - green).norm(dim=-1) < 0.4).float().mean())
 
     assert green_fraction(source) == 0.0
-    flows = dict(iters=100, seed=0, luminance="free", regrain=False, diagnose=False)
-    balanced = transfer_colours(source, planted, method="flow", **flows)
-    unbalanced = transfer_colours(source, planted, method="unbalanced", **flows)
+    flows = dict(n_iter=100, luminance="free", regrain=False, diagnose=False)
+    balanced = transfer_colours(source, planted, method="flow", generator=torch.Generator().manual_seed(0), **flows)
+    unbalanced = transfer_colours(source, planted, method="unbalanced", generator=torch.Generator().manual_seed(0),
+                                  **flows)
     assert green_fraction(balanced.image) > 0.005
     assert green_fraction(unbalanced.image) < 0.2 * green_fraction(balanced.image)
 
@@ -139,12 +142,12 @@ def test_bad_arguments_raise(pair):
         transfer_colours(source, target, method="magic")
     with pytest.raises(ValueError, match="colorspace"):
         transfer_colours(source, target, colorspace="hsv")
-    with pytest.raises(ValueError, match="k must"):
-        transfer_colours(source, target, k=0)
+    with pytest.raises(ValueError, match="n_components must"):
+        transfer_colours(source, target, n_components=0)
     with pytest.raises(ValueError, match="needs colorspace='lab'"):
         transfer_colours(source, target, colorspace="rgb")
-    with pytest.raises(ValueError, match="polish_iters"):
-        transfer_colours(source, target, polish_iters=-1)
+    with pytest.raises(ValueError, match="polish_n_iter"):
+        transfer_colours(source, target, polish_n_iter=-1)
     flat = torch.full((3, 8, 8), 0.5)
     with pytest.raises(ValueError, match="distinct colours"):
         transfer_colours(flat, target)
@@ -152,8 +155,8 @@ def test_bad_arguments_raise(pair):
 
 def test_deterministic_for_a_seed(pair):
     source, target = pair
-    a = transfer_colours(source, target, iters=20, seed=3).image
-    b = transfer_colours(source, target, iters=20, seed=3).image
+    a = transfer_colours(source, target, n_iter=20, generator=torch.Generator().manual_seed(3)).image
+    b = transfer_colours(source, target, n_iter=20, generator=torch.Generator().manual_seed(3)).image
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -177,7 +180,7 @@ def test_a_smooth_ramp_stays_monotone_and_unsplit():
     import kornia.color as kc
 
     source, target = _ramp_and_two_colours()
-    result = transfer_colours(source, target, k=2, iters=60, diagnose=False).image
+    result = transfer_colours(source, target, n_components=2, n_iter=60, diagnose=False).image
     row = result.mean(1)                                           # [3, W]: the columns' mean colours
     lum = kc.rgb_to_lab(result[None])[0, 0].mean(0)
     assert bool((lum[1:] - lum[:-1] >= -1e-3).all())
@@ -279,5 +282,5 @@ def test_polish_keeps_its_best_iterate(pair):
     keeper.offer(5, closer)
     keeper.offer(10, farther)
     assert keeper.step == 5 and torch.equal(keeper.x, closer)
-    result = transfer_colours(source, target, iters=20, polish_iters=10, diagnose=False)
+    result = transfer_colours(source, target, n_iter=20, polish_n_iter=10, diagnose=False)
     assert result.polish_kept in (0, 5, 10)

@@ -147,7 +147,7 @@ def test_a_flow_step_against_an_mw2_loss_reads_only_the_linear_program(monkeypat
     marks: list[int] = []
     sync_every = 5
     with counting_host_reads(monkeypatch) as mode:
-        out = run_flow(x0, lambda x, _: loss_fn(x)[None], iters=3 * sync_every, lr=0.05 if step == "adam" else 20.0,
+        out = run_flow(x0, lambda x, _: loss_fn(x)[None], n_iter=3 * sync_every, lr=0.05 if step == "adam" else 20.0,
                        step=step, sync_every=sync_every, callback=lambda t, loss, x: marks.append(len(mode.reads)))
     assert len(out.losses) == 3 * sync_every and out.losses[-1] < out.losses[0]
     for t, reads in _per_step(marks, mode.reads, range(2, 3 * sync_every)).items():

@@ -13,7 +13,8 @@ from PIL import Image
 
 import imgmw.image as image_mod
 from imgmw.image import (ImageError, from_colorspace, image_to_points, load_image, parse_size,
-                         points_to_image, resize_max, save_image, side_by_side, to_colorspace)
+                         points_to_image, resize, resize_max, save_image, side_by_side, stack_rows,
+                         to_colorspace)
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 
@@ -378,3 +379,29 @@ def test_side_by_side():
     assert torch.equal(same, a)
     with pytest.raises(ValueError, match="non-empty"):
         side_by_side([])
+
+
+def test_resize_to_exact_size():
+    img = torch.rand(3, 40, 60, dtype=torch.float64)
+    out = resize(img, (17, 31))
+    assert out.shape == (3, 17, 31)
+    assert resize(img, (40, 60)) is img
+    # antialiased: a constant image stays constant, a checkerboard averages to its mean at half size
+    assert torch.allclose(resize(torch.full((1, 8, 8), 0.3), (3, 5)), torch.full((1, 3, 5), 0.3))
+    board = ((torch.arange(16)[:, None] + torch.arange(16)[None]) % 2).double()
+    assert torch.allclose(resize(board[None], (4, 4)), torch.full((1, 4, 4), 0.5, dtype=torch.float64), atol=0.05)
+    assert resize(torch.rand(2, 3, 9, 9), (4, 5)).shape == (2, 3, 4, 5)
+    with pytest.raises(ValueError, match="size"):
+        resize(img, (0, 4))
+    with pytest.raises(ValueError, match="img"):
+        resize(torch.rand(9, 9), (4, 4))
+
+
+def test_stack_rows_pads_narrow_rows_white():
+    a, b = torch.zeros(3, 2, 5), torch.zeros(1, 3, 2)
+    out = stack_rows([a, b])
+    assert out.shape == (3, 5, 5)
+    assert (out[:, :2] == 0).all() and (out[:, 2:, :2] == 0).all()
+    assert (out[:, 2:, 2:] == 1).all()
+    with pytest.raises(ValueError, match="rows"):
+        stack_rows([])

@@ -174,7 +174,7 @@ def test_vgg_weights_from_cache_and_download(empty_torch_home, monkeypatch):
 def test_style_model_round_trip(tmp_path):
     style = torch.rand(3, 24, 24, generator=torch.Generator().manual_seed(3))
     ex = PatchFeatures(3, 2)
-    model = fit_style_gmms(ex, style, k=2, generator=torch.Generator().manual_seed(0))
+    model = fit_style_gmms(ex, style, n_components=2, generator=torch.Generator().manual_seed(0))
     assert model.layers == ex.layers and model.dims == (27, 27)
     for g in model.gmms:
         assert g.n_components == 2 and torch.allclose(g.weights.sum(), torch.tensor(1.0))
@@ -197,21 +197,21 @@ def test_style_transfer_from_stored_model_and_checks():
     content = torch.rand(3, 24, 24, generator=g)
     style = torch.rand(3, 24, 24, generator=g) * 0.3
     ex = PatchFeatures(3, 2)
-    model = fit_style_gmms(ex, style, k=2, generator=g)
-    res = style_transfer(content, model, features=ex, k=2, iters=3, n_samples=64, generator=g)
+    model = fit_style_gmms(ex, style, n_components=2, generator=g)
+    res = style_transfer(content, model, features=ex, n_components=2, n_iter=3, n_samples=64, generator=g)
     assert res.image.shape == content.shape and res.style_losses.shape == (3, 2)
     assert res.layer_weights == pytest.approx([1 / 27 ** 2] * 2)
     assert float(res.image.min()) >= 0 and float(res.image.max()) <= 1
     # the total is the λ-weighted sum of the per-layer terms (no content term by default)
     torch.testing.assert_close(res.losses, (res.style_losses / 27 ** 2).sum(1), rtol=1e-5, atol=0)
     with pytest.raises(ValueError, match="components"):
-        style_transfer(content, model, features=ex, k=3, iters=1)
+        style_transfer(content, model, features=ex, n_components=3, n_iter=1)
     with pytest.raises(ValueError, match="do not match"):
-        style_transfer(content, model, features=PatchFeatures(3, 3), k=2, iters=1)
+        style_transfer(content, model, features=PatchFeatures(3, 3), n_components=2, n_iter=1)
     with pytest.raises(ValueError, match="content_weight"):
-        style_transfer(content, model, features=ex, k=2, iters=1, content_weight=-1.0)
+        style_transfer(content, model, features=ex, n_components=2, n_iter=1, content_weight=-1.0)
     with pytest.raises(ValueError, match="content"):
-        style_transfer(torch.rand(3, 5, 5), model, features=ex, k=2, iters=1)
+        style_transfer(torch.rand(3, 5, 5), model, features=ex, n_components=2, n_iter=1)
 
 
 def test_content_weight_keeps_the_content():
@@ -219,10 +219,10 @@ def test_content_weight_keeps_the_content():
     content = torch.rand(3, 32, 32, generator=g)
     style = torch.rand(3, 32, 32, generator=g) ** 4
     ex = PatchFeatures(3, 2)
-    model = fit_style_gmms(ex, style, k=2, generator=g)
-    free = style_transfer(content, model, features=ex, k=2, iters=20, lr=0.05, n_samples=256,
+    model = fit_style_gmms(ex, style, n_components=2, generator=g)
+    free = style_transfer(content, model, features=ex, n_components=2, n_iter=20, lr=0.05, n_samples=256,
                           generator=torch.Generator().manual_seed(1))
-    held = style_transfer(content, model, features=ex, k=2, iters=20, lr=0.05, n_samples=256, content_weight=1.0,
+    held = style_transfer(content, model, features=ex, n_components=2, n_iter=20, lr=0.05, n_samples=256, content_weight=1.0,
                           generator=torch.Generator().manual_seed(1))
     assert float(held.content_losses[-1]) < 0.5 * float(free.content_losses[-1])
 

@@ -29,7 +29,7 @@ def _flow_gap(em: WarmStartEM, iters: int = 150) -> tuple[float, float]:
     """(final loss, refit MW2²) of a Wasserstein gradient flow of the 80/20 clusters towards the 50/50
     target; the refit is a maximum-likelihood fit (learned weights) of the final points."""
     x0, target = _unequal_clusters(), _two_component_target()
-    result = run_flow(x0, lambda x, _: mw2(em(x), target), iters=iters, lr=0.05 * x0.shape[0])
+    result = run_flow(x0, lambda x, _: mw2(em(x), target), n_iter=iters, lr=0.05 * x0.shape[0])
     refit = refit_mw2(result.x, target, reg_covar=em.reg_covar, generator=torch.Generator().manual_seed(1))
     return result.final_loss, float(refit)
 
