@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from apps import em_gradients as app
+from imgmw import studies
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,16 +48,15 @@ def test_bad_flags_give_one_error_line(argv: list[str], capsys) -> None:
 # --------------------------------------------------------------------------- helpers
 def test_loglog_slope_recovers_power() -> None:
     ns = [1000, 2000, 5000, 20000]
-    assert math.isclose(app._loglog_slope(ns, [3.0 * n ** -0.5 for n in ns]), -0.5, rel_tol=1e-12)
+    assert math.isclose(studies.loglog_slope(ns, [3.0 * n ** -0.5 for n in ns]), -0.5, rel_tol=1e-12)
 
 
-def test_parameter_loss_fallback(monkeypatch) -> None:
+def test_parameter_loss_fallback() -> None:
     gen = torch.Generator().manual_seed(0)
-    a = app.random_gmm(2, 3, 3, 2.0, 5.0, gen, torch.float64, torch.device("cpu"))
-    b = app.shifted_target(a)
-    monkeypatch.setattr(app, "_mw2_available", lambda: False)
-    loss, name = app.make_loss(b)
-    assert name == app.LOSS_PARAM
+    a = studies.random_gmm(2, 3, 3, 2.0, 5.0, gen, torch.float64, torch.device("cpu"))
+    b = studies.shifted_target(a)
+    loss, name = studies.make_loss(b, "parameters")
+    assert name == studies.LOSS_PARAM
     expected = torch.tensor([sum(float((a.means[i, k] - b.means[i, k]).square().sum())
                                  + float((a.covariances[i, k] - b.covariances[i, k]).square().sum()) for k in range(3))
                              for i in range(2)], dtype=torch.float64)
@@ -65,7 +65,7 @@ def test_parameter_loss_fallback(monkeypatch) -> None:
 
 def test_random_gmm_has_requested_geometry() -> None:
     gen = torch.Generator().manual_seed(1)
-    g = app.random_gmm(4, 3, 3, 2.5, 10.0, gen, torch.float64, torch.device("cpu"))
+    g = studies.random_gmm(4, 3, 3, 2.5, 10.0, gen, torch.float64, torch.device("cpu"))
     dist = torch.cdist(g.means, g.means)
     off = ~torch.eye(3, dtype=torch.bool)
     torch.testing.assert_close(dist[:, off], torch.full((4, 6), 2.5 * math.sqrt(2), dtype=torch.float64))
@@ -78,7 +78,7 @@ def test_random_gmm_has_requested_geometry() -> None:
 @pytest.mark.slow
 def test_accuracy_quick(tmp_path: Path) -> None:
     res = run_quick("accuracy", tmp_path)
-    assert res["loss"] == app.LOSS_MW2
+    assert res["loss"] == studies.LOSS_MW2
     rows = [r for sweep in ("sweep_n", "sweep_T") for rs in res[sweep].values() for r in rs]
     assert len(rows) == 2 * (len(res["n_values"]) + len(res["T_values"]))
     for r in rows:
@@ -99,7 +99,7 @@ def test_flow_quick(tmp_path: Path) -> None:
 
 def test_stability_quick(tmp_path: Path) -> None:
     res = run_quick("stability", tmp_path)
-    assert set(res["levels"]) == set(app.SEPARATIONS)
+    assert set(res["levels"]) == set(studies.SEPARATIONS)
     for rec in res["levels"].values():
         assert [r["n"] for r in rec["rows"]] == res["n_values"]
         assert all(r["median"] > 0 and r["count"] == res["repeats"] for r in rec["rows"])
