@@ -14,10 +14,12 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
+from collections.abc import Callable, Iterator, Sequence
 
-__all__ = ["AppError", "Interrupted", "AppParser", "seed", "check_output", "add_common_args", "check_input_file", "resolve_device", "staged_output",
-           "write_json", "run", "positive_int", "positive_float", "check_pixel_adam_lr", "process_group_for"]
+__all__ = ["AppError", "Interrupted", "AppParser", "seed", "check_output", "add_common_args", "check_input_file",
+           "resolve_device", "staged_output", "write_json", "settings", "read_resume_checkpoint", "run", "positive_int",
+           "non_negative_int", "positive_float", "check_pixel_adam_lr", "process_group_for"]
 
 
 class AppError(Exception):
@@ -44,6 +46,17 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
     return value
 
 
@@ -89,7 +102,7 @@ def add_common_args(parser: argparse.ArgumentParser, name: str, *, iters: int | 
     parser.add_argument("--output", type=Path, default=Path("outputs") / name,
                         help=f"output directory (default outputs/{name})")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--save-every", type=int, default=0, metavar="N",
+    parser.add_argument("--save-every", type=non_negative_int, default=0, metavar="N",
                         help="also save an intermediate frame every N steps (0: never)")
 
 

@@ -19,7 +19,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 from apps._cli import (AppError, AppParser, add_common_args, check_input_file, positive_float, positive_int,
                        resolve_device, run, settings, staged_output, write_json)
@@ -54,8 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    if args.save_every < 0:
-        raise AppError(f"--save-every must be >= 0, got {args.save_every}")
     if args.mode == "points":
         if args.images or args.recolor is not None:
             raise AppError("--mode points takes no images and no --recolor; use --mode palette IMG1 IMG2 ...")

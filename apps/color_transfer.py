@@ -12,10 +12,10 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
-from apps._cli import (AppError, AppParser, add_common_args, check_input_file, positive_float, positive_int,
-                       resolve_device, run, staged_output, write_json)
+from apps._cli import (AppError, AppParser, add_common_args, check_input_file, non_negative_int, positive_float,
+                       positive_int, resolve_device, run, staged_output, write_json)
 
 NAME = "color_transfer"
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--luminance", default="match", choices=("match", "free"),
                    help="match: L* follows its monotone match to the target's and the flow moves a*, b* (needs "
                         "--colorspace lab; default); free: the flow moves all three coordinates")
-    p.add_argument("--polish-iters", type=int, default=30, metavar="N",
+    p.add_argument("--polish-iters", type=non_negative_int, default=30, metavar="N",
                    help="flow steps after regrain that bring the colours back to the target (default 30; 0: none)")
     p.add_argument("--fixed-weights", action="store_true",
                    help="keep uniform mixture weights 1/K (the paper's choice; learned weights measure better)")
@@ -60,10 +60,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_input_file(args.source, "source image")
     check_input_file(args.target, "target image")
-    if args.save_every < 0:
-        raise AppError(f"--save-every must be >= 0, got {args.save_every}")
-    if args.polish_iters < 0:
-        raise AppError(f"--polish-iters must be >= 0, got {args.polish_iters}")
     if args.luminance == "match" and args.colorspace != "lab":
         raise AppError(f"--luminance match needs --colorspace lab (got {args.colorspace}); use --luminance free")
 
@@ -126,7 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_json(metrics, out / "metrics.json")
     print(f"wrote {args.output / image_name}, comparison.png and metrics.json in {args.output}/ "
           f"(colour SW2 to target {metrics['colour_sw2_source_to_target']:.4f} -> "
-          f"{metrics['colour_sw2_result_to_target']:.4f}, luminance SSIM {metrics['luminance_ssim_result_vs_source']:.3f})")
+          f"{metrics['colour_sw2_result_to_target']:.4f}, luminance SSIM "
+          f"{metrics['luminance_ssim_result_vs_source']:.3f})")
     return 0
 
 

@@ -17,8 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from apps._cli import (AppError, AppParser, Interrupted, check_output, positive_float, positive_int,
-                       read_resume_checkpoint, resolve_device, run, seed, settings, staged_output, write_json)
+from apps._cli import (AppError, AppParser, Interrupted, check_output, non_negative_int, positive_float,
+                       positive_int, read_resume_checkpoint, resolve_device, run, seed, settings, staged_output,
+                       write_json)
 
 PROG = "em_operator"
 CHECKPOINT = "checkpoint.pt"
@@ -33,14 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dim", type=positive_int, default=2, help="dimension D of the points")
     p.add_argument("--n-points", type=positive_int, default=256, help="points N per data set")
     p.add_argument("--iters", type=positive_int, default=3, help="unrolled EM steps T of the layer")
-    p.add_argument("--train-steps", type=int, default=1000, help="total optimiser steps")
+    p.add_argument("--train-steps", type=non_negative_int, default=1000, help="total optimiser steps")
     p.add_argument("--batch", type=positive_int, default=32, help="data sets per training step")
     p.add_argument("--lr", type=positive_float, default=1e-2, help="Adam learning rate (cosine-decayed to 0)")
     p.add_argument("--hidden", type=positive_int, default=64, help="hidden width of the correction MLPs")
     p.add_argument("--final-only", dest="residual_every_step", action="store_false",
                    help="correct only after the last EM step instead of after every step")
     p.add_argument("--eval-sets", type=positive_int, default=256, help="held-out data sets")
-    p.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: at the end only)")
+    p.add_argument("--save-every", type=non_negative_int, default=0,
+                   help="also checkpoint every N steps (0: at the end only)")
     p.add_argument("--seed", type=seed, default=0, help="seed of the weights and of the training stream")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--threads", type=positive_int, default=1,
@@ -52,8 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    if args.train_steps < 0 or args.save_every < 0:
-        raise AppError("--train-steps and --save-every must be >= 0")
     if args.n_points < args.k:
         raise AppError(f"--n-points ({args.n_points}) must be >= --k ({args.k})")
     check_output(args.output)

@@ -20,10 +20,10 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
-from apps._cli import AppError, AppParser, check_output, positive_int, process_group_for, run, seed, staged_output, \
-    write_json
+from apps._cli import (AppError, AppParser, check_output, positive_int, process_group_for, run, seed, settings,
+                       staged_output, write_json)
 
 PROG = "fit_prior"
 DEFAULT_FOLDER = Path(__file__).resolve().parent.parent / "data"
@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=seed, default=0, help="seed of the patch draws and the k-means++ start")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="where to compute (auto: cuda if available; under torchrun each rank uses its LOCAL_RANK GPU)")
-    p.add_argument("--output", type=Path, default=Path("outputs") / PROG, help=f"output directory (default outputs/{PROG})")
+    p.add_argument("--output", type=Path, default=Path("outputs") / PROG,
+                   help=f"output directory (default outputs/{PROG})")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     return p
 
@@ -61,7 +62,8 @@ def _check_args(args: argparse.Namespace) -> None:
     if not args.folder.is_dir():
         raise AppError(f"folder {args.folder} is not a directory")
     if args.patch > MAX_PATCH:
-        raise AppError(f"--patch {args.patch} gives D = {3 * args.patch ** 2} > {3 * MAX_PATCH ** 2}; use --patch <= {MAX_PATCH}")
+        raise AppError(f"--patch {args.patch} gives D = {3 * args.patch ** 2} > {3 * MAX_PATCH ** 2}; "
+                       f"use --patch <= {MAX_PATCH}")
     if not args.tol >= 0:
         raise AppError(f"--tol must be >= 0, got {args.tol}")
 
@@ -140,8 +142,8 @@ def _fit(args: argparse.Namespace, group, device) -> int:
                "n_patches": n_patches, "n_held_out": n_images * args.held_out * args.scales, "n_images": n_images,
                "n_images_skipped": n_skipped, "n_processes": world, "em_steps": fit.n_iter.tolist(),
                "converged": fit.converged.tolist(), "train_mean_log_likelihood": fit.lower_bound.tolist(),
-               "seconds": seconds, "peak_rss_bytes": peak, "seconds_reading": read - start, "seconds_fitting": fitted - read,
-               "settings": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}}
+               "seconds": seconds, "peak_rss_bytes": peak, "seconds_reading": read - start,
+               "seconds_fitting": fitted - read, "settings": settings(args)}
     with staged_output(args.output) as out:
         from imgmw.checkpoint import save_atomic
 

@@ -24,10 +24,11 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
-from apps._cli import (AppError, AppParser, add_common_args, check_input_file, check_pixel_adam_lr, positive_float,
-                       positive_int, resolve_device, run, settings, staged_output, write_json)
+from apps._cli import (AppError, AppParser, add_common_args, check_input_file, check_pixel_adam_lr,
+                       non_negative_int, positive_float, positive_int, resolve_device, run, settings, staged_output,
+                       write_json)
 
 NAME = "style_transfer"
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "initialisation at the content keeps it)")
     p.add_argument("--n-samples", type=positive_int, default=2048,
                    help="feature positions per layer per step for the EM fits (default 2048)")
-    p.add_argument("--restart-every", type=int, default=0, metavar="R",
+    p.add_argument("--restart-every", type=non_negative_int, default=0, metavar="R",
                    help="restart the warm-started EM fits from the style mixtures every R steps (default 0: "
                         "never, the paper's warm start)")
     p.add_argument("--patch", type=positive_int, default=3, help="patch side of --features patches (default 3)")
@@ -80,10 +81,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_input_file(args.content, "content image")
     check_input_file(args.style, "style image")
-    if args.save_every < 0:
-        raise AppError(f"--save-every must be >= 0, got {args.save_every}")
-    if args.restart_every < 0:
-        raise AppError(f"--restart-every must be >= 0, got {args.restart_every}")
     if args.prior is not None:
         check_input_file(args.prior, "--prior")
         if args.features == "vgg19" or args.weights is not None:
@@ -135,7 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_json(metrics, out / "metrics.json")
     print(f"wrote stylised.png, comparison.png, style_gmm.pt and metrics.json in {args.output}/ "
           f"({extractor.name} features; patch SW2 to the style {metrics['patch_sw2_content_to_style']:.4f} -> "
-          f"{metrics['patch_sw2_result_to_style']:.4f}, luminance SSIM {metrics['luminance_ssim_result_vs_content']:.3f})")
+          f"{metrics['patch_sw2_result_to_style']:.4f}, luminance SSIM "
+          f"{metrics['luminance_ssim_result_vs_content']:.3f})")
     return 0
 
 
@@ -161,9 +159,10 @@ def _metrics(args: argparse.Namespace, device, result, content, style, t_start: 
     from imgmw.style import style_distances
 
     layers = list(result.extractor.layers)
-    dist_content, dist_result, refit = (
-        style_distances(image, result.model, result.extractor, generator=torch.Generator().manual_seed(args.seed),
-                        fresh=fresh) for image, fresh in ((content, False), (result.image, False), (result.image, True)))
+    dist_content, dist_result, refit = (style_distances(image, result.model, result.extractor, seed=args.seed,
+                                                        fresh=fresh)
+                                        for image, fresh in ((content, False), (result.image, False),
+                                                             (result.image, True)))
     return {
         "settings": settings(args),
         "device": str(device),

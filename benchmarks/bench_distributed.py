@@ -38,7 +38,7 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parent.parent
 REPEATS = 5
 TEMPORARY_BYTES = 256 << 20  # EM chunk temporaries, the image being read, the held-out patches
-LIBRARY_BYTES = 600 << 20  # resident size of an interpreter with torch, kornia and torchvision loaded (measured ~0.5 GB)
+LIBRARY_BYTES = 600 << 20  # resident size of an interpreter with torch, kornia and torchvision (measured ~0.5 GB)
 
 
 def _points(n: int, d: int, seed: int) -> torch.Tensor:
@@ -102,7 +102,8 @@ def steps(n: int, d: int, k: int) -> None:
     print(f"{'processes':>10} {'s/step':>9} {'speed-up':>9} {'all-reduced bytes':>18} {'formula':>9}")
     base = rows[0][1]["seconds"]
     for world, r in rows:
-        print(f"{world:>10} {r['seconds']:>9.4f} {base / r['seconds']:>8.2f}x {r['bytes']:>18} {formula if world > 1 else 0:>9}")
+        shown = formula if world > 1 else 0
+        print(f"{world:>10} {r['seconds']:>9.4f} {base / r['seconds']:>8.2f}x {r['bytes']:>18} {shown:>9}")
     big = 4 * (64 * (1 + 192 + 192 ** 2) + 2)
     print(f"64 GPUs, D=192, K=64: K(1+D+D²)+2 = {big // 4} floats = {big / 2**20:.1f} MiB all-reduced per EM step "
           f"(ring all-reduce: ~{2 * 63 / 64 * big / 2**20:.1f} MiB sent per GPU per step, independent of N)")

@@ -13,7 +13,8 @@ Printed per run: the final loss, ``refit_mw2`` (MW2² between a fresh fit of the
 steps, best of 3, and the target; the loss's own weighting), their ratio (the refit gap), the quality
 metric (colour: sliced W2 of the result's colours to the target image; texture: patch sliced W2 to the
 exemplar), the smallest component mass × K at the last step (1 = every component holds its share) and the
-wall time (texture: of the optimisation loop). For colour also the refit MW2² of the untouched source (the result's should be ≤ 0.1× it).
+wall time (texture: of the optimisation loop). For colour also the refit MW2² of the untouched source (the
+result's should be ≤ 0.1× it).
 
 Targets (issue 10): colour ``refit_mw2 ≤ 2 × final_loss`` (or ≤ 1e-3); SW2 not worse as K grows; the
 result's refit ≤ 0.1 × the source's at K=10 and 32; the policy's time overhead ≤ 20 % (``default``
@@ -70,7 +71,8 @@ def colour_rows(ks: list[int], repeats: int) -> list[dict]:
                                            diagnose=False, **FLOW_ONLY, **config)
                     seconds = time.perf_counter() - t0
                     best = seconds if best is None else min(best, seconds)
-                out = transfer_colours(source, target, n_components=k, generator=torch.Generator().manual_seed(0), **FLOW_ONLY, **config)
+                out = transfer_colours(source, target, n_components=k, generator=torch.Generator().manual_seed(0),
+                                       **FLOW_ONLY, **config)
                 rows.append({"pair": f"{src_name[:-4]}->{tgt_name[:-4]}", "k": k, "config": name,
                              "final_loss": out.losses[-1], "refit_mw2": out.refit_mw2,
                              "source_refit_mw2": source_refit, "sw2": color_sliced_w2(out.image, target),

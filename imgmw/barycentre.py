@@ -10,8 +10,9 @@ iteration from the previous iteration's repaired, detached parameters: the paper
 fit-keeping policy, :class:`imgmw.WarmStartEM`). ``X`` starts as seeded standard normal noise. Each
 iteration is one explicit Euler step of the Wasserstein gradient flow of ``E`` on the empirical measure
 ``(1/N) Σ δ_{x_i}`` (:func:`imgmw.flow.run_flow`): ``x_i ← x_i − lr · N ∇_{x_i} E`` (each point moves at the
-speed of the flow's velocity field, whatever ``N``). At convergence ``EM_K(X)`` is a ``K``-component MW2 barycentre of the targets,
-the same object :func:`imgmw.gmm_barycentre` computes by a fixed point on the mixture parameters.
+speed of the flow's velocity field, whatever ``N``). At convergence ``EM_K(X)`` is a ``K``-component MW2
+barycentre of the targets, the same object :func:`imgmw.gmm_barycentre` computes by a fixed point on the mixture
+parameters.
 
 Colour palettes: the targets are the colour GMMs of several images (:func:`colour_targets`), the
 barycentre's points are colours, :func:`palette_image` lays them out as a swatch, and
@@ -21,7 +22,7 @@ barycentre's points are colours, :func:`palette_image` lays them out as a swatch
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -96,7 +97,8 @@ def _initial_points(how: str, n_points: int, stacked: GMM, lam: Tensor, generato
 
 @renamed_parameters(k="n_components", iters="n_iter")
 def barycentre_flow(targets: Sequence[GMM], weights: Sequence[float] | Tensor | None = None, n_points: int = 500,
-                    *, n_components: int | None = None, n_iter: int = 300, lr: float = 0.1, reg_covar: float | None = None,
+                    *, n_components: int | None = None, n_iter: int = 300, lr: float = 0.1,
+                    reg_covar: float | None = None,
                     init: Tensor | str = "normal", generator: torch.Generator | None = None,
                     em: WarmStartEM | None = None,
                     callback: Callable[[int, Tensor, Tensor], None] | None = None) -> tuple[Tensor, list[float]]:
@@ -204,7 +206,8 @@ def demo_targets(dtype: torch.dtype = torch.float64, device: torch.device | str 
 @renamed_parameters(k="n_components")
 def colour_targets(images: Sequence[Tensor], n_components: int = 10, *, colorspace: str = "lab", max_colors: int = 8192,
                    generator: torch.Generator | None = None) -> list[GMM]:
-    """The ``n_components``-component colour GMM (fixed uniform weights, pixel-count weighted EM) of each image ``[3, H, W]``.
+    """The ``n_components``-component colour GMM (fixed uniform weights, pixel-count weighted EM) of each image
+    ``[3, H, W]``.
 
     Colours live in ``colorspace`` scaled to O(1) (:func:`imgmw.colour.to_scaled_space`); see
     :func:`imgmw.colour.fit_colour_gmm`.

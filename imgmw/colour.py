@@ -41,9 +41,9 @@ false edges (:func:`imgmw.metrics.false_edges`). The pipeline is therefore:
    smooth grey ramp sent to a red/blue target (largest step between neighbouring columns 0.14 of the
    colour range, against 0.05 smoothed and 0.45 for the flow alone). The polish descends ``MW2²`` between
    two 20-component fits, which on astronaut → chelsea moved the colours *away* from the target (SW2 0.0368
-   after regrain, 0.0378 after 30 steps, 0.0391 after 60; 2048 colours, refits every 25 steps) while helping the other pairs; it therefore scores its colours
-   every ``POLISH_CHECK`` steps by their sliced W2 in sRGB to the target's palette and keeps the best
-   (``ColourTransferResult.polish_kept``).
+   after regrain, 0.0378 after 30 steps, 0.0391 after 60; 2048 colours, refits every 25 steps) while helping the
+   other pairs; it therefore scores its colours every ``POLISH_CHECK`` steps by their sliced W2 in sRGB to the target's
+   palette and keeps the best (``ColourTransferResult.polish_kept``).
 
 K = 20 measured best after the pipeline, by up to 0.001 of SW2 on every pair (K = 10 / 20 / 32: 0.0246 /
 0.0239 / 0.0242, 0.0363 / 0.0360 / 0.0366, 0.0343 / 0.0339 / 0.0343). Tried and dropped: smoothing the main
@@ -58,7 +58,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -75,8 +75,9 @@ from .regrain import regrain
 from .validation import check_choice
 from .warm import FitPolicy, WarmStartEM
 
-__all__ = ["METHODS", "SPACE_SCALE", "MAX_COLORS", "COLOUR_POLICY", "Palette", "ColourTransferResult", "build_palette", "apply_palette_lut",
-           "fit_colour_gmm", "colour_reg_covar", "monotone_match", "VelocitySmoother", "colour_flow", "regrain", "transfer_colours", "to_scaled_space", "from_scaled_space"]
+__all__ = ["METHODS", "SPACE_SCALE", "MAX_COLORS", "COLOUR_POLICY", "Palette", "ColourTransferResult", "build_palette",
+           "apply_palette_lut", "fit_colour_gmm", "colour_reg_covar", "monotone_match", "VelocitySmoother",
+           "colour_flow", "regrain", "transfer_colours", "to_scaled_space", "from_scaled_space"]
 
 METHODS = ("flow", "map", "unbalanced")
 LUMINANCE = ("match", "free")
@@ -366,7 +367,8 @@ class ColourTransferResult:
 
 @renamed_parameters(k="n_components", iters="n_iter", polish_iters="polish_n_iter")
 def transfer_colours(source: Tensor, target: Tensor, *, method: str = "flow", colorspace: str = "lab",
-                     n_components: int = 20, n_iter: int = 100, lr: float = 0.2, optimizer: str = "gd", max_step: float = 0.01,
+                     n_components: int = 20, n_iter: int = 100, lr: float = 0.2, optimizer: str = "gd",
+                     max_step: float = 0.01,
                      max_colors: int = MAX_COLORS,
                      unbalanced: tuple[float, float] = (10.0, 0.1), map_method: str = "bary",
                      luminance: str = "match", regrain: bool = True, polish_n_iter: int = POLISH_ITERS,

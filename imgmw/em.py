@@ -99,7 +99,7 @@ def _initial_gmm(x: Tensor, weight: Tensor | None, n_components: int, init: str 
                           process_group, "the init GMM")
         return init
     check_choice("init", init, INIT_METHODS)
-    gmm = init_gmm(x, n_components, init, weight=weight, reg_covar=reg_covar, generator=generator,
+    gmm = init_gmm(x, n_components, init, sample_weight=weight, reg_covar=reg_covar, generator=generator,
                    chunk_size=chunk_size, process_group=process_group, features=features)
     if fixed_weights:
         gmm = GMM(torch.full_like(gmm.weights, 1.0 / n_components), gmm.means, gmm.covariances)

@@ -122,7 +122,7 @@ class GaussianMixture(*_BASES):  # type: ignore[misc]  # bases known at import t
         """The constructor's parameters and their current values (scikit-learn's ``get_params``)."""
         return {name: getattr(self, name) for name in self._param_names()}
 
-    def set_params(self, **params) -> "GaussianMixture":
+    def set_params(self, **params) -> GaussianMixture:
         """Set constructor parameters by name; unknown names raise ValueError (scikit-learn's ``set_params``)."""
         valid = set(self._param_names())
         for name, value in params.items():
@@ -239,7 +239,7 @@ class GaussianMixture(*_BASES):  # type: ignore[misc]  # bases known at import t
         self.precisions_ = (prec_chol @ prec_chol.mT).cpu().numpy()
 
     # ----------------------------------------------------------------- fitting
-    def fit(self, X, y=None) -> "GaussianMixture":
+    def fit(self, X, y=None) -> GaussianMixture:
         """Fit by EM (``n_init`` restarts run as one batched fit; the best lower bound is kept)."""
         self._fit(X)
         self._warn_if_not_converged()
@@ -304,7 +304,8 @@ class GaussianMixture(*_BASES):  # type: ignore[misc]  # bases known at import t
         """``(X [n, D], labels [n])`` drawn from the fitted mixture, seeded by ``random_state``."""
         if n_samples < 1:
             raise ValueError(f"n_samples must be >= 1, got {n_samples}")
-        x, labels = self._model().sample(n_samples, generator=_seed_generator(self.random_state, torch.device(self.device)))
+        generator = _seed_generator(self.random_state, torch.device(self.device))
+        x, labels = self._model().sample(n_samples, generator=generator)
         return x.cpu().numpy(), labels.cpu().numpy()
 
     # ----------------------------------------------------------------- model selection

@@ -47,7 +47,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -127,7 +127,8 @@ def _factor(schedule: str | Callable[[int], float], step: int, n_iter: int) -> f
 def _check_args(x: Tensor, n_iter: int, lr: float, step: str, schedule, point_mass: Tensor | None,
                 max_step: float | None, precondition, divergence_factor: float, sync_every: int) -> None:
     if not isinstance(x, Tensor) or not x.is_floating_point():
-        raise ValueError(f"x must be a floating-point tensor, got {type(x).__name__ if not isinstance(x, Tensor) else x.dtype}")
+        got = type(x).__name__ if not isinstance(x, Tensor) else x.dtype
+        raise ValueError(f"x must be a floating-point tensor, got {got}")
     if not isinstance(n_iter, int) or isinstance(n_iter, bool) or n_iter < 0:
         raise ValueError(f"n_iter must be an integer >= 0, got {n_iter!r}")
     if not (isinstance(lr, (int, float)) and 0 < lr < math.inf):
@@ -140,7 +141,8 @@ def _check_args(x: Tensor, n_iter: int, lr: float, step: str, schedule, point_ma
             raise ValueError(f"{name} applies to the 'gd' step rule only")
     if point_mass is not None:
         if point_mass.shape != x.shape[:-1] or not bool((point_mass > 0).all()):
-            raise ValueError(f"point_mass must be positive with shape {tuple(x.shape[:-1])}, got {tuple(point_mass.shape)}")
+            raise ValueError(f"point_mass must be positive with shape {tuple(x.shape[:-1])}, got "
+                             f"{tuple(point_mass.shape)}")
     if max_step is not None and not (0 < max_step < math.inf):
         raise ValueError(f"max_step must be a finite number > 0 or None, got {max_step!r}")
     if not divergence_factor > 1:
@@ -192,7 +194,8 @@ def run_flow(x: Tensor, objective: Objective, *, n_iter: int, lr: float, step: s
              max_step: float | None = None, project: Callable[[Tensor], object] | None = None,
              callback: Callback | None = None, stop: Callable[[list[float]], bool] | None = None,
              divergence_factor: float = 1e6, precondition: Callable[[Tensor], Tensor] | None = None,
-             step_context: Callable[[], ContextManager] | None = None, sync_every: int = SYNC_EVERY) -> FlowResult:
+             step_context: Callable[[], contextlib.AbstractContextManager] | None = None,
+             sync_every: int = SYNC_EVERY) -> FlowResult:
     """Minimise ``Σ objective(x, t)`` over ``x`` from the given start (see the module docstring).
 
     Args:

@@ -62,7 +62,7 @@ class GMM:
     _cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_cholesky(cls, weights: Tensor, means: Tensor, cholesky: Tensor) -> "GMM":
+    def from_cholesky(cls, weights: Tensor, means: Tensor, cholesky: Tensor) -> GMM:
         """The mixture with covariances ``L Lᵀ`` for lower-triangular ``cholesky [*B, K, D, D]``, keeping ``L`` as
         its Cholesky factor (no refactorisation, and gradients flow through ``L`` as given)."""
         gmm = cls(weights, means, cholesky @ cholesky.mT)
@@ -125,17 +125,17 @@ class GMM:
     @property
     def cholesky_failed(self) -> Tensor:
         """``[*B, K]`` booleans (on the device): covariances whose factor :attr:`cholesky` could not compute."""
-        self.cholesky
+        _ = self.cholesky  # factorising sets the flag
         return self._cache.get("chol_failed", torch.zeros(self.weights.shape, dtype=torch.bool, device=self.device))
 
-    def check_cholesky(self) -> "GMM":
+    def check_cholesky(self) -> GMM:
         """Raise :func:`imgmw.linalg.safe_cholesky`'s ``ValueError`` if :attr:`cholesky` failed for a covariance
         (one read of the device); returns ``self``."""
         if bool(self.cholesky_failed.any()):
             safe_cholesky(self.covariances, what="GMM covariances")
         return self
 
-    def factorise_unchecked(self) -> tuple["GMM", Tensor]:
+    def factorise_unchecked(self) -> tuple[GMM, Tensor]:
         """``(gmm, failed)``: this mixture with its Cholesky factors cached by :func:`cholesky_unchecked` (one
         factorisation instead of :attr:`cholesky`'s nine, no host synchronisation), or itself when factors are
         cached already (``failed``: their :attr:`cholesky_failed`).
@@ -208,18 +208,18 @@ class GMM:
         return x, labels
 
     # ----------------------------------------------------------------- conversions
-    def to(self, *args, **kwargs) -> "GMM":
+    def to(self, *args, **kwargs) -> GMM:
         """Move/cast all tensors like ``Tensor.to``."""
         return GMM(self.weights.to(*args, **kwargs), self.means.to(*args, **kwargs),
                    self.covariances.to(*args, **kwargs))
 
-    def detach(self) -> "GMM":
+    def detach(self) -> GMM:
         """A copy whose tensors are cut from the autograd graph (cached factors kept, detached)."""
         out = GMM(self.weights.detach(), self.means.detach(), self.covariances.detach())
         out._cache = {k: v.detach() for k, v in self._cache.items()}
         return out
 
-    def __getitem__(self, index) -> "GMM":
+    def __getitem__(self, index) -> GMM:
         """Index the batch dimensions: ``gmm[i]`` is the ``i``-th mixture of a ``[B]``-batched GMM."""
         if not isinstance(index, tuple):
             index = (index,)
@@ -228,14 +228,14 @@ class GMM:
         return GMM(self.weights[index], self.means[index], self.covariances[index])
 
     @staticmethod
-    def where(condition: Tensor, a: "GMM", b: "GMM") -> "GMM":
+    def where(condition: Tensor, a: GMM, b: GMM) -> GMM:
         """Per batch element, ``a`` where ``condition [*B]`` is true and ``b`` elsewhere (like ``torch.where``)."""
         return GMM(torch.where(condition.unsqueeze(-1), a.weights, b.weights),
                    torch.where(condition[..., None, None], a.means, b.means),
                    torch.where(condition[..., None, None, None], a.covariances, b.covariances))
 
     @staticmethod
-    def stack(gmms: list["GMM"], dim: int = 0) -> "GMM":
+    def stack(gmms: list[GMM], dim: int = 0) -> GMM:
         """Stack GMMs of equal ``K`` and ``D`` along a new batch dimension ``dim``."""
         if dim < 0:
             raise ValueError("GMM.stack takes a non-negative batch dim")

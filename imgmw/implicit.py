@@ -55,12 +55,13 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .deprecation import renamed_parameters
 from .mstep import em_map
 from .gmm import GMM
 
@@ -143,11 +144,11 @@ class _StepConfig:
     chunk_size: int | None
 
 
-def phi_step(phi: Tensor, x: Tensor, weight: Tensor | None, fixed: Tensor | None, k: int,
+def phi_step(phi: Tensor, x: Tensor, sample_weight: Tensor | None, fixed: Tensor | None, k: int,
              cfg: _StepConfig) -> Tensor:
     """``F̃(φ, X) = φ(F(θ(φ), X))`` ``[*B, p]``; ``fixed [*B, K]`` are the weights when they are fixed."""
     theta = phi_to_theta(phi, k, x.shape[-1], fixed)
-    new, _ = em_map(theta, x, weight, cfg.reg_covar, cfg.fixed_weights, cfg.chunk_size)
+    new, _ = em_map(theta, x, sample_weight, cfg.reg_covar, cfg.fixed_weights, cfg.chunk_size)
     return theta_to_phi(new, cfg.fixed_weights)
 
 
@@ -166,7 +167,8 @@ class StepLinearisation:
     Batch elements never mix: every map is block-diagonal over ``*B``.
     """
 
-    def __init__(self, gmm: GMM, x: Tensor, weight: Tensor | None = None, *, reg_covar: float = 1e-6,
+    @renamed_parameters(weight="sample_weight")
+    def __init__(self, gmm: GMM, x: Tensor, sample_weight: Tensor | None = None, *, reg_covar: float = 1e-6,
                  fixed_weights: bool = False, chunk_size: int | None = None, data_grad: bool = True,
                  weight_grad: bool = False) -> None:
         self.k = gmm.n_components
@@ -175,8 +177,8 @@ class StepLinearisation:
         with torch.enable_grad():
             self.phi = theta_to_phi(gmm.detach(), fixed_weights).detach().requires_grad_(True)
             self.x = x.detach().requires_grad_(data_grad)
-            self.weight = None if weight is None else weight.detach().requires_grad_(weight_grad)
-            self.out = phi_step(self.phi, self.x, self.weight, self.fixed, self.k, self.cfg)
+            self.sample_weight = None if sample_weight is None else sample_weight.detach().requires_grad_(weight_grad)
+            self.out = phi_step(self.phi, self.x, self.sample_weight, self.fixed, self.k, self.cfg)
         self._dual: Tensor | None = None
         self._dual_grad: Tensor | None = None
 
@@ -199,12 +201,12 @@ class StepLinearisation:
 
     def vjp_data(self, u: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """``((∂_X F̃)ᵀ u [*B, N, D], (∂_ω F̃)ᵀ u [*B, N])``; ``None`` for inputs built without grad."""
-        inputs = [t for t in (self.x, self.weight) if t is not None and t.requires_grad]
+        inputs = [t for t in (self.x, self.sample_weight) if t is not None and t.requires_grad]
         if not inputs:
             return None, None
         grads = iter(torch.autograd.grad(self.out, inputs, u, retain_graph=True))
         gx = next(grads) if self.x.requires_grad else None
-        gw = next(grads) if self.weight is not None and self.weight.requires_grad else None
+        gw = next(grads) if self.sample_weight is not None and self.sample_weight.requires_grad else None
         return gx, gw
 
     def pull_back(self, g_weights: Tensor, g_means: Tensor, g_covariances: Tensor) -> Tensor:
@@ -287,7 +289,7 @@ def _solve_fixed_point(op: StepLinearisation, g: Tensor, tol: float, max_iter: i
     res = best = torch.full_like(scale, math.inf)
     stalled = 0
     it = 0
-    for it in range(1, max_iter + 1):
+    for it in range(1, max_iter + 1):  # noqa: B007 -- `it` is returned: the number of iterations taken
         step = _adjoint_residual(op, g, u)
         res = _safe_div(_norm(step), scale)
         if bool((res <= tol).all()):
@@ -487,7 +489,8 @@ class _ImplicitEMStep(torch.autograd.Function):
         return gx, gweight, None, None, None, None
 
 
-def implicit_em_fixed_point(prev: GMM, x: Tensor, weight: Tensor | None = None, *, reg_covar: float = 1e-6,
+@renamed_parameters(weight="sample_weight")
+def implicit_em_fixed_point(prev: GMM, x: Tensor, sample_weight: Tensor | None = None, *, reg_covar: float = 1e-6,
                             fixed_weights: bool = False, chunk_size: int | None = None,
                             solver: str = "gmres", tol: float | None = None, max_iter: int = 200,
                             callback: Callable[[AdjointSolveInfo], None] | None = None) -> tuple[GMM, Tensor]:
@@ -499,7 +502,7 @@ def implicit_em_fixed_point(prev: GMM, x: Tensor, weight: Tensor | None = None, 
     Args:
         prev: ``θ_{T−1}``, batch ``*B`` (treated as a constant).
         x: ``[*B, N, D]`` points (may require grad).
-        weight: ``[*B, N]`` point weights or ``None`` (may require grad).
+        sample_weight: ``[*B, N]`` point weights or ``None`` (may require grad).
         reg_covar, fixed_weights, chunk_size: as in :func:`imgmw.em_step`.
         solver: ``"gmres"`` (restarted GMRES), ``"cg"`` (CG on the normal equations) or
             ``"fixed_point"`` (Neumann iteration).
@@ -515,7 +518,7 @@ def implicit_em_fixed_point(prev: GMM, x: Tensor, weight: Tensor | None = None, 
         raise ValueError(f"callback must be callable or None, got {type(callback).__name__}")
     cfg = _ImplicitConfig(_StepConfig(float(reg_covar), bool(fixed_weights), chunk_size), solver, tol, max_iter,
                           callback)
-    w, m, s, ll = _ImplicitEMStep.apply(x, weight, prev.weights.detach(), prev.means.detach(),
+    w, m, s, ll = _ImplicitEMStep.apply(x, sample_weight, prev.weights.detach(), prev.means.detach(),
                                         prev.covariances.detach(), cfg)
     return GMM(w, m, s), ll
 
@@ -534,7 +537,8 @@ def _flat_batch(gmm: GMM, x: Tensor, weight: Tensor | None):
         yield GMM(gw[b], gm[b], gs[b]), xs[b], None if ws is None else ws[b]
 
 
-def dense_step_jacobians(gmm: GMM, x: Tensor, weight: Tensor | None = None, *, reg_covar: float = 1e-6,
+@renamed_parameters(weight="sample_weight")
+def dense_step_jacobians(gmm: GMM, x: Tensor, sample_weight: Tensor | None = None, *, reg_covar: float = 1e-6,
                          fixed_weights: bool = False, chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
     """Dense ``(∂_φF̃ [*B, p, p], ∂_X F̃ [*B, p, N, D])`` at ``(φ(gmm), X)`` via ``torch.func.jacrev``.
 
@@ -545,10 +549,10 @@ def dense_step_jacobians(gmm: GMM, x: Tensor, weight: Tensor | None = None, *, r
     cfg = _StepConfig(float(reg_covar), bool(fixed_weights), chunk_size)
     k = gmm.n_components
     j_phi, j_x = [], []
-    for g, xb, wb in _flat_batch(gmm.detach(), x.detach(), None if weight is None else weight.detach()):
+    for g, xb, wb in _flat_batch(gmm.detach(), x.detach(), None if sample_weight is None else sample_weight.detach()):
         fixed = g.weights if fixed_weights else None
         phi = theta_to_phi(g, fixed_weights)
-        jp, jx = jacrev(lambda p_, x_: phi_step(p_, x_, wb, fixed, k, cfg), argnums=(0, 1))(phi, xb)
+        jp, jx = jacrev(lambda p_, x_, wb=wb, fixed=fixed: phi_step(p_, x_, wb, fixed, k, cfg), argnums=(0, 1))(phi, xb)
         j_phi.append(jp)
         j_x.append(jx)
     bshape = x.shape[:-2]
@@ -556,29 +560,33 @@ def dense_step_jacobians(gmm: GMM, x: Tensor, weight: Tensor | None = None, *, r
             torch.stack(j_x).reshape(*bshape, *j_x[0].shape))
 
 
-def dense_implicit_jacobian(gmm: GMM, x: Tensor, weight: Tensor | None = None, *, reg_covar: float = 1e-6,
+@renamed_parameters(weight="sample_weight")
+def dense_implicit_jacobian(gmm: GMM, x: Tensor, sample_weight: Tensor | None = None, *, reg_covar: float = 1e-6,
                             fixed_weights: bool = False, chunk_size: int | None = None) -> Tensor:
     """The paper's approximate implicit Jacobian ``dφ*/dX = (I − ∂_φF̃)⁻¹ ∂_X F̃`` ``[*B, p, N, D]`` at ``gmm``."""
-    j_phi, j_x = dense_step_jacobians(gmm, x, weight, reg_covar=reg_covar, fixed_weights=fixed_weights,
+    j_phi, j_x = dense_step_jacobians(gmm, x, sample_weight, reg_covar=reg_covar, fixed_weights=fixed_weights,
                                       chunk_size=chunk_size)
     eye = torch.eye(j_phi.shape[-1], dtype=j_phi.dtype, device=j_phi.device)
     sol = torch.linalg.solve(eye - j_phi, j_x.flatten(-2))
     return sol.unflatten(-1, x.shape[-2:])
 
 
+@renamed_parameters(weight="sample_weight")
 def dense_implicit_gradient(gmm: GMM, x: Tensor, grads: tuple[Tensor, Tensor, Tensor],
-                            weight: Tensor | None = None, *, reg_covar: float = 1e-6, fixed_weights: bool = False,
-                            chunk_size: int | None = None) -> Tensor:
+                            sample_weight: Tensor | None = None, *, reg_covar: float = 1e-6,
+                            fixed_weights: bool = False, chunk_size: int | None = None) -> Tensor:
     """AI gradient ``(dφ*/dX)ᵀ (∂θ/∂φ)ᵀ ḡ`` ``[*B, N, D]`` for ``grads = (ḡ_w, ḡ_m, ḡ_Σ)`` at ``θ* = gmm``."""
-    jac = dense_implicit_jacobian(gmm, x, weight, reg_covar=reg_covar, fixed_weights=fixed_weights,
+    jac = dense_implicit_jacobian(gmm, x, sample_weight, reg_covar=reg_covar, fixed_weights=fixed_weights,
                                   chunk_size=chunk_size)
-    op = StepLinearisation(gmm, x, weight, reg_covar=reg_covar, fixed_weights=fixed_weights, chunk_size=chunk_size)
+    op = StepLinearisation(gmm, x, sample_weight, reg_covar=reg_covar, fixed_weights=fixed_weights,
+                           chunk_size=chunk_size)
     g_phi = op.pull_back(*grads)
     return (g_phi.unsqueeze(-1).unsqueeze(-1) * jac).sum(-3)
 
 
 # --------------------------------------------------------------------------- operator norm
-def step_jacobian_norm(gmm: GMM, x: Tensor, weight: Tensor | None = None, *, reg_covar: float = 1e-6,
+@renamed_parameters(weight="sample_weight")
+def step_jacobian_norm(gmm: GMM, x: Tensor, sample_weight: Tensor | None = None, *, reg_covar: float = 1e-6,
                        fixed_weights: bool = False, chunk_size: int | None = None, n_iter: int = 100,
                        rtol: float = 1e-6, generator: torch.Generator | None = None) -> Tensor:
     """``‖∂_φF̃(φ(gmm), X)‖₂`` ``[*B]`` by power iteration on ``(∂_φF̃)ᵀ ∂_φF̃`` (one JVP + one VJP each).
@@ -587,7 +595,7 @@ def step_jacobian_norm(gmm: GMM, x: Tensor, weight: Tensor | None = None, *, reg
     ``n_iter`` iterations. ``σ_max < 1`` is a sufficient condition for the ``"fixed_point"`` adjoint
     solver (and EM itself) to converge locally; the rate is the spectral radius ``ρ ≤ σ_max``.
     """
-    op = StepLinearisation(gmm, x, weight, reg_covar=reg_covar, fixed_weights=fixed_weights,
+    op = StepLinearisation(gmm, x, sample_weight, reg_covar=reg_covar, fixed_weights=fixed_weights,
                            chunk_size=chunk_size, data_grad=False)
     v = torch.randn(op.phi.shape, dtype=x.dtype, device=x.device, generator=generator)
     v = v / _norm(v).unsqueeze(-1)
@@ -604,7 +612,8 @@ def step_jacobian_norm(gmm: GMM, x: Tensor, weight: Tensor | None = None, *, reg
     return sigma.detach()
 
 
-def step_spectral_radius(gmm: GMM, x: Tensor, weight: Tensor | None = None, *, reg_covar: float = 1e-6,
+@renamed_parameters(weight="sample_weight")
+def step_spectral_radius(gmm: GMM, x: Tensor, sample_weight: Tensor | None = None, *, reg_covar: float = 1e-6,
                          fixed_weights: bool = False, chunk_size: int | None = None, n_iter: int = 60,
                          generator: torch.Generator | None = None) -> Tensor:
     """Spectral radius ``ρ(∂_φF̃)`` ``[*B]``: EM's local linear rate and the Neumann solver's rate.
@@ -613,7 +622,7 @@ def step_spectral_radius(gmm: GMM, x: Tensor, weight: Tensor | None = None, *, r
     fixed point). Estimated from the growth of ``v_k = ((∂_φF̃)ᵀ)^k v`` over the second half of
     ``n_iter`` VJPs, ``(‖v_n‖ / ‖v_{n/2}‖)^{2/n}``, which also averages over complex eigenvalue pairs.
     """
-    op = StepLinearisation(gmm, x, weight, reg_covar=reg_covar, fixed_weights=fixed_weights,
+    op = StepLinearisation(gmm, x, sample_weight, reg_covar=reg_covar, fixed_weights=fixed_weights,
                            chunk_size=chunk_size, data_grad=False)
     tiny = torch.finfo(x.dtype).tiny
     v = torch.randn(op.phi.shape, dtype=x.dtype, device=x.device, generator=generator)

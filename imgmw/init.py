@@ -25,6 +25,7 @@ import math
 import torch
 from torch import Tensor
 
+from .deprecation import renamed_parameters
 from .distributed import all_gather_stack, all_reduce_sum, broadcast_from_first, check_process_group, rank, reduce_stats
 from .gmm import GMM
 from .linalg import add_to_diagonal, symmetrize
@@ -42,12 +43,13 @@ def _weights_or_ones(x: Tensor, weight: Tensor | None) -> Tensor:
     return torch.ones(x.shape[:-1], dtype=x.dtype, device=x.device) if weight is None else weight
 
 
-def data_moments(x: Tensor, weight: Tensor | None, process_group=None) -> tuple[Tensor, Tensor]:
+@renamed_parameters(weight="sample_weight")
+def data_moments(x: Tensor, sample_weight: Tensor | None, process_group=None) -> tuple[Tensor, Tensor]:
     """Weighted mean ``[*B, D]`` and covariance ``[*B, D, D]`` of ``x [*B, N, D]`` (of all ranks' points
     with a ``process_group``). The centred points are formed chunk by chunk (:func:`imgmw.stats.chunk_bounds`),
     so the temporaries stay small whatever ``N``."""
     process_group = check_process_group(process_group)
-    w = _weights_or_ones(x, weight)
+    w = _weights_or_ones(x, sample_weight)
     w = w / all_reduce_sum(w.sum(-1, keepdim=True), process_group)
     mean = all_reduce_sum((w.unsqueeze(-2) @ x).squeeze(-2), process_group)
     cov = x.new_zeros(*x.shape[:-2], x.shape[-1], x.shape[-1])
@@ -110,7 +112,8 @@ def _draw_shared(p: Tensor, generator: torch.Generator | None, process_group) ->
     return hit & (owner == here).unsqueeze(-1)
 
 
-def kmeans_plus_plus(x: Tensor, n_components: int, weight: Tensor | None = None,
+@renamed_parameters(weight="sample_weight")
+def kmeans_plus_plus(x: Tensor, n_components: int, sample_weight: Tensor | None = None,
                      generator: torch.Generator | None = None, process_group=None) -> Tensor:
     """k-means++ seeding (Arthur & Vassilvitskii 2007), batched: centres ``[*B, K, D]``.
 
@@ -120,7 +123,7 @@ def kmeans_plus_plus(x: Tensor, n_components: int, weight: Tensor | None = None,
     and every rank returns the same centres.
     """
     process_group = check_process_group(process_group)
-    w = _weights_or_ones(x, weight)
+    w = _weights_or_ones(x, sample_weight)
     centres = []
     min_d2 = None
     for _ in range(n_components):
@@ -200,11 +203,12 @@ def _random_stats(x: Tensor, weight: Tensor | None, k: int, shift: Tensor,
     return out
 
 
-def init_gmm(x: Tensor, n_components: int, method: str = "kmeans++", *, weight: Tensor | None = None,
+@renamed_parameters(weight="sample_weight")
+def init_gmm(x: Tensor, n_components: int, method: str = "kmeans++", *, sample_weight: Tensor | None = None,
              reg_covar: float = 1e-6, generator: torch.Generator | None = None, kmeans_iter: int = 10,
              chunk_size: int | None = None, process_group=None,
              features: QuadFeatures | WhitenedFeatures | None = None) -> GMM:
-    """Initial GMM for ``x [*B, N, D]`` with point weights ``weight [*B, N]`` (runs without autograd).
+    """Initial GMM for ``x [*B, N, D]`` with point weights ``sample_weight [*B, N]`` (runs without autograd).
 
     See the module docstring for the methods. Weights are the assigned masses (use
     ``fixed_weights`` in :func:`imgmw.fit_gmm` for uniform ones). With a ``process_group`` ``x`` is this
@@ -217,7 +221,7 @@ def init_gmm(x: Tensor, n_components: int, method: str = "kmeans++", *, weight: 
                          f"{' or '.join(map(repr, COLLECTIVE_INIT_METHODS))} or a GMM")
     with torch.no_grad():
         x = x.detach()
-        mean, cov = data_moments(x, weight, process_group)
+        mean, cov = data_moments(x, sample_weight, process_group)
         k = n_components
         bshape, d = x.shape[:-2], x.shape[-1]
         cov_k = add_to_diagonal(cov, reg_covar).unsqueeze(-3).expand(*bshape, k, d, d)
@@ -225,21 +229,21 @@ def init_gmm(x: Tensor, n_components: int, method: str = "kmeans++", *, weight: 
         if method == "random":
             shift = mean.unsqueeze(-2).expand(*bshape, k, d)
             prev = GMM(uniform, shift, cov_k)
-            stats = _random_stats(x, weight, k, shift, generator, chunk_size)
+            stats = _random_stats(x, sample_weight, k, shift, generator, chunk_size)
             return m_step(stats, prev, reg_covar=reg_covar)
         if method == "random_from_data":
-            idx = _sample_rows(_weights_or_ones(x, weight), k, generator, False)
+            idx = _sample_rows(_weights_or_ones(x, sample_weight), k, generator, False)
             centres = _gather_points(x, idx)
         elif method in ("kmeans++", "kmeans"):
-            centres = kmeans_plus_plus(x, k, weight, generator, process_group)
+            centres = kmeans_plus_plus(x, k, sample_weight, generator, process_group)
         else:
             raise ValueError(f"init must be a GMM or one of {', '.join(map(repr, INIT_METHODS))}; got {method!r}")
         quad = features if isinstance(features, QuadFeatures) else None
         n_lloyd = kmeans_iter if method == "kmeans" else 0
         for _ in range(n_lloyd):
-            stats = _hard_stats(x, weight, centres, chunk_size, process_group, quad)
+            stats = _hard_stats(x, sample_weight, centres, chunk_size, process_group, quad)
             filled = stats.s0 > 0
-            centres = torch.where(filled.unsqueeze(-1),
-                                  centres + stats.s1 / stats.s0.clamp_min(torch.finfo(x.dtype).tiny).unsqueeze(-1), centres)
-        stats = _hard_stats(x, weight, centres, chunk_size, process_group, quad)
+            step = stats.s1 / stats.s0.clamp_min(torch.finfo(x.dtype).tiny).unsqueeze(-1)
+            centres = torch.where(filled.unsqueeze(-1), centres + step, centres)
+        stats = _hard_stats(x, sample_weight, centres, chunk_size, process_group, quad)
         return m_step(stats, GMM(uniform, centres, cov_k), reg_covar=reg_covar)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .deprecation import renamed_parameters
 from .em import fit_gmm
 from .flow import StepTrainer, guarded_step
 from .gmm import GMM
@@ -39,10 +40,12 @@ WEIGHT_SPREAD = 0.5
 MAX_GRAD_NORM = 1.0  # gradient clipping of every training step
 
 
-def random_mixtures(n_sets: int, k: int, d: int, generator: torch.Generator,
+@renamed_parameters(k="n_components", d="n_features")
+def random_mixtures(n_sets: int, n_components: int, n_features: int, generator: torch.Generator,
                     device: torch.device | str = "cpu") -> GMM:
     """``n_sets`` random ``K``-component mixtures in ``D`` dims (batch ``[n_sets]``; the module constants give
     their shape): Haar-distributed orientations, log-uniform eigenvalues, softmax-normal weights."""
+    k, d = n_components, n_features
 
     def draw(*shape: int) -> Tensor:
         return torch.randn(*shape, generator=generator, device=device)
@@ -56,12 +59,13 @@ def random_mixtures(n_sets: int, k: int, d: int, generator: torch.Generator,
     return GMM(torch.softmax(logits, -1), means, 0.5 * (cov + cov.mT))
 
 
-def sets_with_starts(n_sets: int, k: int, d: int, n_points: int, seed: int,
+@renamed_parameters(k="n_components", d="n_features")
+def sets_with_starts(n_sets: int, n_components: int, n_features: int, n_points: int, generator: torch.Generator,
                      device: torch.device | str = "cpu") -> tuple[Tensor, GMM]:
-    """Points ``[n_sets, N, D]`` from fresh random mixtures and their seeded k-means++ starts (batch ``[n_sets]``)."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    x, _ = random_mixtures(n_sets, k, d, gen, device).sample(n_points, generator=gen)
-    return x, init_gmm(x, k, "kmeans++", generator=gen)
+    """Points ``[n_sets, N, D]`` from fresh random mixtures and their k-means++ starts (batch ``[n_sets]``), all
+    drawn with ``generator`` (on ``device``)."""
+    x, _ = random_mixtures(n_sets, n_components, n_features, generator, device).sample(n_points, generator=generator)
+    return x, init_gmm(x, n_components, "kmeans++", generator=generator)
 
 
 def _batch_seed(seed: int, step: int) -> int:
@@ -102,8 +106,8 @@ class LayerTrainer(StepTrainer):
     def step(self) -> float:
         """One step on a fresh batch; returns its loss."""
         layer = self.layer
-        x, init = sets_with_starts(self.batch, layer.n_components, layer.n_features, self.n_points,
-                                   _batch_seed(self.seed, self.step_count), self.device)
+        gen = torch.Generator(device=self.device).manual_seed(_batch_seed(self.seed, self.step_count))
+        x, init = sets_with_starts(self.batch, layer.n_components, layer.n_features, self.n_points, gen, self.device)
         loss = nll_loss(layer(x, init=init)[2], n_points=self.n_points)
         value = guarded_step(loss, self.optimizer, list(layer.parameters()), self.history,
                              max_grad_norm=MAX_GRAD_NORM)
@@ -135,8 +139,9 @@ def evaluate(layer: EMLayer, *, n_points: int, n_sets: int = EVAL_SETS) -> dict[
     """Held-out mean log-likelihood per point of plain EM (``T`` and ``10·T`` steps) and of the layer (``T``),
     all from the same k-means++ start per set: ``{"em_T", "layer_T", "em_10T", "gap_closed"}``."""
     t = layer.n_iter
-    x, init = sets_with_starts(n_sets, layer.n_components, layer.n_features, n_points, EVAL_SEED,
-                               next(layer.parameters()).device)
+    device = next(layer.parameters()).device
+    x, init = sets_with_starts(n_sets, layer.n_components, layer.n_features, n_points,
+                               torch.Generator(device=device).manual_seed(EVAL_SEED), device)
     with torch.no_grad():
         trained = float((layer(x, init=init)[2] / n_points).mean())
     em_t, em_10t = -plain_em_nll(x, init, t), -plain_em_nll(x, init, 10 * t)

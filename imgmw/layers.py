@@ -52,6 +52,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .deprecation import renamed_parameters
 from .gmm import GMM
 from .init import INIT_METHODS, init_gmm
 from .linalg import add_to_diagonal
@@ -87,13 +88,14 @@ def n_mlp_features(d: int) -> int:
     return 2 * per_component + 3 + (2 * d + 2) + (d + 3) + (d + 1)
 
 
-def data_frame(x: Tensor, weight: Tensor | None, reg_covar: float) -> tuple[Tensor, Tensor]:
+@renamed_parameters(weight="sample_weight")
+def data_frame(x: Tensor, sample_weight: Tensor | None, reg_covar: float) -> tuple[Tensor, Tensor]:
     """Weighted mean ``c [*B, D]`` and scale ``s = sqrt(var + reg_covar) [*B, D]`` of ``x [*B, N, D]``.
 
-    ``weight [*B, N]`` are point weights (``None``: all ones). ``s`` is floored at ``sqrt(eps)`` of the
+    ``sample_weight [*B, N]`` are point weights (``None``: all ones). ``s`` is floored at ``sqrt(eps)`` of the
     dtype so that a constant feature with ``reg_covar = 0`` still gives a finite frame.
     """
-    w = torch.ones(x.shape[:-1], dtype=x.dtype, device=x.device) if weight is None else weight
+    w = torch.ones(x.shape[:-1], dtype=x.dtype, device=x.device) if sample_weight is None else sample_weight
     w = (w / w.sum(-1, keepdim=True)).unsqueeze(-1)
     centre = (w * x).sum(-2)
     var = (w * (x - centre.unsqueeze(-2)).square()).sum(-2)
@@ -161,7 +163,8 @@ def apply_correction(gmm: GMM, prev: GMM, raw_mean: Tensor, raw_chol: Tensor, ra
     return GMM(weights, means, cov)
 
 
-def responsibility_moments(prev: GMM, new: GMM, x: Tensor, weight: Tensor | None,
+@renamed_parameters(weight="sample_weight")
+def responsibility_moments(prev: GMM, new: GMM, x: Tensor, sample_weight: Tensor | None,
                            chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
     """Shape diagnostics of each component's points: skewness vector and excess kurtosis.
 
@@ -172,7 +175,7 @@ def responsibility_moments(prev: GMM, new: GMM, x: Tensor, weight: Tensor | None
         kurt_k = Σ_n ω_n r_nk ‖z_nk‖⁴ / (D (D + 2) N_k) − 1           [*B, K]
 
     Both vanish for Gaussian data; a component spread over two clusters has ``kurt < 0`` and a skewness
-    pointing at the heavier cluster. Chunked over points; ``x [*B, N, D]``, ``weight [*B, N]`` or None.
+    pointing at the heavier cluster. Chunked over points; ``x [*B, N, D]``, ``sample_weight [*B, N]`` or None.
     """
     k, d = new.n_components, new.n_features
     skew = x.new_zeros(*new.batch_shape, k, d)
@@ -181,8 +184,8 @@ def responsibility_moments(prev: GMM, new: GMM, x: Tensor, weight: Tensor | None
     for lo, hi in chunk_bounds(x.shape[-2], math.prod(new.batch_shape), k, d, chunk_size):
         xc = x[..., lo:hi, :]
         resp = e_step(prev, xc)[0].exp().mT  # [*B, K, n]
-        if weight is not None:
-            resp = resp * weight[..., lo:hi].unsqueeze(-2)
+        if sample_weight is not None:
+            resp = resp * sample_weight[..., lo:hi].unsqueeze(-2)
         z = (xc.unsqueeze(-3) - new.means.unsqueeze(-2)) @ new.precision_cholesky  # [*B, K, n, D]
         rm2 = resp * z.square().sum(-1)
         skew = skew + (rm2.unsqueeze(-2) @ z).squeeze(-2)
@@ -334,8 +337,9 @@ class EMLayer(nn.Module):
             return self._learned_init(*frame)
         if self.init == "given":
             raise ValueError("EMLayer(init='given') needs init=GMM(...) in every call, e.g. from imgmw.init.init_gmm")
-        start = init_gmm(x.detach(), self.n_components, self.init, weight=None if weight is None else weight.detach(),
-                         reg_covar=self.reg_covar, generator=self.generator)
+        start = init_gmm(x.detach(), self.n_components, self.init,
+                         sample_weight=None if weight is None else weight.detach(), reg_covar=self.reg_covar,
+                         generator=self.generator)
         if self.fixed_weights:  # as fit_gmm: a computed start of the fixed-weights variant has uniform weights
             start = GMM(torch.full_like(start.weights, 1.0 / self.n_components), start.means, start.covariances)
         return start

@@ -28,8 +28,8 @@ from .image import image_to_points
 from .patches import gather_patches, gaussian_pyramid, n_scales_for, patch_grid, random_patches
 
 __all__ = ["random_directions", "sliced_w2", "weighted_sliced_w2", "nearest_patch_rms", "structure_distance",
-           "near_copy_fraction", "STRUCTURE_PATCH", "COPY_RATIO", "color_sliced_w2", "color_w2_exact", "gaussian_color_w2",
-           "luminance_ssim", "false_edges", "patch_sliced_w2", "seam_energy", "EDGE_THRESHOLD"]
+           "near_copy_fraction", "STRUCTURE_PATCH", "COPY_RATIO", "color_sliced_w2", "color_w2_exact",
+           "gaussian_color_w2", "luminance_ssim", "false_edges", "patch_sliced_w2", "seam_energy", "EDGE_THRESHOLD"]
 
 STRUCTURE_PATCH = 15   # structure_distance: side of the compared patches (large enough to see veins and stripes)
 COPY_RATIO = 0.1       # near_copy_fraction: a patch within this fraction of its own contrast of an exemplar patch
@@ -320,7 +320,8 @@ def nearest_patch_rms(result: Tensor, exemplar: Tensor, patch: int = ..., n_samp
 def nearest_patch_rms(result: Tensor, exemplar: Tensor, patch: int = ..., n_samples: int = ..., seed: int = ...,
                       chunk: int = ..., *, with_contrast: Literal[True]) -> tuple[Tensor, Tensor]: ...
 def nearest_patch_rms(result: Tensor, exemplar: Tensor, patch: int = STRUCTURE_PATCH, n_samples: int = 1024,
-                      seed: int = 0, chunk: int = 4096, *, with_contrast: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                      seed: int = 0, chunk: int = 4096, *,
+                      with_contrast: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """RMS distance of random ``patch × patch`` patches of ``result [3, H, W]`` to their nearest patch of
     ``exemplar [3, H', W']``: ``[n]`` with ``n = min(n_samples, positions of result)``.
 

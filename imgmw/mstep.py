@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .deprecation import renamed_parameters
 from .gmm import GMM
 from .distributed import reduce_stats
 from .linalg import add_to_diagonal, symmetrize
@@ -27,6 +28,8 @@ def m_step(stats: SuffStats, prev: GMM, *, reg_covar: float = 1e-6, fixed_weight
 
     ``prev`` supplies the shift's meaning (``stats.shift`` are its means) and the parameters that a
     component with (numerically) no mass keeps. ``fixed_weights`` keeps ``prev.weights`` (Algorithm 2).
+    Statistics come from :func:`imgmw.stats.accumulate_stats` (chunked, as the fit does) or, from given
+    responsibilities, :func:`imgmw.stats.responsibility_stats`.
     """
     dtype = stats.s0.dtype
     eps = torch.finfo(dtype).eps
@@ -43,10 +46,11 @@ def m_step(stats: SuffStats, prev: GMM, *, reg_covar: float = 1e-6, fixed_weight
     return GMM(weights, means, cov)
 
 
-def em_map(gmm: GMM, x: Tensor, weight: Tensor | None, reg_covar: float, fixed_weights: bool,
+@renamed_parameters(weight="sample_weight")
+def em_map(gmm: GMM, x: Tensor, sample_weight: Tensor | None, reg_covar: float, fixed_weights: bool,
            chunk_size: int | None = None, features: QuadFeatures | WhitenedFeatures | None = None,
            process_group=None, workspace: Workspace | None = None) -> tuple[GMM, Tensor]:
-    """One EM step ``θ' = F(θ, X)`` on points ``x [*B, N, D]`` with point weights ``weight [*B, N]`` (or
+    """One EM step ``θ' = F(θ, X)`` on points ``x [*B, N, D]`` with point weights ``sample_weight [*B, N]`` (or
     ``None``), without input checks: the map that :func:`imgmw.fit_gmm` iterates and whose fixed point
     :mod:`imgmw.implicit` differentiates. Returns ``(F(θ, X), mean log-likelihood under θ [*B])``
     (``features``: the fit's cached features of ``x``, see :func:`imgmw.stats.point_features`;
@@ -54,5 +58,5 @@ def em_map(gmm: GMM, x: Tensor, weight: Tensor | None, reg_covar: float, fixed_w
     :mod:`imgmw.distributed`; ``workspace``: the fit's E-step scratch, :class:`imgmw.stats.Workspace`).
 
     Neither the E-step, nor the M-step, nor :attr:`imgmw.gmm.GMM.cholesky` reads the device."""
-    stats = reduce_stats(accumulate_stats(gmm, x, weight, chunk_size, features, workspace), process_group)
+    stats = reduce_stats(accumulate_stats(gmm, x, sample_weight, chunk_size, features, workspace), process_group)
     return m_step(stats, gmm, reg_covar=reg_covar, fixed_weights=fixed_weights), stats.log_lik / stats.total

@@ -4,9 +4,9 @@ A prior is the ``K``-component mixture of the ``p×p`` colour patches (``D = 3p�
 folder, at each of ``S`` levels of the images' Gaussian pyramids: a :class:`~imgmw.gmm.GMM` with batch
 ``[S]``. It is fitted by EM over the patches of all images (:func:`fit_prior`), sharded over processes when
 a ``process_group`` is given (:mod:`imgmw.distributed`): image ``i`` of the sorted list belongs to one rank
-(contiguous blocks, :func:`imgmw.distributed.shard_range`), its patches are drawn with a generator seeded by ``(seed, i)``
-alone, so the same patches enter the fit whatever the number of processes, and the k-means++ start runs over
-the concatenated shards in image order. Every image contributes ``n_train`` training and ``n_held`` held-out
+(contiguous blocks, :func:`imgmw.distributed.shard_range`), its patches are drawn with a generator seeded by
+``(seed, i)`` alone, so the same patches enter the fit whatever the number of processes, and the k-means++ start runs
+over the concatenated shards in image order. Every image contributes ``n_train`` training and ``n_held`` held-out
 patches per scale; :func:`held_out_log_likelihood` scores the prior on the held-out ones.
 
 Memory per rank: the images are read one at a time, so the resident data are the rank's patches,
@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -31,8 +31,8 @@ from .losses import data_reg_covar
 from .patches import gather_patches, gaussian_pyramid, patch_grid
 
 __all__ = ["IMAGE_SUFFIXES", "list_images", "image_generator", "sample_image_patches", "PatchSet",
-           "iter_image_patches", "collect_patches", "fit_prior", "held_out_log_likelihood", "component_picture", "prior_to_dict",
-           "prior_from_dict"]
+           "iter_image_patches", "collect_patches", "fit_prior", "held_out_log_likelihood", "component_picture",
+           "prior_to_dict", "prior_from_dict"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 SEED_STRIDE = 1_000_003  # per-image generator seed = seed · SEED_STRIDE + image index

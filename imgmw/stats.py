@@ -51,7 +51,7 @@ from .gmm import GMM, LOG_2PI
 
 __all__ = ["SuffStats", "QuadFeatures", "WhitenedFeatures", "Workspace", "point_features", "quad_point_features",
            "whitened_point_features", "quad_stats_about", "accumulate_stats", "e_step", "stats_from_resp",
-           "chunk_bounds"]
+           "responsibility_stats", "chunk_bounds"]
 
 SMALL_D = 6  # largest dimension that uses the quadratic-feature kernel
 FEATURE_CACHE_BYTES = 256 << 20  # largest per-fit features (φ(X), [X − c, 1]); beyond, built per chunk
@@ -81,7 +81,7 @@ class SuffStats:
     total: Tensor
     shift: Tensor
 
-    def __add__(self, other: "SuffStats") -> "SuffStats":
+    def __add__(self, other: SuffStats) -> SuffStats:
         return SuffStats(self.s0 + other.s0, self.s1 + other.s1, self.s2 + other.s2,
                          self.log_lik + other.log_lik, self.total + other.total, self.shift)
 
@@ -152,6 +152,22 @@ def stats_from_resp(diff: Tensor, rw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     s1 = (rw.unsqueeze(-2) @ diff).squeeze(-2)
     s2 = (diff * rw.unsqueeze(-1)).mT @ diff
     return s0, s1, s2
+
+
+def responsibility_stats(x: Tensor, log_resp: Tensor, shift: Tensor, sample_weight: Tensor | None = None) -> SuffStats:
+    """The statistics :func:`imgmw.m_step` takes, from points and responsibilities (no chunking; for use
+    outside the fit loop, e.g. ``m_step(responsibility_stats(x, e_step(gmm, x)[0], gmm.means), gmm)``).
+
+    ``x [*B, N, D]``, ``log_resp [*B, N, K]`` (log responsibilities, as :func:`e_step` returns them), ``shift
+    [*B, K, D]`` (the means of the GMM passed to ``m_step`` as ``prev``), optional ``sample_weight [*B, N]``:
+    ``s0 = Σ ω r``, ``s1 = Σ ω r (x − shift)``, ``s2 = Σ ω r (x − shift)(x − shift)ᵀ``; ``log_lik`` is 0 (the
+    likelihood is not known from responsibilities alone).
+    """
+    w = torch.ones(x.shape[:-1], dtype=x.dtype, device=x.device) if sample_weight is None else sample_weight
+    rw = log_resp.exp().mT * w.unsqueeze(-2)                   # [*B, K, N]
+    s0, s1, s2 = stats_from_resp(x.unsqueeze(-3) - shift.unsqueeze(-2), rw)
+    total = w.sum(-1)
+    return SuffStats(s0, s1, s2, torch.zeros_like(total), total, shift)
 
 
 def _normalise(logp: Tensor, dim: int, ws: Workspace | None, keep: bool = False) -> tuple[Tensor, Tensor, Tensor]:

@@ -90,7 +90,8 @@ class FitPolicy:
             if not (isinstance(value, (int, float)) and 0 <= value < float("inf")):
                 raise ValueError(f"FitPolicy.{name} must be a finite number >= 0, got {value!r}")
         if self.min_mass >= 1 or self.min_weight >= 1:
-            raise ValueError(f"FitPolicy.min_mass and min_weight must be < 1, got {self.min_mass!r}, {self.min_weight!r}")
+            raise ValueError(f"FitPolicy.min_mass and min_weight must be < 1, got {self.min_mass!r}, "
+                             f"{self.min_weight!r}")
 
 
 @dataclass
@@ -230,7 +231,8 @@ class WarmStartEM(nn.Module):
         if gmm is None:
             self.weights = self.means = self.covariances = None
         else:
-            self.weights, self.means, self.covariances = gmm.weights.detach(), gmm.means.detach(), gmm.covariances.detach()
+            self.weights, self.means = gmm.weights.detach(), gmm.means.detach()
+            self.covariances = gmm.covariances.detach()
 
     def _stored(self) -> GMM:
         """:attr:`state` where the caller has made sure it is set."""

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 
 def assert_clean_failure(main: Callable[[list[str]], int], capsys, argv: list[str], out: Path,

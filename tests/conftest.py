@@ -57,7 +57,7 @@ def _gmm_from_precisions(weights: np.ndarray, means: np.ndarray, precisions: np.
     return GMM(torch.tensor(weights, dtype=dtype), torch.tensor(means, dtype=dtype), torch.tensor(cov, dtype=dtype))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sklearn_fit(n: int, k: int, d: int, n_iter: int, seed: int, tol: float = 0.0):
     """scikit-learn's float64 EM from ``_start_params``; returns ``(x, (w, m, P), fitted estimator)``."""
     from sklearn.exceptions import ConvergenceWarning

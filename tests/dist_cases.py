@@ -74,8 +74,8 @@ def run_cases(rank: int) -> dict:
         res[f"{name}/fit"] = (fit.gmm, fit.lower_bound, fit.n_iter, fit.converged, fit.log_resp)
         fit = imgmw.fit_gmm(x, 4, n_iter=40, init=init, mask=mask, sample_weight=weight, process_group=WORLD)
         res[f"{name}/masked"] = (fit.gmm, fit.lower_bound)
-        res[f"{name}/kmeans++"] = init_gmm(x, 4, "kmeans++", weight=weight, generator=torch.Generator().manual_seed(3),
-                                           process_group=WORLD)
+        res[f"{name}/kmeans++"] = init_gmm(x, 4, "kmeans++", sample_weight=weight,
+                                           generator=torch.Generator().manual_seed(3), process_group=WORLD)
         res[f"{name}/kmeans"] = init_gmm(x, 4, "kmeans", generator=torch.Generator().manual_seed(4),
                                          process_group=WORLD)
         res[f"{name}/fit_kmeans++"] = imgmw.fit_gmm(x, 4, n_iter=20, generator=torch.Generator().manual_seed(5),

@@ -100,7 +100,8 @@ def test_checkpoint_round_trip_gives_same_outputs(tmp_path):
     other = app.build(args_other, device)
     app.load_checkpoint(path, other, args_other)
     assert other.step_count == 2 and other.history == [1.0, 0.5] and other.em_history == [1.0, 0.6]
-    x, init = sets_with_starts(3, args.k, args.dim, args.n_points, 123, device)
+    x, init = sets_with_starts(3, args.k, args.dim, args.n_points, torch.Generator(device=device).manual_seed(123),
+                               device)
     with torch.no_grad():
         a, b = trainer.layer(x, init=init), other.layer(x, init=init)
     assert torch.equal(a[0].means, b[0].means) and torch.equal(a[2], b[2])

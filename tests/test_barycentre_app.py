@@ -107,7 +107,8 @@ def test_batched_flow_equals_separate_flows():
     init = torch.randn(2, 60, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     start = [GMM(torch.full((2,), 0.5, dtype=torch.float64), init[i, :2].clone(),
                  torch.eye(2, dtype=torch.float64).expand(2, 2, 2)) for i in range(2)]
-    singles = [barycentre_flow(ts, None, init=init[i], n_iter=10, em=WarmStartEM(2, init=start[i], fixed_weights=True, reg_covar=1e-4))[0]
+    singles = [barycentre_flow(ts, None, init=init[i], n_iter=10,
+                               em=WarmStartEM(2, init=start[i], fixed_weights=True, reg_covar=1e-4))[0]
                for i, ts in enumerate((a, b))]
     batched_targets = [GMM.stack([ta, tb]) for ta, tb in zip(a, b)]
     batched, _ = barycentre_flow(batched_targets, None, init=init, n_iter=10,
@@ -140,7 +141,7 @@ def test_moment_matched_noise():
 ])
 def test_flow_rejects_bad_arguments(kwargs, fragment):
     with pytest.raises(ValueError, match=fragment):
-        barycentre_flow(demo_targets(), **{"iters": 1, **kwargs})
+        barycentre_flow(demo_targets(), **{"n_iter": 1, **kwargs})
 
 
 def test_targets_must_agree():

@@ -75,7 +75,7 @@ def test_sharded_fit_with_masks_and_weights(ranks, name):
 def test_collective_kmeans_plus_plus_is_shared_and_equals_one_process(ranks, name):
     p = PROBLEMS[name]
     _bitwise(ranks[0][f"{name}/kmeans++"], ranks[1][f"{name}/kmeans++"])
-    ref = init_gmm(p["x"], 4, "kmeans++", weight=p["weight"], generator=torch.Generator().manual_seed(3))
+    ref = init_gmm(p["x"], 4, "kmeans++", sample_weight=p["weight"], generator=torch.Generator().manual_seed(3))
     _close(ranks[0][f"{name}/kmeans++"], ref)
     ref = init_gmm(p["x"], 4, "kmeans", generator=torch.Generator().manual_seed(4))
     _close(ranks[0][f"{name}/kmeans"], ref)

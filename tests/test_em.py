@@ -182,6 +182,21 @@ def test_em_step_sample_weight_and_mask_combine(blobs, start_params, gmm_from_pr
     _assert_same_gmm(both, dropped, 1e-12, "mask × weight", close_rel)
 
 
+@pytest.mark.parametrize("d", [3, 9])  # both E-step kernels
+def test_public_e_step_and_m_step_compose_to_em_step(d, blobs, start_params, gmm_from_precisions, close_rel):
+    """e_step -> responsibility_stats -> m_step (public names only, about any shift) is one EM step."""
+    from imgmw import e_step, m_step
+    from imgmw.stats import responsibility_stats
+
+    x_np = blobs(40, 2, d, seed=7)
+    init = gmm_from_precisions(*start_params(x_np, 2, seed=7))
+    x = _torch(x_np)
+    sw = torch.linspace(0.5, 2.0, 40, dtype=F64)
+    log_resp, _ = e_step(init, x)
+    composed = m_step(responsibility_stats(x, log_resp, init.means, sw), init, reg_covar=1e-6)
+    _assert_same_gmm(composed, em_step(init, x, sample_weight=sw, reg_covar=1e-6), 1e-10, "composed", close_rel)
+
+
 @pytest.mark.parametrize("init,d", [("kmeans", 3), ("kmeans++", 3), ("given", 3), ("given", 9)])
 def test_chunked_equals_unchunked(init, d, blobs, start_params, gmm_from_precisions, close_rel):
     x_np = blobs(100, 3, d, seed=6)
@@ -291,7 +306,7 @@ def test_random_from_data_picks_distinct_valid_points():
     x = torch.arange(20, dtype=F64).reshape(10, 2)
     weight = torch.zeros(10, dtype=F64)
     weight[[2, 5, 7]] = 1.0
-    g = init_gmm(x, 3, "random_from_data", weight=weight, generator=torch.Generator().manual_seed(0))
+    g = init_gmm(x, 3, "random_from_data", sample_weight=weight, generator=torch.Generator().manual_seed(0))
     # hard assignment of the three valid points to three distinct centres: each mean is a valid point
     assert sorted(g.means[:, 0].tolist()) == [4.0, 10.0, 14.0]
 

@@ -167,7 +167,8 @@ def test_bad_arguments_are_value_errors():
 
 def test_refit_mw2_is_zero_for_the_targets_own_samples_and_positive_elsewhere():
     g = torch.Generator().manual_seed(0)
-    target = GMM(torch.tensor([0.3, 0.7], dtype=torch.float64), torch.tensor([[-4.0, 0.0], [4.0, 0.0]], dtype=torch.float64),
+    target = GMM(torch.tensor([0.3, 0.7], dtype=torch.float64),
+                 torch.tensor([[-4.0, 0.0], [4.0, 0.0]], dtype=torch.float64),
                  torch.eye(2, dtype=torch.float64).expand(2, 2, 2) * 0.5)
     # exactly 30 % / 70 % of the points from each component (a sampled split would cost |Δw|·‖Δm‖² ≈ 0.2)
     x = torch.cat([target.means[k] + 0.5 ** 0.5 * torch.randn(n, 2, generator=g, dtype=torch.float64)

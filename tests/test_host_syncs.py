@@ -17,7 +17,7 @@ import collections
 import contextlib
 import traceback
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -127,7 +127,8 @@ def test_a_texture_step_reads_the_host_once(monkeypatch):
     assert TEXTURE_POLICY.check_every > 2 * SYNC_EVERY   # no fresh-fit check (an EM fit to convergence) in the run
     steps = range(SYNC_EVERY + 1, 2 * SYNC_EVERY - 1)                      # between two sync points
     for t, reads in _per_step(marks, mode.reads, steps).items():
-        assert len(reads) == 1, f"step {t}: {len(reads)} host reads, expected 1 for {n_scales} scales:\n{_report(reads)}"
+        assert len(reads) == 1, \
+            f"step {t}: {len(reads)} host reads, expected 1 for {n_scales} scales:\n{_report(reads)}"
     sync = _per_step(marks, mode.reads, range(SYNC_EVERY - 1, SYNC_EVERY))[SYNC_EVERY - 1]
     assert len(sync) == 2, f"sync point: {len(sync)} host reads:\n{_report(sync)}"
 

@@ -83,7 +83,7 @@ class SavedBytes:
     def total(self) -> int:
         return sum(st.nbytes() for st in self.storages.values())
 
-    def __enter__(self) -> "SavedBytes":
+    def __enter__(self) -> SavedBytes:
         self._hooks.__enter__()
         return self
 

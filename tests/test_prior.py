@@ -89,7 +89,8 @@ def test_texture_synth_with_a_prior(tmp_path, capsys):
             str(out), "--quiet"]
     assert run("texture_synth", texture_synth.main, argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["settings"]["k"] == 3 and metrics["settings"]["scales"] == 2 and metrics["settings"]["prior"] == str(prior)
+    settings = metrics["settings"]
+    assert settings["k"] == 3 and settings["scales"] == 2 and settings["prior"] == str(prior)
     assert len(metrics["refit_mw2_per_scale"]) == 2
     capsys.readouterr()
     bad = tmp_path / "bad.pt"

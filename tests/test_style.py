@@ -222,8 +222,8 @@ def test_content_weight_keeps_the_content():
     model = fit_style_gmms(ex, style, n_components=2, generator=g)
     free = style_transfer(content, model, features=ex, n_components=2, n_iter=20, lr=0.05, n_samples=256,
                           generator=torch.Generator().manual_seed(1))
-    held = style_transfer(content, model, features=ex, n_components=2, n_iter=20, lr=0.05, n_samples=256, content_weight=1.0,
-                          generator=torch.Generator().manual_seed(1))
+    held = style_transfer(content, model, features=ex, n_components=2, n_iter=20, lr=0.05, n_samples=256,
+                          content_weight=1.0, generator=torch.Generator().manual_seed(1))
     assert float(held.content_losses[-1]) < 0.5 * float(free.content_losses[-1])
 
 

@@ -21,7 +21,8 @@ def _unequal_clusters(n: int = 400, seed: int = 0) -> torch.Tensor:
 
 def _two_component_target() -> GMM:
     eye = torch.eye(2, dtype=torch.float64)
-    return GMM(torch.tensor([0.5, 0.5], dtype=torch.float64), torch.tensor([[0.0, 3.0], [0.0, -3.0]], dtype=torch.float64),
+    return GMM(torch.tensor([0.5, 0.5], dtype=torch.float64),
+               torch.tensor([[0.0, 3.0], [0.0, -3.0]], dtype=torch.float64),
                torch.stack([0.3 * eye, torch.tensor([[1.0, 0.4], [0.4, 0.5]], dtype=torch.float64)]))
 
 

@@ -88,7 +88,8 @@ def fit_style_gmms(extractor: FeatureExtractor, style: Tensor, n_components: int
     for name, x in zip(extractor.layers, feats.points):
         x = x[0]
         if x.shape[0] < k:
-            raise ValueError(f"the style has only {x.shape[0]} feature vectors at layer {name}, fewer than n_components={k}")
+            raise ValueError(f"the style has only {x.shape[0]} feature vectors at layer {name}, fewer than "
+                             f"n_components={k}")
         gmms.append(fit_target(x, k, n_iter=n_iter, generator=generator))
     return StyleModel(extractor.config(), extractor.layers, gmms)
 

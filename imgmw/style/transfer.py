@@ -6,13 +6,13 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from ..em import fit_gmm
-from ..deprecation import generator_from_seed, renamed_parameters
+from ..deprecation import renamed_parameters
 from ..flow import refit_mw2, run_flow
 from ..losses import TARGET_TOL, relative_reg_covar
 from ..ot import mw2
@@ -98,8 +98,8 @@ def style_transfer(content: Tensor, style: Tensor | StyleModel, *, features: str
             steps on the current image); 0 (default) never restarts, as the paper's Algorithm 3.
         generator: ``torch.Generator`` for the target fits, the position draws and the k-means++ starts.
         callback: ``callback(step, style_terms [L], image [1, 3, H, W])`` after each step (the flows' one
-            signature: step, loss, state); ``style_terms`` stays on the device (read it at :func:`imgmw.flow.run_flow`'s sync points:
-            ``(step + 1) % imgmw.flow.SYNC_EVERY == 0``).
+            signature: step, loss, state); ``style_terms`` stays on the device (read it at
+            :func:`imgmw.flow.run_flow`'s sync points: ``(step + 1) % imgmw.flow.SYNC_EVERY == 0``).
     """
     c = as_image_batch(content, "content").detach()
     if c.shape[0] != 1:
@@ -161,13 +161,12 @@ def style_transfer(content: Tensor, style: Tensor | StyleModel, *, features: str
 
 @torch.no_grad()
 def style_distances(image: Tensor, model: StyleModel, extractor: FeatureExtractor, *,
-                    n_samples: int = STYLE_SAMPLES, n_iter: int = 100,
-                    generator: torch.Generator | None = None, fresh: bool = False, seed: int | None = None
-                    ) -> list[float]:
+                    n_samples: int = STYLE_SAMPLES, n_iter: int = 100, seed: int = 0,
+                    fresh: bool = False) -> list[float]:
     """Per-layer ``MW2²(EM_K(F_ℓ(image)), ν_ℓ)`` of a converged fit — an evaluation, not the training loss.
 
-    The fit uses up to ``n_samples`` positions per layer (drawn with ``generator``; ``None``: a CPU generator
-    seeded with 0, so that the evaluation is the same every time; ``seed`` is the deprecated integer form)
+    The fit uses up to ``n_samples`` positions per layer (drawn with a CPU generator seeded with ``seed``: an
+    evaluation, the same every time, as :mod:`imgmw.metrics`)
     and at most ``n_iter`` EM steps (tolerance 1e-5, ``reg_covar = 1e-4 × λ_max(ν_ℓ)``), started from
     ``ν_ℓ`` so that two images are compared through the same local optimum family as in
     :class:`StyleLoss`; ``fresh=True`` starts from k-means++ instead (best of three,
@@ -175,8 +174,7 @@ def style_distances(image: Tensor, model: StyleModel, extractor: FeatureExtracto
     """
     x = as_image_batch(image, "image")[:1]
     extractor.check_size(*x.shape[-2:])
-    generator = generator_from_seed(seed, generator, "cpu", "style_distances")
-    generator = torch.Generator().manual_seed(0) if generator is None else generator
+    generator = torch.Generator().manual_seed(seed)
     feats = extractor(x, n_samples, generator)
     out = []
     for target, pts in zip(model.gmms, feats.points):
