@@ -29,7 +29,8 @@ from .patches import gather_patches, gaussian_pyramid, n_scales_for, patch_grid,
 
 __all__ = ["random_directions", "sliced_w2", "weighted_sliced_w2", "nearest_patch_rms", "structure_distance",
            "near_copy_fraction", "STRUCTURE_PATCH", "COPY_RATIO", "color_sliced_w2", "color_w2_exact",
-           "gaussian_color_w2", "luminance_ssim", "false_edges", "patch_sliced_w2", "seam_energy", "EDGE_THRESHOLD"]
+           "gaussian_color_w2", "luminance_ssim", "false_edges", "false_edge_map", "patch_sliced_w2", "seam_energy",
+           "EDGE_THRESHOLD"]
 
 STRUCTURE_PATCH = 15   # structure_distance: side of the compared patches (large enough to see veins and stripes)
 COPY_RATIO = 0.1       # near_copy_fraction: a patch within this fraction of its own contrast of an exemplar patch
@@ -243,15 +244,9 @@ def _luminance_gradient(img: Tensor) -> Tensor:
     return grad.square().sum(1).sqrt()[0]
 
 
-def false_edges(result: Tensor, source: Tensor, threshold: float = EDGE_THRESHOLD) -> float:
-    """Fraction of pixels where ``result [3, H, W]`` has a luminance edge that ``source`` (same size) lacks.
-
-    With ``g_r``, ``g_s`` the Sobel gradient magnitudes of L*/100 (:func:`_luminance_gradient`), a pixel is a
-    false edge when ``g_r > threshold`` and ``g_r > 3 g_s``: an edge at least three times stronger than
-    anything the source has there. Banding and posterisation (a smooth ramp cut into steps), a smooth region
-    split between two colours and amplified noise or JPEG blocks all create such pixels; a transfer that
-    changes the contrast of existing edges by less than 3× does not. 0 means none; identical images score 0.
-    """
+def false_edge_map(result: Tensor, source: Tensor, threshold: float = EDGE_THRESHOLD) -> Tensor:
+    """``[H, W]`` booleans: the pixels where ``result [3, H, W]`` has a luminance edge that ``source`` (same
+    size) lacks (the definition is :func:`false_edges`'s, whose value is this map's mean)."""
     _check_image(result, "result")
     _check_image(source, "source")
     if result.shape != source.shape:
@@ -261,7 +256,20 @@ def false_edges(result: Tensor, source: Tensor, threshold: float = EDGE_THRESHOL
         raise ValueError(f"threshold must be > 0, got {threshold!r}")
     with torch.no_grad():
         g_r, g_s = _luminance_gradient(result), _luminance_gradient(source.to(result))
-        return float(((g_r > threshold) & (g_r > 3 * g_s)).double().mean())
+        return (g_r > threshold) & (g_r > 3 * g_s)
+
+
+def false_edges(result: Tensor, source: Tensor, threshold: float = EDGE_THRESHOLD) -> float:
+    """Fraction of pixels where ``result [3, H, W]`` has a luminance edge that ``source`` (same size) lacks
+    (:func:`false_edge_map` shows where).
+
+    With ``g_r``, ``g_s`` the Sobel gradient magnitudes of L*/100 (:func:`_luminance_gradient`), a pixel is a
+    false edge when ``g_r > threshold`` and ``g_r > 3 g_s``: an edge at least three times stronger than
+    anything the source has there. Banding and posterisation (a smooth ramp cut into steps), a smooth region
+    split between two colours and amplified noise or JPEG blocks all create such pixels; a transfer that
+    changes the contrast of existing edges by less than 3× does not. 0 means none; identical images score 0.
+    """
+    return float(false_edge_map(result, source, threshold).double().mean())
 
 
 # ---------------------------------------------------------------------------------------------- patches

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from imgmw.image import load_image
-from imgmw.metrics import false_edges
+from imgmw.metrics import false_edge_map, false_edges
 from imgmw.regrain import regrain
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,3 +89,20 @@ def test_false_edges_rise_on_a_posterised_ramp_and_not_on_a_smooth_one():
     assert false_edges(noisy, ramp) > 0.2
     with pytest.raises(ValueError, match="shape"):
         false_edges(ramp, ramp[..., :-1])
+
+
+def test_false_edge_map_marks_the_band_boundaries():
+    """The map's mean is false_edges; on a ramp cut into 6 vertical bands the marked pixels are the columns
+    beside the band boundaries (every row alike), and nothing elsewhere."""
+    ramp = _ramp()
+    posterised = (ramp * 6).round() / 6
+    edges = false_edge_map(posterised, ramp)
+    assert edges.shape == ramp.shape[-2:] and edges.dtype == torch.bool
+    assert float(edges.double().mean()) == false_edges(posterised, ramp)
+    columns = edges.any(0)
+    assert bool((edges[:, columns] == edges[:1, columns]).all())  # whole columns
+    steps = (posterised[0, 0, 1:] != posterised[0, 0, :-1]).nonzero().flatten()
+    near = torch.zeros_like(columns)
+    for s in steps.tolist():
+        near[max(s - 1, 0):s + 3] = True
+    assert bool(columns.any()) and not bool((columns & ~near).any())
