@@ -123,7 +123,7 @@ show(fig)
 means = a.means.clone().requires_grad_(True)
 opt = torch.optim.SGD([means], lr=0.5)
 history, first_grad = [], None
-for step in range(60):
+for _ in range(60):
     opt.zero_grad()
     loss = imgmw.mw2(imgmw.GMM(a.weights, means, a.covariances), b)
     loss.backward()

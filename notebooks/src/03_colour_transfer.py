@@ -22,7 +22,7 @@ import torch
 
 import imgmw
 from imgmw.image import resize_max, to_colorspace
-from imgmw.metrics import EDGE_THRESHOLD, color_sliced_w2, false_edges, luminance_ssim
+from imgmw.metrics import color_sliced_w2, false_edge_map, false_edges, luminance_ssim
 
 from walkthrough import rgb, show
 
@@ -73,7 +73,7 @@ methods = {
 results, scores = {}, {}
 for name, kw in methods.items():
     t0 = time.perf_counter()
-    out = imgmw.transfer_colours(source, target, iters=iters, seed=0, **kw)
+    out = imgmw.transfer_colours(source, target, n_iter=iters, generator=torch.Generator().manual_seed(0), **kw)
     seconds = time.perf_counter() - t0
     results[name] = out
     scores[name] = dict(sw2=color_sliced_w2(out.image, target), ssim=luminance_ssim(out.image, source),
@@ -156,22 +156,11 @@ show(fig)
 # %% [markdown]
 # ## The false-edge map
 #
-# `imgmw.metrics.false_edges` returns a fraction; to see *where* the edges are, recompute its map from its
-# definition: the Sobel gradient magnitude of the luminance L\*/100 (kornia), and a pixel is a false edge
-# when the result's gradient exceeds `EDGE_THRESHOLD` and is more than 3× the source's there.
+# `imgmw.metrics.false_edges` returns a fraction; `false_edge_map` shows *where* the edges are: a pixel is a
+# false edge when the Sobel gradient magnitude of the result's luminance L\*/100 exceeds `EDGE_THRESHOLD` and is
+# more than 3× the source's there.
 
 # %%
-def luminance_gradient(img):
-    lum = kornia.color.rgb_to_lab(img.double().clamp(0, 1)[None])[:, :1] / 100.0
-    grad = kornia.filters.spatial_gradient(lum, mode="sobel", normalized=True)[:, 0]  # [1, 2, H, W]
-    return grad.square().sum(1).sqrt()[0]
-
-
-def false_edge_map(result, src, threshold=EDGE_THRESHOLD):
-    g_result, g_source = luminance_gradient(result), luminance_gradient(src)
-    return (g_result > threshold) & (g_result > 3 * g_source)
-
-
 shown = ["flow, no regrain", "flow + regrain + polish (default)", "GMM-OT map"]
 grey = 0.3 + 0.5 * kornia.color.rgb_to_grayscale(source[None])[0, 0].numpy()
 fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))

@@ -63,7 +63,7 @@ print("content", tuple(content.shape), " style", tuple(wood.shape))
 # take `ITERS` Adam steps (step 0.01, the paper's); with no content term, the start is what keeps the cat.
 
 # %%
-result = imgmw.style_transfer(content, wood, features="patches", iters=ITERS,
+result = imgmw.style_transfer(content, wood, features="patches", n_iter=ITERS,
                               generator=torch.Generator().manual_seed(0))
 print(f"{ITERS} steps in {result.seconds:.1f} s (+ {result.setup_seconds:.1f} s to fit the style mixtures)")
 print(f"patch SW2 to the style: content {patch_sliced_w2(content, wood):.3f} -> result "
@@ -117,7 +117,7 @@ with tempfile.TemporaryDirectory() as tmp:
     loaded = StyleModel.load(path)
 
 astronaut = resize_max(imgmw.load_image("../data/astronaut.jpg"), SIDE)
-painted = imgmw.style_transfer(astronaut, loaded, features=make_extractor(**loaded.extractor), iters=ITERS,
+painted = imgmw.style_transfer(astronaut, loaded, features=make_extractor(**loaded.extractor), n_iter=ITERS,
                                generator=torch.Generator().manual_seed(0))
 gallery([astronaut, painted.image], ["another content", "painted with the stored wood style"],
         "reusing a stored style (image panels, no axes)", width=3.6)
@@ -134,7 +134,7 @@ gallery([astronaut, painted.image], ["another content", "painted with the stored
 # %%
 hubble = imgmw.load_image("../data/hubble.png")
 runs = {"lr 0.01": dict(lr=0.01), "lr 0.02": dict(lr=0.02), "lr 0.02, β = 0.01": dict(lr=0.02, content_weight=0.01)}
-outs = {name: imgmw.style_transfer(content, hubble, features="patches", iters=ITERS,
+outs = {name: imgmw.style_transfer(content, hubble, features="patches", n_iter=ITERS,
                                    generator=torch.Generator().manual_seed(0), **kw) for name, kw in runs.items()}
 titles = [f"{name}: SSIM {luminance_ssim(o.image, content):.2f}" for name, o in outs.items()]
 gallery([hubble, *(o.image for o in outs.values())], ["style", *titles],

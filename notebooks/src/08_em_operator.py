@@ -121,7 +121,7 @@ print("trainable parameters:", sum(p.numel() for p in layer64.parameters()))
 # packages that loop; one step of it is, in substance:
 #
 # ```python
-# x, start = sets_with_starts(32, K, D, N, seed=...)
+# x, start = sets_with_starts(32, K, D, N, generator)
 # loss = nll_loss(layer(x, init=start)[2], n_points=N)
 # optimizer.zero_grad(); loss.backward(); clip_grad_norm_(layer.parameters(), 1.0); optimizer.step()
 # ```
