@@ -1,12 +1,20 @@
 """Sample a generator trained by apps.train_generator, in one forward pass.
 
     python -m apps.generate CHECKPOINT [--size 512 | --size 640x360] [--n 4] [--seed 0] [--tileable]
-    python -m apps.generate CHECKPOINT --n 1000            # a vector generator (digits, patches, gmm2d)
+    python -m apps.generate CHECKPOINT --n 1000 [--truncation 0.8]   # a vector generator (digits, patches, gmm2d)
 
 Texture checkpoints (--data texture): writes sample_000.png ... (any --size; --tileable needs a checkpoint
 trained with --tileable and sides divisible by 16, and also writes tiled_000.png, a 2x2 tiling). Vector
 checkpoints: writes samples.pt ([n, *shape] in the data's range, e.g. [n, 1, 8, 8] for digits) and samples.png
-(a grid of the first 64, or a scatter plot for 2-D points). Always writes metrics.json (settings, seconds).
+(a grid of the first 64, or a scatter plot for 2-D points). Always writes metrics.json (settings, seconds; for
+digits also the classifier's confidence and class entropy and the sliced W2 to the held-out digits of the
+checkpoint's split, as apps.train_generator scores them).
+
+--truncation PSI (vector checkpoints) is the truncation trick of GANs: the Gaussian latent is scaled by PSI in
+[0, 1] towards its mean (imgmw.generative.truncated_latent; component codes are kept), trading diversity for
+typical samples: 1 (default) is plain sampling, 0 gives the mean latent's sample (one digit per component code).
+On the default digits generator PSI 1 -> 0.5 -> 0.3 -> 0 moved the classifier's confidence 0.872 -> 0.888 ->
+0.896 -> 0.904 at an unchanged class entropy (0.98) and held-out sliced W2 0.050 -> 0.049 -> 0.050 -> 0.052.
 """
 from __future__ import annotations
 
@@ -29,11 +37,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default="512", help="texture checkpoints: N (N×N) or WxH (default 512)")
     p.add_argument("--n", type=positive_int, help="number of samples (default: 1 texture, 1000 vectors)")
     p.add_argument("--seed", type=seed, default=0, help="seed of the noise (same seed, same samples on one device)")
+    p.add_argument("--truncation", type=_psi, default=1.0, help="vector checkpoints: latent scale PSI in [0, 1] (default 1)")
     p.add_argument("--tileable", action="store_true", help="texture checkpoints trained with --tileable: also write a 2x2 tiling")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to compute")
     p.add_argument("--output", type=Path, default=Path("outputs") / PROG, help=f"output directory (default outputs/{PROG})")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     return p
+
+
+def _psi(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
 
 
 def _load(path: Path, device) -> dict[str, Any]:
@@ -56,7 +76,8 @@ def _network(state: dict[str, Any], path: Path, device):
         if spec["kind"] == "texture":
             net = TextureGenerator(**spec["config"])
         else:
-            net = make_generator(spec["z_dim"], spec["out_dim"], spec["hidden"], output=spec["output"])
+            net = make_generator(spec["z_dim"] + spec.get("n_codes", 0), spec["out_dim"], spec["hidden"],
+                                 output=spec["output"])
         net.load_state_dict(state["trainer"]["net"])
     except (KeyError, TypeError, RuntimeError, ValueError) as err:
         raise AppError(f"{path}: the generator's weights do not load ({type(err).__name__}: "
@@ -88,13 +109,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise AppError(f"--tileable: {args.checkpoint} was not trained with --tileable")
     elif args.tileable:
         raise AppError("--tileable applies to texture checkpoints only")
+    if texture and args.truncation != 1.0:
+        raise AppError("--truncation applies to vector checkpoints only")
     n = args.n or (1 if texture else 1000)
     start = time.perf_counter()
     with torch.no_grad():
         if texture:
             samples = net.sample(n, size, gen)
         else:
-            z = torch.randn(n, spec["z_dim"], generator=gen, device=device)
+            from imgmw.generative import truncated_latent
+
+            z = truncated_latent(n, spec["z_dim"], args.truncation, n_codes=spec.get("n_codes", 0), generator=gen,
+                                 device=device)
             samples = net(z).reshape(n, *spec["shape"])
     seconds = time.perf_counter() - start
     with staged_output(args.output) as out:
@@ -108,12 +134,31 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             save_atomic(samples.cpu(), out / "samples.pt")
             _picture(samples, spec, out / "samples.png")
+        scores = _digit_scores(samples, spec)
         write_json({"checkpoint": str(args.checkpoint), "kind": spec["kind"], "n": n, "seed": args.seed,
-                    "shape": list(samples.shape[1:]), "seconds_sampling": seconds, "device": str(device)},
-                   out / "metrics.json")
+                    "truncation": args.truncation, "shape": list(samples.shape[1:]), "seconds_sampling": seconds,
+                    "device": str(device), **scores}, out / "metrics.json")
     if not args.quiet:
-        print(f"{PROG}: {n} sample(s) of shape {tuple(samples.shape[1:])} in {seconds:.3f} s; wrote {args.output}/")
+        c = scores.get("digit_classifier")
+        extra = "" if c is None else (f" (classifier confidence {c['mean_max_probability']:.3f}, class entropy "
+                                      f"{c['entropy_ratio']:.3f}·log 10, held-out sliced W2 {scores['sliced_w2_held_out']:.4f})")
+        print(f"{PROG}: {n} sample(s) of shape {tuple(samples.shape[1:])} in {seconds:.3f} s{extra}; wrote {args.output}/")
     return 0
+
+
+def _digit_scores(samples, spec: dict[str, Any]) -> dict[str, Any]:
+    """For a digits checkpoint: the classifier's scores and the sliced W2 of the first (up to 360) samples to as
+    many held-out digits of the checkpoint's split (imgmw.generative); {} for other checkpoints."""
+    if spec.get("data") != "digits" or samples.shape[0] < 2:
+        return {}
+    from imgmw.generative import digit_classifier_scores, generated_sliced_w2, load_samples
+
+    split = spec.get("split_seed", 0)
+    held_out = load_samples("digits", seed=split).test
+    flat = samples.reshape(samples.shape[0], -1).cpu().float()
+    m = min(flat.shape[0], held_out.shape[0])
+    return {"digit_classifier": digit_classifier_scores(flat, seed=split),
+            "sliced_w2_held_out": generated_sliced_w2(flat[:m], held_out[:m], seed=split), "held_out_samples": m}
 
 
 def _picture(samples, spec: dict[str, Any], path: Path) -> None:
