@@ -160,15 +160,15 @@ def _train(args: argparse.Namespace, group, device) -> int:
                    file=sys.stderr)
         saved: list[int] = []
 
-        def progress(step: int, loss: float) -> None:
+        def progress(step: int, loss: float, _) -> None:
             bar.update(1)
             bar.set_postfix(mw2=f"{loss:.3g}")
-            if args.save_every and step % args.save_every == 0:
+            if args.save_every and (step + 1) % args.save_every == 0:
                 state = checkpoint_state()
                 if main_rank:
                     args.output.mkdir(parents=True, exist_ok=True)
                     save_checkpoint(ckpt, state)
-                saved.append(step)
+                saved.append(step + 1)
 
         t_train = time.perf_counter()
         try:

@@ -411,11 +411,12 @@ class StepTrainer(abc.ABC):
         """One training step; returns its loss."""
 
     @renamed_parameters(iters="n_iter")
-    def train(self, n_iter: int, callback: Callable[[int, float], None] | None = None) -> list[float]:
-        """``n_iter`` steps; ``callback(step, loss)`` after each (``step`` counts from the first ever step,
-        1-based)."""
+    def train(self, n_iter: int, callback: Callable[[int, float, StepTrainer], None] | None = None) -> list[float]:
+        """``n_iter`` steps; ``callback(step, loss, trainer)`` after each: the flows' signature (step, loss,
+        state) with ``step`` the index of the step just taken, counted from the first ever step (0-based, so
+        ``step + 1`` steps are done) and ``loss`` its value (a float: the trainers read it anyway)."""
         for _ in range(n_iter):
             value = self.step()
             if callback is not None:
-                callback(self.step_count, value)
+                callback(self.step_count - 1, value, self)
         return self.history
