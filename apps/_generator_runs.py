@@ -47,8 +47,9 @@ class VectorJob:
         net = make_generator(args.z_dim + n_codes, dim, args.hidden, seed=args.seed, output=output).to(device)
         self.spec = {"kind": "mlp", "z_dim": args.z_dim, "n_codes": n_codes, "out_dim": dim, "hidden": args.hidden,
                      "output": output, "shape": list(self.data.shape), "data": args.data, "split_seed": args.seed}
-        self.trainer = MW2GeneratorTrainer(net, self.data.train, z_dim=args.z_dim, k=args.k, batch=args.batch,
-                                           lr=args.lr, em=args.em, em_steps=args.em_steps, seed=args.seed,
+        self.trainer = MW2GeneratorTrainer(net, self.data.train, z_dim=args.z_dim, n_components=args.k,
+                                           batch=args.batch, lr=args.lr, em=args.em, em_steps=args.em_steps,
+                                           seed=args.seed,
                                            target=args.target, process_group=group,
                                            total_steps=args.iters if args.data == "digits" else None)
         self.m = min(args.eval_samples, self.data.test.shape[0])

@@ -22,7 +22,8 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 from apps._cli import AppError, AppParser, check_input_file, positive_int, resolve_device, run, seed, staged_output, \
     write_json
@@ -37,10 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default="512", help="texture checkpoints: N (N×N) or WxH (default 512)")
     p.add_argument("--n", type=positive_int, help="number of samples (default: 1 texture, 1000 vectors)")
     p.add_argument("--seed", type=seed, default=0, help="seed of the noise (same seed, same samples on one device)")
-    p.add_argument("--truncation", type=_psi, default=1.0, help="vector checkpoints: latent scale PSI in [0, 1] (default 1)")
-    p.add_argument("--tileable", action="store_true", help="texture checkpoints trained with --tileable: also write a 2x2 tiling")
+    p.add_argument("--truncation", type=_psi, default=1.0, help="vector checkpoints: latent scale PSI in [0, 1]")
+    p.add_argument("--tileable", action="store_true", help="texture checkpoints trained tileable: also a 2x2 tiling")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to compute")
-    p.add_argument("--output", type=Path, default=Path("outputs") / PROG, help=f"output directory (default outputs/{PROG})")
+    p.add_argument("--output", type=Path, default=Path("outputs") / PROG,
+                   help=f"output directory (default outputs/{PROG})")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     return p
 
@@ -141,8 +143,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.quiet:
         c = scores.get("digit_classifier")
         extra = "" if c is None else (f" (classifier confidence {c['mean_max_probability']:.3f}, class entropy "
-                                      f"{c['entropy_ratio']:.3f}·log 10, held-out sliced W2 {scores['sliced_w2_held_out']:.4f})")
-        print(f"{PROG}: {n} sample(s) of shape {tuple(samples.shape[1:])} in {seconds:.3f} s{extra}; wrote {args.output}/")
+                                      f"{c['entropy_ratio']:.3f}·log 10, held-out sliced W2 "
+                                      f"{scores['sliced_w2_held_out']:.4f})")
+        print(f"{PROG}: {n} sample(s) of shape {tuple(samples.shape[1:])} in {seconds:.3f} s{extra}; "
+              f"wrote {args.output}/")
     return 0
 
 

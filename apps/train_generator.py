@@ -31,8 +31,9 @@ import argparse
 import contextlib
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from apps._cli import (AppError, AppParser, Interrupted, add_common_args, positive_float, positive_int,
                        process_group_for, read_resume_checkpoint, run, settings, staged_output, write_json)
@@ -60,10 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch", type=positive_int, default=4, help="--data patches / texture: patch side (default 4)")
     p.add_argument("--max-side", type=positive_int, default=64,
                    help="--data patches: the image is downscaled to this longest side (default 64)")
-    p.add_argument("--k", type=positive_int, help="mixture components (gmm2d 8, patches 4, digits 128, texture 4/scale)")
-    p.add_argument("--batch", type=positive_int, help="generated (and real) batch (default: 512; digits 4096; texture 1)")
+    p.add_argument("--k", type=positive_int, help="mixture components (gmm2d 8, patches 4, digits 128, texture 4)")
+    p.add_argument("--batch", type=positive_int, help="generated (and real) batch (512; digits 4096; texture 1)")
     p.add_argument("--lr", type=positive_float, help="Adam step size (default 1e-3; texture 2e-3; digits 3e-3)")
-    p.add_argument("--z-dim", type=positive_int, help="latent dimension (default 8; digits 16; texture: noise channels 3)")
+    p.add_argument("--z-dim", type=positive_int, help="latent dimension (default 8; digits 16; texture channels 3)")
     p.add_argument("--hidden", type=positive_int,
                    help="width of the MLP's 3 hidden layers (default 128; digits 256); texture: channels added per "
                         "scale (default 8)")
@@ -72,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--em", choices=("warm", "unrolled"),
                    help="--target batch: fit of the generated batch, warm = EM steps from the previous step's fit "
                         "(gmm2d), unrolled = k-means++ and EM steps, differentiated through all (patches)")
-    p.add_argument("--em-steps", type=positive_int, help="--target batch: differentiable EM steps per fit (warm 1, unrolled 5)")
-    p.add_argument("--size", type=positive_int, default=128, help="--data texture: side of the training samples (default 128)")
+    p.add_argument("--em-steps", type=positive_int, help="--target batch: differentiable EM steps per fit (1 or 5)")
+    p.add_argument("--size", type=positive_int, default=128, help="--data texture: side of the training samples")
     p.add_argument("--tileable", action="store_true", help="--data texture: circular padding, samples tile")
     p.add_argument("--eval-samples", type=positive_int, default=2000,
                    help="generated and held-out samples of the sliced-W2 evaluation (default 2000)")
@@ -83,8 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    if args.save_every < 0:
-        raise AppError(f"--save-every must be >= 0, got {args.save_every}")
     if args.data in ("patches", "texture"):
         if not args.image.exists():
             raise AppError(f"--image {args.image} does not exist")

@@ -167,7 +167,7 @@ def bench_digits(seconds: float) -> None:
         net = make_generator(16 + (k if kind == "components" else 0), 64, 256, seed=0, output="sigmoid")
         start, steps = time.perf_counter(), 0
         if kind != "sliced":
-            trainer = MW2GeneratorTrainer(net, data.train, z_dim=16, k=k, batch=4096, lr=DIGITS_LR, seed=0,
+            trainer = MW2GeneratorTrainer(net, data.train, z_dim=16, n_components=k, batch=4096, lr=DIGITS_LR, seed=0,
                                           target="data" if kind == "mw2" else kind)
             opt = trainer.optimizer
         else:

@@ -58,6 +58,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import load_file, save_atomic
+from .deprecation import renamed_parameters
 from .distributed import check_process_group, rank
 from .bures import gaussian_w2_cost
 from .em import em_step, fit_gmm
@@ -68,8 +69,9 @@ from .metrics import random_directions, sliced_w2
 from .ot import mw2
 from .patches import extract_patches
 
-__all__ = ["DATASETS", "EM_MODES", "TARGETS", "OUTPUTS", "SampleData", "ring_of_gaussians", "load_samples", "make_generator",
-           "truncated_latent", "component_w2_loss", "MW2GeneratorTrainer", "generated_sliced_w2", "digit_classifier_scores",
+__all__ = ["DATASETS", "EM_MODES", "TARGETS", "OUTPUTS", "SampleData", "ring_of_gaussians", "load_samples",
+           "make_generator", "truncated_latent", "component_w2_loss", "MW2GeneratorTrainer", "generated_sliced_w2",
+           "digit_classifier_scores",
            "nearest_train_distance", "sample_grid", "save_checkpoint", "load_checkpoint"]
 
 DATASETS = ("gmm2d", "patches", "digits")
@@ -180,8 +182,8 @@ def truncated_latent(n: int, z_dim: int, truncation: float = 1.0, *, n_codes: in
 
     the interpolation towards the mean latent of StyleGAN's truncation (Karras et al. 2019); BigGAN's truncation
     trick (Brock et al. 2019) narrows the latent by resampling large entries instead. ``ψ = truncation`` in
-    ``[0, 1]`` trades the samples' diversity for their typicality. ``ψ = 1`` returns the plain codes ``ε`` (bit for bit what
-    ``torch.randn(n, z_dim, generator=generator)`` draws), ``ψ = 0`` the mean latent ``z̄`` for every sample, so
+    ``[0, 1]`` trades the samples' diversity for their typicality. ``ψ = 1`` returns the plain codes ``ε`` (bit for bit
+    what ``torch.randn(n, z_dim, generator=generator)`` draws), ``ψ = 0`` the mean latent ``z̄`` for every sample, so
     that ``G(z)`` is ``n`` copies of ``G(z̄)``.
 
     With ``n_codes > 0`` (a generator trained with ``target="components"``) each input also carries a one-hot
@@ -245,8 +247,8 @@ class MW2GeneratorTrainer(StepTrainer):
         net: the generator, ``z [b, z_dim] → x [b, D]`` (``z [b, z_dim + K]`` for ``target="components"``: the
             noise and a one-hot component code, :func:`truncated_latent`).
         data: real training samples ``[N, D]`` (``N ≥ batch``), on the device and dtype of ``net``.
-        z_dim: latent dimension; k: ``K`` of both fits (``n_components``: the same, the project's name; it
-            wins when both are given); batch: ``b``, generated and real.
+        z_dim: latent dimension; n_components: ``K`` of both fits (``k``: its deprecated name); batch: ``b``,
+            generated and real.
         lr: Adam's step size; with ``total_steps`` it decays linearly to ``LR_FLOOR·lr`` over that many steps
             (the same schedule as :class:`imgmw.texture_net.TextureGeneratorTrainer`), constant for ``None``.
         em: ``"warm"`` or ``"unrolled"`` fit of the generated batch (:meth:`fit_generated`).
@@ -264,12 +266,12 @@ class MW2GeneratorTrainer(StepTrainer):
             over all ranks' samples (:class:`imgmw.MW2Loss`); the target fit is seeded by ``seed`` on every rank.
     """
 
-    def __init__(self, net: nn.Module, data: Tensor, *, z_dim: int, k: int = 8, batch: int = 256, lr: float = 1e-3,
+    @renamed_parameters(k="n_components")
+    def __init__(self, net: nn.Module, data: Tensor, *, z_dim: int, n_components: int = 8, batch: int = 256,
+                 lr: float = 1e-3,
                  em: str = "warm", em_steps: int | None = None, real_em_steps: int = 1, reg_covar: float | None = None,
-                 seed: int = 0, target: str = "batch", process_group=None, total_steps: int | None = None,
-                 n_components: int | None = None) -> None:
-        if n_components is not None:  # the project's name for k
-            k = n_components
+                 seed: int = 0, target: str = "batch", process_group=None, total_steps: int | None = None) -> None:
+        k = n_components
         if total_steps is not None and (not isinstance(total_steps, int) or total_steps < 1):
             raise ValueError(f"total_steps must be None or an integer >= 1, got {total_steps!r}")
         if em not in EM_MODES:

@@ -33,7 +33,7 @@ def _trainer(em: str = "warm", seed: int = 0, dtype=torch.float32, batch: int = 
              **kw) -> MW2GeneratorTrainer:
     data = load_samples("gmm2d", n_train=2000, n_test=500, seed=seed, dtype=dtype)
     net = make_generator(4, 2, hidden, seed=seed).to(dtype)
-    return MW2GeneratorTrainer(net, data.train, z_dim=4, k=k, batch=batch, em=em, seed=seed, **kw)
+    return MW2GeneratorTrainer(net, data.train, z_dim=4, n_components=k, batch=batch, em=em, seed=seed, **kw)
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -126,7 +126,7 @@ def test_training_lowers_held_out_sliced_w2():
     first 5 (measured 0.26)."""
     data = load_samples("gmm2d", n_train=5000, n_test=1000, seed=0)
     net = make_generator(4, 2, 64, seed=1)
-    trainer = MW2GeneratorTrainer(net, data.train, z_dim=4, k=8, batch=128, lr=2e-3, seed=1)
+    trainer = MW2GeneratorTrainer(net, data.train, z_dim=4, n_components=8, batch=128, lr=2e-3, seed=1)
     before = generated_sliced_w2(trainer.sample(1000, seed=1), data.test)
     trainer.train(300)
     after = generated_sliced_w2(trainer.sample(1000, seed=1), data.test)
@@ -266,7 +266,7 @@ def test_app_help_is_fast_and_lazy():
 def test_data_target_trains_digits_towards_the_data():
     data = load_samples("digits", seed=0)
     net = make_generator(8, 64, 64, seed=0, output="sigmoid")
-    trainer = MW2GeneratorTrainer(net, data.train, z_dim=8, k=4, batch=512, lr=2e-3, seed=0, target="data")
+    trainer = MW2GeneratorTrainer(net, data.train, z_dim=8, n_components=4, batch=512, lr=2e-3, seed=0, target="data")
     before = generated_sliced_w2(trainer.sample(300, seed=1), data.test[:300])
     history = trainer.train(60)
     after = generated_sliced_w2(trainer.sample(300, seed=1), data.test[:300])
@@ -280,7 +280,7 @@ def test_data_target_checkpoint_resumes_exactly(tmp_path):
 
     def make():
         net = make_generator(4, 64, 16, seed=0, output="sigmoid")
-        return MW2GeneratorTrainer(net, data.train, z_dim=4, k=3, batch=64, seed=0, target="data")
+        return MW2GeneratorTrainer(net, data.train, z_dim=4, n_components=3, batch=64, seed=0, target="data")
 
     # through the file format: the extra state (the policy's diagnostics) must survive weights_only loading
     assert_resumes_exactly(make, 3, 2, lambda state: load_checkpoint(save_checkpoint(tmp_path / "ckpt.pt", state)))

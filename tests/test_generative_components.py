@@ -23,7 +23,8 @@ from tests.app_checks import assert_resumes_exactly
 def _digits_trainer(k: int = 4, z_dim: int = 4, batch: int = 64, seed: int = 0, **kw) -> MW2GeneratorTrainer:
     data = load_samples("digits", seed=0)
     net = make_generator(z_dim + k, 64, 32, seed=seed, output="sigmoid")
-    return MW2GeneratorTrainer(net, data.train, z_dim=z_dim, k=k, batch=batch, seed=seed, target="components", **kw)
+    return MW2GeneratorTrainer(net, data.train, z_dim=z_dim, n_components=k, batch=batch, seed=seed,
+                               target="components", **kw)
 
 
 # --------------------------------------------------------------------------------------------- truncation
@@ -52,7 +53,8 @@ def test_truncation_outside_unit_interval_is_rejected(psi):
 
 def test_trainer_sample_truncation_limits():
     data = load_samples("gmm2d", n_train=500, n_test=100, seed=0)
-    trainer = MW2GeneratorTrainer(make_generator(4, 2, 16, seed=0), data.train, z_dim=4, k=4, batch=64, seed=0)
+    trainer = MW2GeneratorTrainer(make_generator(4, 2, 16, seed=0), data.train, z_dim=4, n_components=4, batch=64,
+                                  seed=0)
     assert torch.equal(trainer.sample(30, seed=5, truncation=1.0), trainer.sample(30, seed=5))
     with torch.no_grad():
         plain = trainer.net(torch.randn(30, 4, generator=torch.Generator().manual_seed(5)))
@@ -84,7 +86,8 @@ def _gaussian_w2_reference(m1, s1, m2, s2) -> float:
 def test_component_w2_loss_matches_closed_form_and_bounds_mw2():
     g = torch.Generator().manual_seed(0)
     k, n, d, reg = 3, 40, 4, 1e-3
-    x = torch.randn(k, n, d, generator=g, dtype=torch.float64) * torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)[:, None, None]
+    scale = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)[:, None, None]
+    x = torch.randn(k, n, d, generator=g, dtype=torch.float64) * scale
     a = torch.randn(k, d, d, generator=g, dtype=torch.float64)
     target = GMM(torch.full((k,), 1 / k, dtype=torch.float64), torch.randn(k, d, generator=g, dtype=torch.float64),
                  a @ a.transpose(1, 2) + 0.1 * torch.eye(d, dtype=torch.float64))
@@ -129,10 +132,11 @@ def test_components_checkpoint_resumes_exactly_with_the_schedule(tmp_path):
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * (1 - 3 / 8))  # set before step 4
 
 
-def test_n_components_alias_and_argument_checks():
+def test_k_is_the_deprecated_name_of_n_components_and_argument_checks():
     data = load_samples("digits", seed=0)
     net = make_generator(4, 64, 8, seed=0, output="sigmoid")
-    alias = MW2GeneratorTrainer(net, data.train, z_dim=4, n_components=3, batch=64, seed=0, target="data")
+    with pytest.warns(DeprecationWarning, match="'k' is renamed 'n_components'"):
+        alias = MW2GeneratorTrainer(net, data.train, z_dim=4, k=3, batch=64, seed=0, target="data")
     assert alias.k == 3 and alias.n_codes == 0
     with pytest.raises(ValueError, match="batch"):
         _digits_trainer(k=4, batch=6)
@@ -184,8 +188,8 @@ def test_apps_components_target_and_generate_truncation(tmp_path, capsys):
 
 def test_generate_rejects_truncation_of_a_texture(tmp_path, capsys):
     texture = tmp_path / "texture"
-    assert run("train_generator", train_generator.main, ["--data", "texture", "--size", "32", "--iters", "1", "--tileable",
-                                                         "--output", str(texture), "--quiet"]) == 0
+    argv = ["--data", "texture", "--size", "32", "--iters", "1", "--tileable", "--output", str(texture), "--quiet"]
+    assert run("train_generator", train_generator.main, argv) == 0
     capsys.readouterr()
     out = tmp_path / "never"
     assert run("generate", generate.main, [str(texture / "checkpoint.pt"), "--size", "32", "--truncation", "0.5",
