@@ -94,7 +94,7 @@ def texture_rows(size: int, iters: int) -> list[dict]:
         for config_name, config in _configs().items():
             if config["policy"] is not None and not config["fixed_weights"]:
                 config = dict(config, policy=TEXTURE_POLICY)
-            out = synthesize_texture(exemplar, (size, size), iters=iters, generator=torch.Generator().manual_seed(0),
+            out = synthesize_texture(exemplar, (size, size), n_iter=iters, generator=torch.Generator().manual_seed(0),
                                      **config)
             seconds = out.seconds  # the optimisation loop only (not the target fits nor the refit diagnostic)
             rows.append({"exemplar": name[:-4], "config": config_name, "final_loss": float(out.losses[-1].sum()),

@@ -20,29 +20,35 @@ Pieces:
 * :func:`fit_patch_gmms` — the per-scale target mixtures ``ν_s``.
 * :class:`PatchMW2Loss` — ``L`` as an ``nn.Module`` (exposes the per-scale terms).
 * :func:`synthesize_texture` — the optimisation (:func:`imgmw.flow.run_flow`: Adam with a decaying step,
-  or L-BFGS, on the pixels, clamped to [0, 1]).
+  or L-BFGS, on the pixels, clamped to [0, 1]), then a projection onto the exemplar's 8×8 patches
+  (:mod:`imgmw.texture_refine`) that is kept when it does not raise the 4×4 patch sliced-W2.
+* :func:`texture_scores` — the quality measures the app and the benchmarks report.
 """
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
+from .deprecation import renamed_parameters
 from .flow import refit_mw2, run_flow
 from .gmm import GMM
 from .losses import MW2Loss, data_reg_covar, fit_target, relative_reg_covar
+from .metrics import COPY_RATIO, STRUCTURE_PATCH, near_copy_fraction, patch_sliced_w2, structure_distance
 from .ot import gmm_barycentre, mw2
 from .patches import gather_patches, gaussian_pyramid, n_scales_for, patch_grid, random_patches
-from .validation import check_choice
+from .texture_refine import REFINE_ITERS, REFINE_PATCH, refine_texture, resize_image
+from .validation import check_choice, check_positive_int
 from .warm import FitPolicy
 
 __all__ = ["gaussian_random_field", "fit_patch_gmms", "PatchMW2Loss", "synthesize_texture",
            "texture_n_scales", "SynthesisResult", "OPTIMIZERS", "MIN_COARSE_SIDE", "DEFAULT_PATCHES", "TEXTURE_POLICY",
-           "ADAM_LR", "patch_positions", "check_patch_counts"]
+           "ADAM_LR", "patch_positions", "check_patch_counts", "texture_scores"]
 
 OPTIMIZERS = ("adam", "lbfgs")
 MIN_COARSE_SIDE = 16          # the paper's rule: the coarsest pyramid level keeps sides >= 16 px
@@ -52,6 +58,7 @@ MIN_WEIGHT = 0.05             # learned weights below MIN_WEIGHT / K trigger a r
 TEXTURE_POLICY = FitPolicy(min_weight=MIN_WEIGHT)  # the synthesis's default fit keeping
 DEFAULT_PATCHES = 2048        # patches drawn per scale per optimiser step
 COARSE_SHARE = 0.4  # synthesize_texture(stages > 1): fraction of the steps spent at the coarsest size
+REFINE_KEEP = 1.0             # keep the projection if its patch sliced-W2 is <= REFINE_KEEP × the MW2 result's
 ADAM_LR = 0.03                # initial Adam step (decayed linearly to 0), see synthesize_texture
 EIG_FLOOR = 1e-10             # relative eigenvalue floor of the colour pseudo-inverse square root
 
@@ -102,12 +109,6 @@ def _check_size(size: tuple[int, int]) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
-def _positive_int(name: str, value: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 def texture_n_scales(exemplar_hw: tuple[int, int], output_hw: tuple[int, int], patch: int,
                      n_scales: int | None = None) -> int:
     """Number of pyramid levels ``S`` for an exemplar and an output of the given ``(H, W)`` sizes.
@@ -116,11 +117,11 @@ def texture_n_scales(exemplar_hw: tuple[int, int], output_hw: tuple[int, int], p
     (``>= patch`` if larger) in both images (:func:`imgmw.patches.n_scales_for`). Raises ValueError when
     a level of either image (sides ``⌊side / 2^s⌋``) would be smaller than ``patch``.
     """
-    _positive_int("patch", patch)
+    check_positive_int("patch", patch)
     if n_scales is None:
         min_side = max(MIN_COARSE_SIDE, patch)
         n_scales = min(n_scales_for(*exemplar_hw, min_side), n_scales_for(*output_hw, min_side))
-    _positive_int("n_scales", n_scales)
+    check_positive_int("n_scales", n_scales)
     for name, (h, w) in (("exemplar", exemplar_hw), ("output", output_hw)):
         coarse = min(h, w) >> (n_scales - 1)
         if coarse < max(patch, 2 if n_scales > 1 else 1):
@@ -130,7 +131,8 @@ def texture_n_scales(exemplar_hw: tuple[int, int], output_hw: tuple[int, int], p
     return n_scales
 
 
-def patch_positions(hw: tuple[int, int], patch: int, n_scales: int, periodic: bool = False) -> list[tuple[int, int, int]]:
+def patch_positions(hw: tuple[int, int], patch: int, n_scales: int,
+                    periodic: bool = False) -> list[tuple[int, int, int]]:
     """``[(h_s, w_s, positions_s)]`` for the ``n_scales`` pyramid levels of an ``(H, W)`` image (sides
     ``⌊side / 2^s⌋``): the number of ``patch × patch`` positions, ``h·w`` when ``periodic`` (patches wrap)
     and ``(h − p + 1)(w − p + 1)`` otherwise."""
@@ -238,7 +240,7 @@ def gaussian_random_field(exemplar: Tensor, size: tuple[int, int], *, periodic: 
 def _level_patches(level: Tensor, patch: int, n: int, generator: torch.Generator | None) -> Tensor:
     """``[N', D]`` patches of one pyramid level ``[1, 3, h, w]``: all of them if ``N <= n``, else ``n``
     drawn without replacement."""
-    total = math.prod(patch_grid(*level.shape[-2:], patch))
+    total = math.prod(patch_grid(level.shape[-2], level.shape[-1], patch))
     if total <= n:
         positions = torch.arange(total, device=level.device)
         return gather_patches(level, patch, positions)[0]
@@ -251,8 +253,8 @@ def _fit_levels(exemplar: Tensor, patch: int, n_components: int, n_scales: int, 
     u = _as_image(exemplar, "exemplar")
     for name, value in (("patch", patch), ("n_components", n_components), ("n_scales", n_scales),
                         ("n_patches", n_patches), ("n_iter", n_iter)):
-        _positive_int(name, value)
-    texture_n_scales(tuple(u.shape[-2:]), tuple(u.shape[-2:]), patch, n_scales)
+        check_positive_int(name, value)
+    texture_n_scales(_hw(u), _hw(u), patch, n_scales)
     out = []
     for level in gaussian_pyramid(u, n_scales):
         x = _level_patches(level, patch, n_patches, generator)
@@ -344,8 +346,8 @@ class PatchMW2Loss(nn.Module):
     it scores 3–9× (wood) and 16–50× (brick) below noise, and the syntheses were as good (brick,
     patch-SW ratios within ±0.25 of k-means++ starts over three seeds).
 
-    Why learned weights and re-seeding (first measured, before the fit-keeping policy, with k-means++ starts on 64×64 crops of
-    ``data/wood.png`` and ``data/brick.png``, 48×48 outputs, 2 scales, Adam lr 0.01, 100 steps;
+    Why learned weights and re-seeding (first measured, before the fit-keeping policy, with k-means++ starts on 64×64
+    crops of ``data/wood.png`` and ``data/brick.png``, 48×48 outputs, 2 scales, Adam lr 0.01, 100 steps;
     ratio = patch-SW of the noise start / patch-SW of the result, higher is better): with fixed uniform
     weights the fits' components lose their points one after the other within ~20 steps (a component
     holding few points can match its target cheaply, and a fixed weight does not charge for the missing
@@ -374,9 +376,9 @@ class PatchMW2Loss(nn.Module):
         super().__init__()
         images, lam = _exemplar_list(exemplar, mix)
         hw = _common_size(images)
-        _positive_int("patch", patch)
-        _positive_int("n_patches", n_patches)
-        _positive_int("n_init_iter", n_init_iter)
+        check_positive_int("patch", patch)
+        check_positive_int("n_patches", n_patches)
+        check_positive_int("n_init_iter", n_init_iter)
         if targets is not None:  # given mixtures (e.g. a folder's patch prior): no exemplar fits
             pairs = _given_targets(targets, patch, n_scales, images[0])
             n_scales, n_components = len(pairs), pairs[0][0].n_components
@@ -401,19 +403,22 @@ class PatchMW2Loss(nn.Module):
         self._drawn_grids: list[int] = []   # the patch-grid sizes the kept positions were drawn on
         self.last_per_scale: Tensor | None = None
 
+    def _losses(self) -> list[MW2Loss]:
+        return [cast(MW2Loss, loss) for loss in self.scales]
+
     @property
     def targets(self) -> list[GMM]:
         """The exemplar's patch mixtures ``ν_s``, finest first."""
-        return [loss.target for loss in self.scales]
+        return [loss.target for loss in self._losses()]
 
     def reset(self) -> None:
         """Forget the warm-start fits and the drawn positions (the next call starts afresh)."""
-        for loss in self.scales:
+        for loss in self._losses():
             loss.reset()
         self._positions, self._drawn_grids = None, []
 
     def _grid_sizes(self, levels: list[Tensor]) -> list[int]:
-        return [math.prod(patch_grid(*lv.shape[-2:], self.patch, self.periodic)) for lv in levels]
+        return [math.prod(patch_grid(lv.shape[-2], lv.shape[-1], self.patch, self.periodic)) for lv in levels]
 
     def resample(self, levels: list[Tensor]) -> list[Tensor]:
         """Draw new patch positions ``[n_s]`` for every level ``[B, 3, h_s, w_s]`` and keep them."""
@@ -432,7 +437,7 @@ class PatchMW2Loss(nn.Module):
         if not isinstance(image, Tensor) or image.dim() != 4 or image.shape[1] != 3:
             shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
             raise ValueError(f"image must be a tensor [B, 3, H, W], got {shape}")
-        texture_n_scales(self.exemplar_size, tuple(image.shape[-2:]), self.patch, self.n_scales)
+        texture_n_scales(self.exemplar_size, _hw(image), self.patch, self.n_scales)
         return gaussian_pyramid(image, self.n_scales, periodic=self.periodic)
 
     def per_scale(self, image: Tensor, *, resample: bool = True) -> Tensor:
@@ -445,7 +450,7 @@ class PatchMW2Loss(nn.Module):
         if resample or positions is None or self._drawn_grids != self._grid_sizes(levels):
             positions = self.resample(levels)
         fits = []
-        for loss, level, pos in zip(self.scales, levels, positions):
+        for loss, level, pos in zip(self._losses(), levels, positions):
             loss.start_from_target(image.shape[:1])
             # positions come from resample() on this grid: in range, no host check needed
             patches = gather_patches(level, self.patch, pos, self.periodic, check_input=False)
@@ -453,7 +458,8 @@ class PatchMW2Loss(nn.Module):
         # every scale's fit has the same K and D: one MW2 call for all scales, one linear-program transfer
         bshape, k, d = fits[0].batch_shape, fits[0].n_components, fits[0].n_features
         targets = GMM.stack([GMM(t.weights.expand(*bshape, k), t.means.expand(*bshape, k, d),
-                                 t.covariances.expand(*bshape, k, d, d)) for t in (loss.target for loss in self.scales)])
+                                 t.covariances.expand(*bshape, k, d, d))
+                             for t in (loss.target for loss in self._losses())])
         per_scale = mw2(GMM.stack(fits), targets, check_input=False).mean(-1)  # [S, B] → [S]
         self.last_per_scale = per_scale.detach()
         return per_scale
@@ -468,7 +474,7 @@ class PatchMW2Loss(nn.Module):
         ``image [1, 3, H, W]`` (with the scale's ``reg_covar`` and weighting): what the loss would be if its
         fits were fresh."""
         out = []
-        for loss, level in zip(self.scales, self._levels(image)):
+        for loss, level in zip(self._losses(), self._levels(image)):
             x = _level_patches(level, self.patch, n_patches, self.generator)
             out.append(refit_mw2(x, loss.target, fixed_weights=self.fixed_weights, reg_covar=loss.reg_covar,
                                  generator=self.generator))
@@ -477,7 +483,7 @@ class PatchMW2Loss(nn.Module):
     @property
     def fit_diagnostics(self) -> list[dict]:
         """Per scale, what the warm starts' fit-keeping policy did (:meth:`imgmw.warm.FitDiagnostics.as_dict`)."""
-        return [loss.em.diagnostics.as_dict() for loss in self.scales]
+        return [{} if loss.em is None else loss.em.diagnostics.as_dict() for loss in self._losses()]
 
 
 # ----------------------------------------------------------------------------------------- optimisation
@@ -495,6 +501,10 @@ class SynthesisResult:
         n_scales: ``S``.
         refit_mw2: ``[S]`` per-scale MW2² of fresh fits of the result's patches (``None`` unless diagnosed).
         fit: per scale, what the fit-keeping policy did.
+        unrefined: ``[3, H, W]`` the MW2 synthesis before the patch projection (``image`` itself unless
+            ``refined``).
+        refined: whether ``image`` is the patch projection of ``unrefined``.
+        refine_seconds: wall time of the patch projection (:func:`imgmw.texture_refine.refine_texture`).
     """
 
     image: Tensor
@@ -505,17 +515,32 @@ class SynthesisResult:
     n_scales: int
     refit_mw2: Tensor | None = None
     fit: list = field(default_factory=list)
+    unrefined: Tensor | None = None
+    refined: bool = False
+    refine_seconds: float = 0.0
 
 
+@renamed_parameters(iters="n_iter")
 def synthesize_texture(exemplar: Tensor | Sequence[Tensor], size: tuple[int, int], *, patch: int = 4,
                        n_components: int = 4, n_scales: int | None = None, n_patches: int = DEFAULT_PATCHES,
-                       iters: int = 300, lr: float | None = None, optimizer: str = "adam", periodic: bool = False,
+                       n_iter: int = 300, lr: float | None = None, optimizer: str = "adam", periodic: bool = False,
                        mix: Sequence[float] | Tensor | None = None, init: Tensor | None = None, stages: int = 1,
                        fixed_weights: bool = False, policy: FitPolicy | None = TEXTURE_POLICY,
                        diagnose: bool = True, generator: torch.Generator | None = None,
                        callback: Callable[[int, Tensor, Tensor], None] | None = None,
-                       targets: Sequence[GMM] | None = None) -> SynthesisResult:
+                       targets: Sequence[GMM] | None = None, refine_n_iter: int = REFINE_ITERS) -> SynthesisResult:
     """Synthesise an ``H × W`` texture like ``exemplar`` by minimising :class:`PatchMW2Loss`.
+
+    ``refine_n_iter``: iterations per level of the final patch projection onto the exemplar
+    (:func:`imgmw.texture_refine.refine_texture`: 8×8 exemplar patches, coarse to fine; ``0``: none). The MW2
+    flow lays out the texture with the exemplar's patch statistics; the projection replaces every 8×8 patch by
+    its nearest exemplar patch, which reconnects broken structures and removes the grain. It is **kept only
+    if** it does not raise the 4×4 patch sliced-W2 to the exemplar (:data:`REFINE_KEEP`): on stochastic or
+    sparse textures (gravel, wood grain, galaxies, the thin veins) nearest-patch projection washes out to the
+    exemplar's commonest low-contrast patches, which that measure sees (measured in
+    ``benchmarks/bench_structure.py``). It applies to one exemplar (or a mix with one non-zero weight) of at
+    least 8×8 pixels and an output as large, not with given ``targets``; ``result.unrefined`` is the MW2-only
+    image, ``result.refined`` says which one ``result.image`` is.
 
     ``targets``: given per-scale patch mixtures (e.g. a folder's prior, :mod:`imgmw.prior`) replace the
     exemplar's fits (:class:`PatchMW2Loss`); the exemplar still gives the noise start. Not with ``stages > 1``.
@@ -524,7 +549,7 @@ def synthesize_texture(exemplar: Tensor | Sequence[Tensor], size: tuple[int, int
     start then has the colour statistics of the exemplar with the largest weight. ``init`` (``[3, H, W]``)
     replaces the noise start (e.g. an upsampled coarser synthesis).
 
-    ``stages > 1`` synthesises coarse to fine: ``iters`` steps in all, ``COARSE_SHARE`` of them at
+    ``stages > 1`` synthesises coarse to fine: ``n_iter`` steps in all, ``COARSE_SHARE`` of them at
     ``1/2^(stages−1)`` of the output size against
     the exemplars reduced as much (:func:`imgmw.patches.gaussian_pyramid`; the pyramid depth of each coarser
     stage by the default rule), the result upsampled (bilinear; circularly padded when ``periodic``) as the
@@ -537,11 +562,12 @@ def synthesize_texture(exemplar: Tensor | Sequence[Tensor], size: tuple[int, int
     the stages; ``callback`` steps count on across stages.
 
     The pixels start at :func:`gaussian_random_field` (``periodic`` as requested) clamped to [0, 1] and
-    are optimised by Adam (``lr`` default 0.03, decayed linearly to 0 over ``iters`` steps) or L-BFGS
+    are optimised by Adam (``lr`` default 0.03, decayed linearly to 0 over ``n_iter`` steps) or L-BFGS
     (``lr`` default 1, strong-Wolfe line search, one L-BFGS iteration per step, its evaluations sharing
     one patch draw). After every step the pixels are clamped to [0, 1] (a projection onto the valid image
     range, so the loss never sees values a PNG cannot hold); the loop is :func:`imgmw.flow.run_flow`.
-    ``callback(step, image [1, 3, H, W], per_scale [S])`` runs after each step (``per_scale`` on the device:
+    ``callback(step, per_scale [S], image [1, 3, H, W])`` (the flows' signature: step, loss, state) runs after
+    each step (``per_scale`` on the device:
     read it at :func:`imgmw.flow.run_flow`'s sync points, ``(step + 1) % imgmw.flow.SYNC_EVERY == 0``).
     ``policy``: the warm starts' fit keeping (:class:`PatchMW2Loss`); ``diagnose``: compute the result's per-scale
     :meth:`PatchMW2Loss.refit_mw2`.
@@ -562,56 +588,63 @@ def synthesize_texture(exemplar: Tensor | Sequence[Tensor], size: tuple[int, int
         raise ValueError(f"stages must be an integer >= 1, got {stages!r}")
     if targets is not None and stages > 1:
         raise ValueError("given targets have one pyramid; use stages=1 with them")
-    _positive_int("iters", iters)
-    common = dict(patch=patch, n_components=n_components, n_patches=n_patches, lr=lr,
+    check_positive_int("n_iter", n_iter)
+    if not isinstance(refine_n_iter, int) or isinstance(refine_n_iter, bool) or refine_n_iter < 0:
+        raise ValueError(f"refine_n_iter must be an int >= 0, got {refine_n_iter!r}")
+    common: dict[str, Any] = dict(patch=patch, n_components=n_components, n_patches=n_patches, lr=lr,
                   optimizer=optimizer, periodic=periodic, mix=lam, fixed_weights=fixed_weights, policy=policy,
                   generator=generator, targets=targets)
     pyramids = [gaussian_pyramid(img, stages) for img in images]
-    steps = _stage_steps(iters, stages)
-    result, seconds, setup = None, 0.0, 0.0
+    steps = _stage_steps(n_iter, stages)
+    result: SynthesisResult | None = None
+    seconds, setup = 0.0, 0.0
     for stage in range(stages):
         factor = 2 ** (stages - 1 - stage)
         shape = (max(1, height // factor), max(1, width // factor))
-        start = init if stage == 0 else _resize_image(result.image, shape, periodic)
+        start = init if result is None else resize_image(result.image, shape, periodic)
         if stage == 0 and init is not None and factor > 1:
-            start = _resize_image(_as_image(init, "init")[0], shape, periodic)
+            start = resize_image(_as_image(init, "init")[0], shape, periodic)
         hook = None if callback is None else (
-            lambda step, image, per_scale, offset=sum(steps[:stage]): callback(offset + step, image, per_scale))
-        result = _synthesize_once([p[stages - 1 - stage] for p in pyramids], shape, init=start, iters=steps[stage],
+            lambda step, per_scale, image, offset=sum(steps[:stage]): callback(offset + step, per_scale, image))
+        result = _synthesize_once([p[stages - 1 - stage] for p in pyramids], shape, init=start, n_iter=steps[stage],
                                   n_scales=n_scales if factor == 1 else None,
                                   diagnose=diagnose and factor == 1, callback=hook, **common)
         seconds, setup = seconds + result.seconds, setup + result.setup_seconds
+    assert result is not None  # stages >= 1
     result.seconds, result.setup_seconds = seconds, setup
+    result.unrefined = result.image
+    used = [img[0] for img, weight in zip(images, lam) if weight > 0]
+    large = len(used) == 1 and min(*used[0].shape[-2:], height, width) >= REFINE_PATCH
+    if refine_n_iter and targets is None and large:
+        t_refine = time.perf_counter()
+        refined = refine_texture(result.image, used[0], n_iter=refine_n_iter, periodic=periodic, generator=generator)
+        if _keeps_patch_statistics(refined, result.image, used[0]):
+            result.image, result.refined = refined, True
+        result.refine_seconds = time.perf_counter() - t_refine
     return result
 
 
-def _stage_steps(iters: int, stages: int) -> list[int]:
-    """``iters`` split over the stages, coarsest first: ``COARSE_SHARE`` to the coarsest stage, the rest in equal
+def _keeps_patch_statistics(refined: Tensor, image: Tensor, exemplar: Tensor) -> bool:
+    """Whether the projection ``refined [3, H, W]`` of ``image`` is at least as close to ``exemplar`` in 4×4 patch
+    sliced-W2 (:func:`imgmw.metrics.patch_sliced_w2`, fixed seed) as ``image``: the projection's failure mode
+    is a wash-out to the exemplar's commonest low-contrast patches (stochastic textures, sparse bright details),
+    which the structure distance rewards but which loses contrast, and that this measure sees."""
+    return patch_sliced_w2(refined, exemplar) <= REFINE_KEEP * patch_sliced_w2(image, exemplar)
+
+
+def _stage_steps(n_iter: int, stages: int) -> list[int]:
+    """``n_iter`` split over the stages, coarsest first: ``COARSE_SHARE`` to the coarsest stage, the rest in equal
     parts (at least one step each)."""
     if stages == 1:
-        return [iters]
-    first = max(1, round(COARSE_SHARE * iters))
-    rest = [max(1, (iters - first) // (stages - 1))] * (stages - 1)
-    rest[-1] += max(0, iters - first - sum(rest))
+        return [n_iter]
+    first = max(1, round(COARSE_SHARE * n_iter))
+    rest = [max(1, (n_iter - first) // (stages - 1))] * (stages - 1)
+    rest[-1] += max(0, n_iter - first - sum(rest))
     return [first, *rest]
 
 
-def _resize_image(image: Tensor, shape: tuple[int, int], periodic: bool) -> Tensor:
-    """``image [3, h, w]`` resized to ``shape`` bilinearly (a stage's start from the previous stage's result, or a
-    given ``init`` brought to the first stage's size); periodic images wrap (one pixel of circular padding)."""
-    x = image[None]
-    if not periodic:
-        return torch.nn.functional.interpolate(x, size=shape, mode="bilinear", align_corners=False)[0].clamp(0, 1)
-    h, w = x.shape[-2:]
-    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="circular")
-    big = torch.nn.functional.interpolate(padded, scale_factor=(shape[0] / h, shape[1] / w), mode="bilinear",
-                                          align_corners=False)
-    top, left = round(shape[0] / h), round(shape[1] / w)
-    return big[0, :, top:top + shape[0], left:left + shape[1]].clamp(0, 1)
-
-
 def _synthesize_once(images: list[Tensor], size: tuple[int, int], *, patch: int, n_components: int,
-                     n_scales: int | None, n_patches: int, iters: int, lr: float | None, optimizer: str,
+                     n_scales: int | None, n_patches: int, n_iter: int, lr: float | None, optimizer: str,
                      periodic: bool, mix: list[float], fixed_weights: bool, policy: FitPolicy | None,
                      diagnose: bool, generator: torch.Generator | None,
                      callback: Callable[[int, Tensor, Tensor], None] | None, init: Tensor | None,
@@ -621,17 +654,17 @@ def _synthesize_once(images: list[Tensor], size: tuple[int, int], *, patch: int,
     u = images[max(range(len(lam)), key=lam.__getitem__)]  # the noise start: the heaviest exemplar's field
     height, width = _check_size(size)
     check_choice("optimizer", optimizer, OPTIMIZERS)
-    _positive_int("iters", iters)
+    check_positive_int("n_iter", n_iter)
     lr = (ADAM_LR if optimizer == "adam" else 1.0) if lr is None else lr
     if not (isinstance(lr, (int, float)) and 0 < lr < math.inf):
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
     if targets is not None:
         n_scales, n_components = len(targets), targets[0].n_components
     n_scales = texture_n_scales(_common_size(images), (height, width), patch, n_scales)
-    _positive_int("n_components", n_components)
-    _positive_int("n_patches", n_patches)
+    check_positive_int("n_components", n_components)
+    check_positive_int("n_patches", n_patches)
     for img in images:
-        check_patch_counts(tuple(img.shape[-2:]), (height, width), patch, n_scales, n_components, n_patches,
+        check_patch_counts(_hw(img), (height, width), patch, n_scales, n_components, n_patches,
                            periodic)
     start = time.perf_counter()
     loss_fn = PatchMW2Loss(images, patch, n_components, n_scales, n_patches, periodic, generator, mix=lam,
@@ -653,14 +686,21 @@ def _synthesize_once(images: list[Tensor], size: tuple[int, int], *, patch: int,
         drawn[0] = step
         return terms
 
-    hook = None if callback is None else (lambda step, _, x: callback(step, _rgb(x), loss_fn.last_per_scale))
-    flow = run_flow(x0, objective, iters=iters, lr=lr, step=optimizer,
+    hook = None if callback is None else (lambda step, _, x: callback(step, cast(Tensor, loss_fn.last_per_scale),
+                                                                         _rgb(x)))
+    flow = run_flow(x0, objective, n_iter=n_iter, lr=lr, step=optimizer,
                     schedule="linear" if optimizer == "adam" else "constant",
                     project=lambda x: x.clamp_(0.0, 1.0), callback=hook)
     image = _rgb(flow.x)
     refit = loss_fn.refit_mw2(image) if diagnose else None
+    assert flow.terms is not None  # n_iter >= 1
     return SynthesisResult(image[0].contiguous(), init, flow.terms.to(torch.float64).cpu(), flow.seconds, setup,
                            n_scales, refit, loss_fn.fit_diagnostics)
+
+
+def _hw(image: Tensor) -> tuple[int, int]:
+    """``(H, W)`` of an image ``[..., H, W]``."""
+    return image.shape[-2], image.shape[-1]
 
 
 def _is_grey(exemplar: Tensor) -> bool:
@@ -671,3 +711,21 @@ def _is_grey(exemplar: Tensor) -> bool:
 def _rgb(x: Tensor) -> Tensor:
     """``[B, 1, H, W]`` grey pixels repeated to ``[B, 3, H, W]`` (a view); RGB input unchanged."""
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+def texture_scores(image: Tensor, exemplar: Tensor, *, init: Tensor | None = None, unrefined: Tensor | None = None,
+                   patch: int = 4) -> dict:
+    """Quality of a synthesis ``image [3, H, W]`` against ``exemplar [3, h, w]``, as the texture app's
+    ``metrics.json`` records it (:mod:`imgmw.metrics`): ``patch × patch`` multi-scale patch sliced-W2, the
+    structure distance and the near-copy fraction (15×15 patches), each under ``"result"``, and under ``"init"``
+    and ``"mw2_only"`` for the noise start ``init`` and the synthesis before its patch projection ``unrefined``
+    (both ``[3, H, W]``) when given."""
+    images = {key: img for key, img in (("init", init), ("mw2_only", unrefined), ("result", image)) if img is not None}
+
+    def score(fn) -> dict:
+        return {key: fn(img, exemplar) for key, img in images.items()}
+
+    return {"patch_sliced_w2": {"patch": patch, **score(lambda a, b: patch_sliced_w2(a, b, patch=patch))},
+            "structure_distance": {"patch": STRUCTURE_PATCH, **score(structure_distance)},
+            "near_copy_fraction": {"patch": STRUCTURE_PATCH, "distance_over_contrast_below": COPY_RATIO,
+                                   **score(near_copy_fraction)}}

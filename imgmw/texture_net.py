@@ -37,7 +37,8 @@ LR_FLOOR = 0.05
 
 
 class _Block(nn.Module):
-    """Two 3×3 convolutions with LeakyReLU(0.2), reflect or circular padding (``[n, c_in, h, w] → [n, c_out, h, w]``)."""
+    """Two 3×3 convolutions with LeakyReLU(0.2), reflect or circular padding
+    (``[n, c_in, h, w] → [n, c_out, h, w]``)."""
 
     def __init__(self, c_in: int, c_out: int, periodic: bool) -> None:
         super().__init__()

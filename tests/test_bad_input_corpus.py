@@ -153,7 +153,7 @@ LIBRARY_CASES = {
     "transfer_colours: grey image": (lambda: transfer_colours(torch.rand(8, 8), torch.rand(3, 8, 8)), ValueError,
                                      r"\[3, H, W\]"),
     "synthesize_texture: mix of the wrong length": (
-        lambda: synthesize_texture([torch.rand(3, 32, 32)] * 2, (32, 32), mix=[1.0], iters=1), ValueError, "mix"),
+        lambda: synthesize_texture([torch.rand(3, 32, 32)] * 2, (32, 32), mix=[1.0], n_iter=1), ValueError, "mix"),
     "structure_distance: result smaller than the patch": (
         lambda: structure_distance(torch.rand(3, 8, 8), torch.rand(3, 32, 32)), ValueError, "smaller"),
     "gmm_ot_map: mis-shaped plan": (lambda: gmm_ot_map(torch.zeros(4, 2, dtype=torch.float64), _g(2), _g(3),

@@ -122,7 +122,7 @@ def test_a_texture_step_reads_the_host_once(monkeypatch):
     n_scales = 2
     with counting_host_reads(monkeypatch) as mode:
         synthesize_texture(_exemplar(), (40, 40), patch=4, n_components=3, n_scales=n_scales, n_patches=256,
-                           iters=2 * SYNC_EVERY, diagnose=False, generator=torch.Generator().manual_seed(1),
+                           n_iter=2 * SYNC_EVERY, diagnose=False, generator=torch.Generator().manual_seed(1),
                            callback=lambda step, image, per_scale: marks.append(len(mode.reads)))
     assert TEXTURE_POLICY.check_every > 2 * SYNC_EVERY   # no fresh-fit check (an EM fit to convergence) in the run
     steps = range(SYNC_EVERY + 1, 2 * SYNC_EVERY - 1)                      # between two sync points

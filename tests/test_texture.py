@@ -244,7 +244,7 @@ def test_periodic_loss_draws_wrapping_patches():
 
 def test_synthesis_is_deterministic_and_in_range():
     ex = _stripes(40, 40)
-    run = lambda: synthesize_texture(ex, (24, 28), n_components=2, n_scales=1, iters=3,  # noqa: E731
+    run = lambda: synthesize_texture(ex, (24, 28), n_components=2, n_scales=1, n_iter=3,  # noqa: E731
                                      generator=torch.Generator().manual_seed(3))
     a, b = run(), run()
     assert a.image.shape == (3, 24, 28) and a.losses.shape == (3, 1)
@@ -264,11 +264,11 @@ def test_synthesis_rejects_bad_arguments():
 
 def test_grey_exemplar_gives_a_grey_synthesis():
     grey = _stripes(40, 40)[:1].expand(3, -1, -1)
-    out = synthesize_texture(grey, (24, 24), n_components=2, n_scales=1, iters=3,
+    out = synthesize_texture(grey, (24, 24), n_components=2, n_scales=1, n_iter=3,
                              generator=torch.Generator().manual_seed(0))
     assert out.image.shape == (3, 24, 24)
     assert torch.equal(out.image[0], out.image[1]) and torch.equal(out.image[1], out.image[2])
-    colour = synthesize_texture(_stripes(40, 40), (24, 24), n_components=2, n_scales=1, iters=3,
+    colour = synthesize_texture(_stripes(40, 40), (24, 24), n_components=2, n_scales=1, n_iter=3,
                                 generator=torch.Generator().manual_seed(0))
     assert not torch.equal(colour.image[0], colour.image[1])
 
@@ -298,7 +298,7 @@ def test_mixed_synthesis_is_deterministic_for_a_seed():
 
     root = Path(__file__).resolve().parents[1] / "data"
     a, b = load_image(root / "stripes.png")[:, :48, :48], load_image(root / "bricks.png")[:, :48, :48]
-    runs = [synthesize_texture([a, b], (32, 32), mix=[0.3, 0.7], iters=5, n_scales=1,
+    runs = [synthesize_texture([a, b], (32, 32), mix=[0.3, 0.7], n_iter=5, n_scales=1,
                                generator=torch.Generator().manual_seed(4)).image for _ in range(2)]
     torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
 
@@ -308,17 +308,17 @@ def test_coarse_to_fine_stages_run_every_size_and_count_steps_on():
 
     ex = load_image(Path(__file__).resolve().parents[1] / "data" / "bricks.png")[:, :64, :64]
     steps, shapes = [], []
-    result = synthesize_texture(ex, (32, 48), stages=2, iters=3, n_scales=1, diagnose=False,
+    result = synthesize_texture(ex, (32, 48), stages=2, n_iter=3, n_scales=1, diagnose=False,
                                 generator=torch.Generator().manual_seed(0),
-                                callback=lambda step, image, _: (steps.append(step), shapes.append(image.shape)))
+                                callback=lambda step, _, image: (steps.append(step), shapes.append(image.shape)))
     assert result.image.shape == (3, 32, 48) and result.init.shape == (3, 32, 48)
     assert steps == list(range(3))                                  # 3 steps in all: 1 coarse, 2 fine
     assert shapes[0][-2:] == (16, 24) and shapes[-1][-2:] == (32, 48)
-    tiled = synthesize_texture(ex, (32, 32), stages=2, iters=2, n_scales=1, periodic=True, diagnose=False,
+    tiled = synthesize_texture(ex, (32, 32), stages=2, n_iter=2, n_scales=1, periodic=True, diagnose=False,
                                generator=torch.Generator().manual_seed(0))
     assert tiled.image.shape == (3, 32, 32)
     with pytest.raises(ValueError, match="stages"):
-        synthesize_texture(ex, (32, 32), stages=0, iters=2)
+        synthesize_texture(ex, (32, 32), stages=0, n_iter=2)
 
 
 def test_check_patch_counts_names_parameters_or_flags():
@@ -329,3 +329,42 @@ def test_check_patch_counts_names_parameters_or_flags():
     with pytest.raises(ValueError, match=r"--k 50 is more than the 25 positions .* output's 8x8 level"):
         check_patch_counts((64, 64), (32, 32), 4, 3, 50, 100, names={"n_components": "--k"})
     check_patch_counts((64, 64), (32, 32), 4, 3, 25, 100)                   # exactly enough: no error
+
+
+def test_patch_projection_is_optional_gated_and_deterministic(monkeypatch):
+    """The final projection (imgmw.texture_refine) runs after the same MW2 flow, is kept only when it does not
+    raise the 4×4 patch sliced-W2 (REFINE_KEEP), is deterministic for a seed, and is skipped for real mixes."""
+    import imgmw.texture as texture
+    from imgmw.image import load_image
+    from imgmw.metrics import patch_sliced_w2
+
+    ex = load_image(Path(__file__).resolve().parents[1] / "data" / "bricks.png")[:, :64, :64]
+    run = lambda **kw: synthesize_texture(ex, (40, 40), n_scales=1, n_iter=4, diagnose=False,  # noqa: E731
+                                          generator=torch.Generator().manual_seed(0), **kw)
+    off = run(refine_n_iter=0)
+    assert not off.refined and off.unrefined is off.image and off.refine_seconds == 0
+    monkeypatch.setattr(texture, "REFINE_KEEP", 1e9)             # always kept
+    kept = run()
+    assert kept.refined and torch.equal(kept.unrefined, off.image) and not torch.equal(kept.image, off.image)
+    assert torch.equal(run().image, kept.image) and kept.refine_seconds > 0
+    monkeypatch.setattr(texture, "REFINE_KEEP", 0.0)             # never kept
+    rejected = run()
+    assert not rejected.refined and torch.equal(rejected.image, off.image)
+    monkeypatch.setattr(texture, "REFINE_KEEP", 1.0)             # the default rule
+    default = run()
+    assert default.refined == (patch_sliced_w2(kept.image, ex) <= patch_sliced_w2(off.image, ex))
+    mixed = synthesize_texture([ex, ex.flip(-1)], (40, 40), mix=[0.5, 0.5], n_scales=1, n_iter=2, diagnose=False,
+                               generator=torch.Generator().manual_seed(0))
+    assert not mixed.refined
+    with pytest.raises(ValueError, match="refine_n_iter"):
+        run(refine_n_iter=-1)
+
+
+def test_texture_scores_report_every_image_given():
+    from imgmw.texture import texture_scores
+
+    ex = _stripes(40, 40)
+    scores = texture_scores(ex, ex, init=torch.full_like(ex, 0.5), unrefined=ex.flip(-1))
+    assert set(scores) == {"patch_sliced_w2", "structure_distance", "near_copy_fraction"}
+    assert scores["structure_distance"]["result"] == 0.0 and scores["near_copy_fraction"]["result"] == 1.0
+    assert scores["structure_distance"]["init"] > 0 and "mw2_only" in scores["patch_sliced_w2"]
