@@ -92,7 +92,7 @@ show(fig, photo=True)
 # Every step draws 2048 random patches per level, takes one warm-started EM step on them and one MW2 step.
 
 # %%
-result = synthesize_texture(wood, (SIZE, SIZE), iters=ITERS, generator=torch.Generator().manual_seed(0))
+result = synthesize_texture(wood, (SIZE, SIZE), n_iter=ITERS, generator=torch.Generator().manual_seed(0))
 print(f"{result.n_scales} scales, {ITERS} steps in {result.seconds:.1f} s (+ {result.setup_seconds:.1f} s for "
       f"the target fits); patch SW2 to the exemplar: noise start {patch_sliced_w2(result.init, wood):.4f} "
       f"-> result {patch_sliced_w2(result.image, wood):.4f}")
@@ -129,7 +129,7 @@ show(fig)
 # Nothing ties the output to the exemplar's size: the loss compares patch *distributions*. A wide strip:
 
 # %%
-wide = synthesize_texture(wood, (SIZE // 2 + 16, 2 * SIZE), iters=ITERS, diagnose=False,
+wide = synthesize_texture(wood, (SIZE // 2 + 16, 2 * SIZE), n_iter=ITERS, diagnose=False,
                           generator=torch.Generator().manual_seed(1))
 gallery([wood, wide.image], ["exemplar", f"{wide.image.shape[-1]}×{wide.image.shape[-2]} output"],
         "the same exemplar, another size", width=3.4)
@@ -140,7 +140,7 @@ gallery([wood, wide.image], ["exemplar", f"{wide.image.shape[-1]}×{wide.image.s
 # between neighbouring interior pixels: a ratio near 1 means no visible seam.
 
 # %%
-tiled = synthesize_texture(wood, (SIZE, SIZE), iters=ITERS, periodic=True, diagnose=False,
+tiled = synthesize_texture(wood, (SIZE, SIZE), n_iter=ITERS, periodic=True, diagnose=False,
                            generator=torch.Generator().manual_seed(0))
 ratios = {"plain": seam_energy(result.image)["ratio"], "periodic": seam_energy(tiled.image)["ratio"]}
 print({k: round(v, 2) for k, v in ratios.items()})
@@ -162,7 +162,7 @@ stripes = imgmw.load_image("../data/stripes.png")
 veins = imgmw.load_image("../data/veins.png")
 side = 64 if SMALL else 128
 stripes_s, veins_s = resize_max(stripes, side).double(), resize_max(veins, side).double()
-mixed = synthesize_texture([stripes_s, veins_s], (SIZE, SIZE), mix=[0.5, 0.5], iters=ITERS, diagnose=False,
+mixed = synthesize_texture([stripes_s, veins_s], (SIZE, SIZE), mix=[0.5, 0.5], n_iter=ITERS, diagnose=False,
                            generator=torch.Generator().manual_seed(0))
 gallery([stripes_s, mixed.image, veins_s], ["stripes", "mix 0.5 / 0.5", "veins"], "texture mixing")
 
@@ -185,8 +185,8 @@ v = resize_max(veins, 96) if SMALL else veins
 c = v.shape[-1] // 2
 left, right = v[:, :c, :c], v[:, :c, c:]  # two crops of the same texture, side by side
 size = (c, c)
-plain = synthesize_texture(left, size, iters=ITERS, diagnose=False, generator=torch.Generator().manual_seed(0))
-staged = synthesize_texture(left, size, iters=ITERS, stages=3, diagnose=False,
+plain = synthesize_texture(left, size, n_iter=ITERS, diagnose=False, generator=torch.Generator().manual_seed(0))
+staged = synthesize_texture(left, size, n_iter=ITERS, stages=3, diagnose=False,
                             generator=torch.Generator().manual_seed(0))
 candidates = {"noise start": plain.init, "synthesis": plain.image, "coarse to fine": staged.image,
               "another crop": right}

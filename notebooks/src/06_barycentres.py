@@ -70,7 +70,7 @@ def keep(step, energy, x):
         snapshots[step + 1] = x.clone()
 
 
-points, energy = imgmw.barycentre_flow(targets, n_points=500, iters=iters, lr=0.1, em=em, callback=keep,
+points, energy = imgmw.barycentre_flow(targets, n_points=500, n_iter=iters, lr=0.1, em=em, callback=keep,
                                        generator=torch.Generator().manual_seed(0))
 
 
@@ -141,10 +141,10 @@ photos = [resize_max(imgmw.load_image(f"../data/{n}"), side) for n in names]
 palettes_in = colour_targets(photos, k=10, generator=torch.Generator().manual_seed(0))
 em_palette = imgmw.WarmStartEM(10, fixed_weights=True, reg_covar=relative_reg_covar(imgmw.GMM.stack(palettes_in)),
                                n_init_iter=30, generator=torch.Generator().manual_seed(0))
-colours, history = imgmw.barycentre_flow(palettes_in, n_points=1000, iters=40 if SMALL else 150, lr=0.05,
+colours, history = imgmw.barycentre_flow(palettes_in, n_points=1000, n_iter=40 if SMALL else 150, lr=0.05,
                                          init="moments", em=em_palette, generator=torch.Generator().manual_seed(0))
 bary_rgb = from_scaled_space(colours, "lab")  # scaled Lab -> sRGB in [0, 1]
-recoloured, _ = recolour_to_gmm(photos[0], em_palette.state, iters=30 if SMALL else 100,
+recoloured, _ = recolour_to_gmm(photos[0], em_palette.state, n_iter=30 if SMALL else 100,
                                 generator=torch.Generator().manual_seed(0))
 print(f"objective: {history[0]:.3f} at the start -> {history[-1]:.4f} after {len(history)} steps")
 
@@ -217,7 +217,7 @@ shown_t = [0.5] if SMALL else [0.25, 0.5, 0.75]
 syntheses = []
 for t in shown_t:
     start_from = stripes if t <= 0.5 else veins
-    out = synthesize_texture(start_from, (size, size), targets=path[t], iters=15 if SMALL else 150, diagnose=False,
+    out = synthesize_texture(start_from, (size, size), targets=path[t], n_iter=15 if SMALL else 150, diagnose=False,
                              generator=torch.Generator().manual_seed(0))
     syntheses.append(out.image)
 images = [stripes, *syntheses, veins]

@@ -126,7 +126,7 @@ show(fig, photo=True)
 data = load_samples("digits", seed=0)
 digit_steps = 10 if SMALL else 400
 net_d = make_generator(16, 64, 256, seed=0, output="sigmoid")
-trainer_d = MW2GeneratorTrainer(net_d, data.train, z_dim=16, k=16, batch=256 if SMALL else 2048, lr=2e-3,
+trainer_d = MW2GeneratorTrainer(net_d, data.train, z_dim=16, n_components=16, batch=256 if SMALL else 2048, lr=2e-3,
                                 target="data", seed=0)
 before = trainer_d.sample(1000, seed=1)
 t0 = time.perf_counter()
