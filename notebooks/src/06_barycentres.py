@@ -138,7 +138,7 @@ show(fig)
 side = 96 if SMALL else 256
 names = ["coffee.jpg", "rocket.jpg", "chelsea.jpg"]
 photos = [resize_max(imgmw.load_image(f"../data/{n}"), side) for n in names]
-palettes_in = colour_targets(photos, k=10, generator=torch.Generator().manual_seed(0))
+palettes_in = colour_targets(photos, n_components=10, generator=torch.Generator().manual_seed(0))
 em_palette = imgmw.WarmStartEM(10, fixed_weights=True, reg_covar=relative_reg_covar(imgmw.GMM.stack(palettes_in)),
                                n_init_iter=30, generator=torch.Generator().manual_seed(0))
 colours, history = imgmw.barycentre_flow(palettes_in, n_points=1000, n_iter=40 if SMALL else 150, lr=0.05,
