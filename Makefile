@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: demo test test-fast bench venv notebooks
+.PHONY: demo lint test test-fast bench venv notebooks
 
 # $(1): stamp name, $(2): extras
 define install_step
@@ -34,8 +34,13 @@ venv: $(VENV)/.installed-base
 demo: $(VENV)/.installed-base
 	$(PY) -m apps.texture_synth
 
+# Static checks, part of `make test`: ruff over the tree and mypy over imgmw/ (settings in pyproject.toml).
+lint: $(VENV)/.installed-test
+	$(PY) -m ruff check .
+	$(PY) -m mypy imgmw
+
 # pytest exits 5 when it collected nothing: that must never pass.
-test: $(VENV)/.installed-test
+test: lint
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
