@@ -189,8 +189,8 @@ def _torchrun(module_args: list[str], nproc: int = 2) -> subprocess.CompletedPro
 @pytest.mark.slow
 def test_train_generator_under_torchrun_with_ddp_and_resume(tmp_path):
     out = tmp_path / "digits"
-    common = ["-m", "apps.train_generator", "--data", "digits", "--batch", "128", "--k", "3", "--hidden", "16",
-              "--eval-samples", "100", "--output", str(out), "--quiet", "--device", "cpu"]
+    common = ["-m", "apps.train_generator", "--data", "digits", "--target", "data", "--batch", "128", "--k", "3",
+              "--hidden", "16", "--eval-samples", "100", "--output", str(out), "--quiet", "--device", "cpu"]
     proc = _torchrun([*common, "--iters", "4", "--save-every", "2"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     first = json.loads((out / "metrics.json").read_text())
