@@ -201,6 +201,12 @@ gallery([left, *candidates.values()], ["exemplar", *candidates], "veins: structu
 # their structure distance stays well above the crop's (veins broken into blotches); coarse to fine helps.
 # These are single-seed numbers, which move by several per cent with the seed.
 #
+# After the MW2 flow, `synthesize_texture` also tries a projection onto the exemplar's 8×8 patches
+# (`imgmw.texture_refine`, Kwatra et al.'s texture optimisation) and keeps it only when the 4×4 patch SW2 does
+# not rise (`result.refined` says which; `refine_n_iter=0` turns it off). In `benchmarks/bench_structure.py` it
+# reconnects the drawn stripes (structure 2.4× → 0.98× the crop's) and is rejected on veins, where it washes
+# the result out to flat green: the projection cannot create structure the MW2 layout lacks.
+#
 # ## What next
 #
 # - `python -m apps.texture_synth data/wood.png --size 256` (the default), `--size 640x360 --tileable`,
