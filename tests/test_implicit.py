@@ -24,6 +24,7 @@ from imgmw.implicit import (
     step_spectral_radius,
     theta_to_phi,
 )
+from imgmw.studies import SavedTensorMeter
 
 F64 = torch.float64
 
@@ -61,34 +62,6 @@ def grad_x(x: torch.Tensor, **fit_kwargs) -> torch.Tensor:
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
-
-
-class SavedBytes:
-    """Bytes of distinct storages packed for backward while the context is active.
-
-    Packed storages are kept alive until the meter is dropped, so a freed address cannot be reused by a
-    later tensor and merged with an earlier one.
-    """
-
-    def __init__(self) -> None:
-        self.storages: dict[int, torch.UntypedStorage] = {}
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        st = t.untyped_storage()
-        self.storages[st.data_ptr()] = st
-        return t
-
-    @property
-    def total(self) -> int:
-        return sum(st.nbytes() for st in self.storages.values())
-
-    def __enter__(self) -> SavedBytes:
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._hooks.__exit__(*exc)
 
 
 # --------------------------------------------------------------------------- agreement with autodiff
@@ -145,10 +118,10 @@ def test_gradcheck_at_converged_fixed_point(fixed_weights: bool) -> None:
 # --------------------------------------------------------------------------- memory
 def saved_bytes(mode: str, n_iter: int, x: torch.Tensor) -> int:
     xx = x.clone().requires_grad_(True)
-    with SavedBytes() as meter:
+    with SavedTensorMeter() as meter:
         res = fit_gmm(xx, 3, n_iter=n_iter, grad=mode, generator=torch.Generator().manual_seed(0))
         loss_of(res.gmm).backward()
-    return meter.total
+    return meter.bytes
 
 
 def test_implicit_memory_independent_of_iterations() -> None:
