@@ -23,28 +23,33 @@ W2 barycentre of covariances, both without gradient.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .gmm import GMM
+from .linalg import cholesky_inverse_transpose
 
-__all__ = ["gaussian_w2_cost", "squared_mean_distances", "w2_cost", "bures_cost", "bures_forward", "bures_backward",
-           "pair_gradients", "dense_backward", "flatten_batch", "batch_shape", "psd_sqrt", "gaussian_monge_maps",
-           "bures_barycentre", "ROUNDOFF_TOL"]
+__all__ = ["gaussian_w2_cost", "mean_differences", "squared_mean_distances", "w2_cost", "bures_cost", "BuresTerms",
+           "bures_forward", "bures_backward", "pair_gradients", "dense_backward", "flatten_batch", "batch_shape",
+           "psd_sqrt", "gaussian_monge_maps", "bures_barycentre", "ROUNDOFF_TOL"]
 
 # Elements of the D×D matrices formed at once by the pairwise trace term.
 PAIR_CHUNK_ELEMENTS = 1 << 22
 # Below this many elements (pairs × D²) the backward does every pair at once instead of the support only.
 DENSE_BACKWARD_ELEMENTS = 1 << 12
+# Up to this many elements (pairs × D²) the forward's M_kl are kept for the backward instead of formed again.
+KEEP_SANDWICH_ELEMENTS = 1 << 20
 # Fixed-point iterations (barycentres) stop at latest when a relative change is below this many dtype eps.
 ROUNDOFF_TOL = 16
 
 
 def _eig_floor(lam: Tensor) -> Tensor:
-    """``[..., 1]`` floor ``eps · λ_max`` (at least the dtype's ``tiny``) for eigenvalues ``lam [..., D]``."""
+    """``[..., 1]`` floor ``max(eps · λ_max, tiny)`` for ascending eigenvalues ``lam [..., D]``."""
     info = torch.finfo(lam.dtype)
-    return (lam[..., -1:].clamp_min(info.tiny) * info.eps).clamp_min(info.tiny)
+    return (lam[..., -1:] * info.eps).clamp_min(info.tiny)
 
 
 def _sandwich(la: Tensor, cb: Tensor) -> Tensor:
@@ -76,48 +81,67 @@ def _trace_sqrt(lam: Tensor) -> Tensor:
     return lam.clamp_min(_eig_floor(lam)).sqrt().sum(-1)
 
 
-def pair_gradients(lam: Tensor, vec: Tensor, la: Tensor, pa: Tensor) -> tuple[Tensor, Tensor]:
+def _roots(lam: Tensor) -> tuple[Tensor, Tensor]:
+    """``(√λ, 1/√λ)`` for ascending eigenvalues ``lam [..., D]`` clamped at the eigenvalue floor, with ``1/√λ``
+    zero below the floor (the derivative of the clamp)."""
+    floor = _eig_floor(lam)
+    root = lam.clamp_min(floor).sqrt()
+    return root, root.reciprocal().masked_fill_(lam < floor, 0.0)
+
+
+def pair_gradients(root: Tensor, inv_root: Tensor, u: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
     """Gradients of one pair's squared Bures distance ``B = tr Σa + tr Σb − 2 tr(M^½)`` (``M = Laᵀ Σb La``):
 
         ∂B/∂Σa = I − Pa M^½ Paᵀ,   ∂B/∂Σb = I − La M^{-½} Laᵀ   (``Pa = La⁻ᵀ``; the first is ``I −`` the Monge map)
 
-    from ``M = V diag(λ) Vᵀ`` given by ``lam [..., D]``, ``vec [..., D, D]``; ``la``, ``pa`` broadcast against
-    ``vec``. ``1/√λ`` is zero below the eigenvalue floor (the derivative of the clamp). Returns two ``[..., D, D]``.
+    from ``M = V diag(λ) Vᵀ`` given by ``(root, inv_root) = (√λ, 1/√λ) [..., D]`` (:func:`_roots`), ``u = Pa V`` and
+    ``w = La V`` (``[..., D, D]``). Returns two ``[..., D, D]``.
     """
-    floor = _eig_floor(lam)
-    root = lam.clamp_min(floor).sqrt()
-    inv_root = torch.where(lam >= floor, root.reciprocal(), torch.zeros_like(root))
-    eye = torch.eye(lam.shape[-1], dtype=lam.dtype, device=lam.device)
-    u, w = pa @ vec, la @ vec  # Pa V, La V
+    eye = torch.eye(u.shape[-1], dtype=u.dtype, device=u.device)
     return eye - (u * root.unsqueeze(-2)) @ u.mT, eye - (w * inv_root.unsqueeze(-2)) @ w.mT
 
 
-def bures_forward(ca: Tensor, cb: Tensor, la: Tensor, pa: Tensor, *,
-                  gradients: bool = False) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-    """Squared Bures distances ``B_kl = tr Σa_k + tr Σb_l − 2 tr((Laₖᵀ Σb_l Laₖ)^½)``: ``([N, K0, K1], grads)``.
+class BuresTerms(NamedTuple):
+    """What :func:`bures_forward` computes."""
 
-    Flat batch ``N``: ``ca [N, K0, D, D]``, ``cb [N, K1, D, D]``, ``la [N, K0, D, D]`` with ``Σa = La Laᵀ``,
-    ``pa = La⁻ᵀ``. With ``gradients=False`` only eigenvalues are computed, chunked over ``k`` so that at most
-    ``PAIR_CHUNK_ELEMENTS`` entries of the ``M_kl = Laₖᵀ Σb_l Laₖ`` exist at once, and ``grads`` is ``None``.
+    bures: Tensor  # [N, K0, K1] squared Bures distances
+    grads: tuple[Tensor, Tensor] | None  # per-pair gradients (gradients=True)
+    sandwiches: Tensor | None  # M [N, K0, K1, D, D] (keep_sandwiches=True, small problems)
+
+
+def bures_forward(ca: Tensor, cb: Tensor, la: Tensor, *, gradients: bool = False,
+                  keep_sandwiches: bool = False) -> BuresTerms:
+    """Squared Bures distances ``B_kl = tr Σa_k + tr Σb_l − 2 tr((Laₖᵀ Σb_l Laₖ)^½)`` (:class:`BuresTerms`).
+
+    Flat batch ``N``: ``ca [N, K0, D, D]``, ``cb [N, K1, D, D]``, ``la [N, K0, D, D]`` with ``Σa = La Laᵀ``.
+    With ``gradients=False`` only eigenvalues are computed, chunked over ``k`` so that at most
+    ``PAIR_CHUNK_ELEMENTS`` entries of the ``M_kl = Laₖᵀ Σb_l Laₖ`` exist at once, and ``grads`` is ``None``;
+    ``keep_sandwiches`` returns the ``M_kl`` too when they were formed at once and have at most
+    ``KEEP_SANDWICH_ELEMENTS`` entries (for :func:`bures_backward`), else ``None``.
     With ``gradients=True`` (meant for small problems, where one ``eigh`` of all pairs costs less than an
-    ``eigvalsh`` now and an ``eigh`` of the support later) ``grads = (∂B_kl/∂Σa_k, ∂B_kl/∂Σb_l)`` of every pair
-    (:func:`pair_gradients`), flattened to ``[N, K0, K1, D²]`` and ``[N, K1, K0, D²]``: the layouts in which
-    :func:`bures_backward` contracts them with the incoming gradient by two GEMMs. No autograd (callers wrap it).
+    ``eigvalsh`` now and an ``eigh`` of the support later) ``grads = (∂B_kl/∂Σa_k, ∂B_kl/∂Σb_l)``, both
+    ``[N, K0, K1, D, D]``, of every pair (:func:`pair_gradients`), for the caller to contract with the incoming
+    gradient; any broadcasting batch dims ``*B`` may then stand for ``N``. No autograd (callers wrap it).
     """
-    n, k0, k1, d = ca.shape[0], ca.shape[-3], cb.shape[-3], ca.shape[-1]
-    grads = None
+    grads = sandwiches = None
     if gradients:
-        lam, vec = torch.linalg.eigh(_all_sandwiches(la, cb))
-        cross = _trace_sqrt(lam)
-        ga, gb = pair_gradients(lam, vec, la.unsqueeze(-3), pa.unsqueeze(-3))
-        grads = (ga.flatten(-2), gb.flatten(-2).transpose(1, 2).contiguous())
+        la_k = la.unsqueeze(-3)
+        lam, vec = torch.linalg.eigh(la_k.mT @ cb.unsqueeze(-4) @ la_k)
+        root, inv_root = _roots(lam)
+        cross = root.sum(-1)
+        grads = pair_gradients(root, inv_root, cholesky_inverse_transpose(la).unsqueeze(-3) @ vec, la_k @ vec)
     else:
+        n, k0, k1, d = ca.shape[0], ca.shape[-3], cb.shape[-3], ca.shape[-1]
         cross = ca.new_empty(n, k0, k1)
-        for s, e in _row_chunks(k0, n * k1 * d * d):
-            cross[:, s:e] = _trace_sqrt(torch.linalg.eigvalsh(_all_sandwiches(la[:, s:e], cb)))
+        chunks = _row_chunks(k0, n * k1 * d * d)
+        for s, e in chunks:
+            m = _all_sandwiches(la[:, s:e], cb)
+            cross[:, s:e] = _trace_sqrt(torch.linalg.eigvalsh(m))
+        if keep_sandwiches and len(chunks) == 1 and m.numel() <= KEEP_SANDWICH_ELEMENTS:
+            sandwiches = m
     trace_a = ca.diagonal(dim1=-2, dim2=-1).sum(-1)
     trace_b = cb.diagonal(dim1=-2, dim2=-1).sum(-1)
-    return trace_a.unsqueeze(-1) + trace_b.unsqueeze(-2) - 2.0 * cross, grads
+    return BuresTerms(trace_a.unsqueeze(-1) + trace_b.unsqueeze(-2) - 2.0 * cross, grads, sandwiches)
 
 
 def dense_backward(n_pairs: int, n_active: int, d: int) -> bool:
@@ -126,32 +150,31 @@ def dense_backward(n_pairs: int, n_active: int, d: int) -> bool:
     return 2 * n_active >= n_pairs or n_pairs * d * d <= DENSE_BACKWARD_ELEMENTS
 
 
-def bures_backward(grad: Tensor, cb: Tensor, la: Tensor, pa: Tensor, *, grads: tuple[Tensor, Tensor] | None = None,
-                   support: tuple[Tensor, ...] | None = None) -> tuple[Tensor, Tensor]:
+def bures_backward(grad: Tensor, cb: Tensor, la: Tensor, *, support: tuple[Tensor, ...] | None = None,
+                   sandwiches: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Vector-Jacobian product of :func:`bures_forward`: ``(∂/∂Σa [N, K0, D, D], ∂/∂Σb [N, K1, D, D])``.
 
     ``grad [N, K0, K1]``: ``∂/∂Σa_k = Σ_l grad_kl ∂B_kl/∂Σa_k`` and ``∂/∂Σb_l = Σ_k grad_kl ∂B_kl/∂Σb_l`` with the
     per-pair gradients of :func:`pair_gradients`.
 
     Args:
-        grads: the forward's per-pair gradients (``bures_forward(..., gradients=True)``): two GEMMs.
         support: indices ``(n, k, l)`` (each ``[A]``) of the pairs where ``grad`` may be non-zero, known to the
             caller (e.g. from an optimal plan on the host); default: found from ``grad`` (one host sync).
             Eigenvectors are computed only for these pairs (chunked), unless they are most pairs or the whole
             problem is tiny (:func:`dense_backward`), when all pairs are done at once without indexing.
+        sandwiches: the forward's ``M_kl = Laₖᵀ Σb_l Laₖ [N, K0, K1, D, D]`` (``bures_forward(...,
+            keep_sandwiches=True)``), instead of forming them again.
     """
     n, k0, k1, d = grad.shape + la.shape[-1:]
-    if grads is not None:
-        d_a = (grad.unsqueeze(-2) @ grads[0]).view(n, k0, d, d)  # [N, K0, 1, K1] @ [N, K0, K1, D²]
-        d_b = (grad.mT.unsqueeze(-2) @ grads[1]).view(n, k1, d, d)
-        return d_a, d_b
     if support is None:
         support = grad.nonzero(as_tuple=True)
     d_a, d_b = torch.zeros_like(la), torch.zeros_like(cb)
     if dense_backward(grad.numel(), support[0].numel(), d):
+        pa = cholesky_inverse_transpose(la)
         for s, e in _row_chunks(k0, n * k1 * d * d):
-            lam, vec = torch.linalg.eigh(_all_sandwiches(la[:, s:e], cb))
-            ga, gb = pair_gradients(lam, vec, la[:, s:e, None], pa[:, s:e, None])
+            m = _all_sandwiches(la[:, s:e], cb) if sandwiches is None else sandwiches[:, s:e]
+            lam, vec = torch.linalg.eigh(m)
+            ga, gb = pair_gradients(*_roots(lam), pa[:, s:e, None] @ vec, la[:, s:e, None] @ vec)
             g = grad[:, s:e, :, None, None]
             d_a[:, s:e] = (g * ga).sum(-3)
             d_b += (g * gb).sum(-4)
@@ -160,8 +183,8 @@ def bures_backward(grad: Tensor, cb: Tensor, la: Tensor, pa: Tensor, *, grads: t
     for s, e in _row_chunks(bi.numel(), d * d):
         b, k, l = bi[s:e], ki[s:e], li[s:e]  # noqa: E741
         lak = la[b, k]
-        lam, vec = torch.linalg.eigh(_sandwich(lak, cb[b, l]))
-        ga, gb = pair_gradients(lam, vec, lak, pa[b, k])
+        lam, vec = torch.linalg.eigh(_sandwich(lak, cb[b, l]) if sandwiches is None else sandwiches[b, k, l])
+        ga, gb = pair_gradients(*_roots(lam), torch.linalg.solve_triangular(lak.mT, vec, upper=True), lak @ vec)
         g = grad[b, k, l][:, None, None]
         d_a.index_put_((b, k), g * ga, accumulate=True)
         d_b.index_put_((b, l), g * gb, accumulate=True)
@@ -169,11 +192,11 @@ def bures_backward(grad: Tensor, cb: Tensor, la: Tensor, pa: Tensor, *, grads: t
 
 
 class _BuresCost(torch.autograd.Function):
-    """Autograd wrapper of :func:`bures_forward` / :func:`bures_backward` (inputs ``ca, cb, la, pa``)."""
+    """Autograd wrapper of :func:`bures_forward` / :func:`bures_backward` (inputs ``ca, cb, la``)."""
 
     @staticmethod
-    def forward(ca: Tensor, cb: Tensor, la: Tensor, pa: Tensor) -> Tensor:
-        return bures_forward(ca, cb, la, pa)[0]
+    def forward(ca: Tensor, cb: Tensor, la: Tensor) -> Tensor:
+        return bures_forward(ca, cb, la)[0]
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -182,7 +205,7 @@ class _BuresCost(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        return *bures_backward(grad, *ctx.saved_tensors), None, None
+        return *bures_backward(grad, *ctx.saved_tensors), None
 
 
 def batch_shape(a: GMM, b: GMM) -> torch.Size:
@@ -210,8 +233,7 @@ def bures_cost(a: GMM, b: GMM) -> Tensor:
     bshape = batch_shape(a, b)
     ca, cb = flatten_batch(a.covariances, bshape, 3), flatten_batch(b.covariances, bshape, 3)
     la = flatten_batch(a.cholesky.detach(), bshape, 3)
-    pa = flatten_batch(a.precision_cholesky.detach(), bshape, 3)
-    return _BuresCost.apply(ca, cb, la, pa).reshape(*bshape, a.n_components, b.n_components)
+    return _BuresCost.apply(ca, cb, la).reshape(*bshape, a.n_components, b.n_components)
 
 
 def gaussian_w2_cost(a: GMM, b: GMM) -> Tensor:
@@ -232,9 +254,14 @@ def gaussian_w2_cost(a: GMM, b: GMM) -> Tensor:
     return w2_cost(squared_mean_distances(a.means, b.means), bures_cost(a, b))
 
 
+def mean_differences(ma: Tensor, mb: Tensor) -> Tensor:
+    """``m_k − m'_l`` for ``ma [..., K0, D]``, ``mb [..., K1, D]``: ``[..., K0, K1, D]``."""
+    return ma.unsqueeze(-2) - mb.unsqueeze(-3)
+
+
 def squared_mean_distances(ma: Tensor, mb: Tensor) -> Tensor:
     """``‖m_k − m'_l‖²`` for ``ma [..., K0, D]``, ``mb [..., K1, D]``: ``[..., K0, K1]``."""
-    return (ma.unsqueeze(-2) - mb.unsqueeze(-3)).square().sum(-1)
+    return mean_differences(ma, mb).square().sum(-1)
 
 
 def w2_cost(mean_part: Tensor, bures_part: Tensor) -> Tensor:

@@ -8,6 +8,7 @@ import scipy.linalg
 import torch
 
 import imgmw.bures as bures
+import imgmw.ot.checks as checks
 from imgmw import GMM, fit_gmm, gaussian_w2_cost, gmm_barycentre, gmm_ot_map, gmm_ot_plan, mw2
 
 F64 = torch.float64
@@ -153,6 +154,26 @@ def test_gradcheck_pairwise_cost(monkeypatch, dense):
         return gaussian_w2_cost(a, GMM(torch.full((3,), 1 / 3, dtype=F64), means_b, spd(factors_b)))
 
     assert torch.autograd.gradcheck(cost, (means_a, factors_a, factors_b))
+
+
+@pytest.mark.parametrize("dense", [True, False], ids=["dense-backward", "support-backward"])
+def test_gradcheck_broadcast_batches_on_both_sides(monkeypatch, dense):
+    """Batch shapes (2, 1) and (3,) broadcast to (2, 3); the gradients of the broadcast inputs are summed."""
+    if not dense:
+        monkeypatch.setattr(bures, "DENSE_BACKWARD_ELEMENTS", 0)
+    g = torch.Generator().manual_seed(66)
+    means_a = torch.randn(2, 1, 3, 2, generator=g, dtype=F64, requires_grad=True)
+    factors_a = torch.randn(2, 1, 3, 2, 2, generator=g, dtype=F64, requires_grad=True)
+    means_b = torch.randn(3, 4, 2, generator=g, dtype=F64, requires_grad=True)
+    factors_b = torch.randn(3, 4, 2, 2, generator=g, dtype=F64, requires_grad=True)
+    weights_b = torch.softmax(torch.randn(3, 4, generator=g, dtype=F64), -1).requires_grad_()
+
+    def value(means_a, factors_a, means_b, factors_b, weights_b):
+        a = GMM(torch.full((2, 1, 3), 1 / 3, dtype=F64), means_a, spd(factors_a))
+        return mw2(a, GMM(weights_b / weights_b.sum(-1, keepdim=True), means_b, spd(factors_b)))
+
+    assert value(means_a, factors_a, means_b, factors_b, weights_b).shape == (2, 3)
+    assert torch.autograd.gradcheck(value, (means_a, factors_a, means_b, factors_b, weights_b))
 
 
 def test_gradcheck_batched_broadcast():
@@ -348,7 +369,15 @@ def test_barycentre_lowers_the_objective_and_accepts_stacked_input():
 
 
 # --------------------------------------------------------------------------------------------- bad input
-def test_bad_inputs_raise_value_errors():
+@pytest.fixture(params=["host-screen", "device-summary"])
+def check_mode(request, monkeypatch):
+    """mw2's input checks on the host copy of small mixtures, or from a device-side summary (as for large ones)."""
+    if request.param == "device-summary":
+        monkeypatch.setattr(checks, "HOST_CHECK_ELEMENTS", 0)
+    return request.param
+
+
+def test_bad_inputs_raise_value_errors(check_mode):
     a, b = random_gmm(3, 2, seed=60), random_gmm(3, 3, seed=61)
     with pytest.raises(ValueError, match="dimension D"):
         mw2(a, b)
@@ -377,6 +406,43 @@ def test_bad_inputs_raise_value_errors():
         gmm_barycentre([a, random_gmm(4, 2)])
 
 
+@pytest.mark.parametrize("defect,match", [
+    ("indefinite", "b.covariances must be symmetric positive definite"), ("skew", "b.covariances must be symmetric"),
+    ("nan-mean", "b has NaN"), ("inf-cov", "b has NaN or inf"), ("negative-weight", "b.weights must be >= 0"),
+    ("heavy", "b.weights must sum")])
+def test_a_bad_second_mixture_is_named(check_mode, defect, match):
+    """Every defect of ``b`` is caught, with or without gradients, and the error names ``b``."""
+    a, b = random_gmm(3, 2, seed=62), random_gmm(4, 2, seed=63)
+    w, m, c = b.weights.clone(), b.means.clone(), b.covariances.clone()
+    if defect == "indefinite":
+        c[1] = torch.diag(torch.tensor([1.0, -5.0], dtype=F64))
+    elif defect == "skew":
+        c[2, 0, 1] += 0.5
+    elif defect == "nan-mean":
+        m[3, 1] = float("nan")
+    elif defect == "inf-cov":
+        c[0, 1, 1] = float("inf")
+    elif defect == "negative-weight":
+        w = torch.tensor([0.6, 0.6, -0.3, 0.1], dtype=F64)
+    else:
+        w = 2 * w
+    for grad in (False, True):
+        means = a.means.clone().requires_grad_(grad)
+        with pytest.raises(ValueError, match=match):
+            mw2(GMM(a.weights, means, a.covariances), GMM(w, m, c))
+
+
+def test_a_checked_call_reads_the_host_once(check_mode, monkeypatch):
+    """mw2 with its input checks, forward and backward: the linear program's transfer carries the checks too."""
+    from test_host_syncs import counting_host_reads
+
+    a, b = random_gmm(4, 3, seed=64), random_gmm(5, 3, seed=65)
+    means, covs = a.means.clone().requires_grad_(), b.covariances.clone().requires_grad_()
+    with counting_host_reads(monkeypatch) as mode:
+        mw2(GMM(a.weights, means, a.covariances), GMM(b.weights, b.means, covs)).backward()
+    assert len(mode.reads) == 1, [what for what, _ in mode.reads]
+
+
 # --------------------------------------------------------------------------------------------- small-problem paths
 def _mw2_grads(a: GMM, b: GMM) -> tuple[torch.Tensor, ...]:
     leaves = [t.clone().requires_grad_() for t in (a.weights, a.means, a.covariances, b.means, b.covariances)]
@@ -393,6 +459,18 @@ def test_the_three_backward_paths_agree(monkeypatch, k0, k1):
     reference = _mw2_grads(a, b)  # tiny: per-pair gradients computed in the forward pass
     monkeypatch.setattr(bures, "DENSE_BACKWARD_ELEMENTS", 0)  # support (k0 = 4) or all pairs (k0 = 1) later
     for got, ref in zip(_mw2_grads(a, b), reference):
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("k0,k1", [(4, 6), (1, 3)])
+def test_kept_sandwiches_give_the_recomputed_gradients(monkeypatch, k0, k1):
+    """The support (k0 = 4) and all-pairs (k0 = 1) backward paths from the forward's kept M_kl = Laᵀ Σb La equal those
+    forming them again."""
+    a, b = random_gmm(k0, 5, (2,), seed=67), random_gmm(k1, 5, (2,), seed=68)
+    monkeypatch.setattr(bures, "DENSE_BACKWARD_ELEMENTS", 0)
+    kept = _mw2_grads(a, b)
+    monkeypatch.setattr(bures, "KEEP_SANDWICH_ELEMENTS", 0)
+    for got, ref in zip(_mw2_grads(a, b), kept):
         torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
 
 
@@ -493,4 +571,5 @@ def test_a_factor_needing_jitter_is_retried_with_the_escalated_factors():
     value = mw2(a, b, check_input=False)
     assert torch.isfinite(value)
     from imgmw.ot.mixture import _transport
-    torch.testing.assert_close(value, _transport(a, b, None)[0], rtol=0, atol=0)
+    torch.testing.assert_close(value, _transport(a, b, a.cholesky, a.batch_shape, None, None, False)[0], rtol=0, atol=0)
+    torch.testing.assert_close(mw2(a, b), value, rtol=0, atol=0)  # the checks accept it (jitter repairs it)

@@ -2,19 +2,24 @@
 
 A mixture is valid for transport when its values are finite, its weights are non-negative (summing to one
 for balanced transport, with a positive total otherwise) and its covariances are symmetric positive
-definite. The checks of a pair read one device-side summary per mixture in a single host transfer.
+definite. The checks of a pair read one device-side summary per mixture in a single host transfer, or ride along
+with a transfer that is due anyway (:func:`transfer_check`: the linear program of a transport).
 """
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ..bures import batch_shape
 from ..gmm import GMM
 
-__all__ = ["check_gmm", "check_pair", "check_compatible", "check_unbalanced", "weight_tol", "LAMBDA_RANGE"]
+__all__ = ["check_gmm", "check_pair", "check_mixture_type", "pair_summary", "pair_verdict", "transfer_check",
+           "check_compatible", "check_unbalanced", "weight_tol", "LAMBDA_RANGE"]
 
 
 def weight_tol(dtype: torch.dtype) -> float:
@@ -22,18 +27,86 @@ def weight_tol(dtype: torch.dtype) -> float:
     return max(1e-6, math.sqrt(torch.finfo(dtype).eps))
 
 
-def _summary(g: GMM, name: str) -> Tensor:
-    """Device-side summary of ``g`` for :func:`_verdict`, so that several mixtures are checked with one host
-    transfer: ``[min w, min Σw, max Σw, min(Σ − Σᵀ), max(Σ − Σᵀ), min Σ, max Σ, Σ m, max Cholesky info]``."""
+def check_mixture_type(g: GMM, name: str) -> None:
+    """``ValueError`` unless ``g`` is an :class:`imgmw.GMM` with at least one component (no host read)."""
     if not isinstance(g, GMM):
         raise ValueError(f"{name} must be an imgmw.GMM, got {type(g).__name__}")
     if g.n_components < 1:
         raise ValueError(f"{name} must have at least one component, got K = {g.n_components}")
+
+
+SUMMARY_SIZE = 9  # entries of one mixture's summary
+HOST_CHECK_ELEMENTS = 1 << 12  # up to this many covariance entries in a pair, it is checked on the host
+
+
+def _summary(g: GMM, failed: Tensor | None = None) -> list[Tensor]:
+    """Device-side summary of ``g`` for :func:`_verdict`, so that several mixtures are checked with one host
+    transfer: the ``SUMMARY_SIZE`` 0-d tensors ``[min w, min Σw, max Σw, min(Σ − Σᵀ), max(Σ − Σᵀ), min Σ, max Σ,
+    Σ m, Cholesky failed]``. ``failed`` (``[*B, K]`` booleans) is the outcome of a Cholesky factorisation of the
+    covariances done by the caller (:func:`imgmw.linalg.cholesky_unchecked`); by default one is done here."""
     with torch.no_grad():
         w, c = g.weights, g.covariances
-        info = torch.linalg.cholesky_ex(c)[1].amax()
-        return torch.stack([w.amin(), *torch.aminmax(w.sum(-1)), *torch.aminmax(c - c.mT), *torch.aminmax(c),
-                            g.means.sum(), info.to(w.dtype)])
+        if failed is None:
+            failed = torch.linalg.cholesky_ex(c)[1] > 0
+        return [w.amin(), *torch.aminmax(w.sum(-1)), *torch.aminmax(c - c.mT), *torch.aminmax(c), g.means.sum(),
+                failed.any().to(w.dtype)]
+
+
+def _looks_valid(w: np.ndarray, c: np.ndarray, dtype: torch.dtype, normalised: bool, spd: bool) -> bool:
+    """Whether a mixture's finite host copy (``w [*B, K]``, ``c [*B, K, D, D]``) passes :func:`_verdict`'s tests, but
+    the SPD test of the covariances unless ``spd`` (NumPy's Cholesky then); NaN fails every comparison."""
+    tol, mass = weight_tol(dtype), w.sum(-1)
+    if not (w.min() >= 0 and (np.abs(mass - 1).max() <= tol if normalised else mass.min() > 0)):
+        return False
+    if not np.abs(c - np.swapaxes(c, -1, -2)).max() <= tol * max(np.abs(c).max(), 1e-30):
+        return False
+    if spd:
+        try:
+            np.linalg.cholesky(c)
+        except np.linalg.LinAlgError:
+            return False
+    return True
+
+
+def transfer_check(a: GMM, b: GMM, names: tuple[str, str], *, normalised: bool = True,
+                   a_failed: Tensor | None = None) -> tuple[list[Tensor], Callable[[np.ndarray], None]]:
+    """The checks of :func:`check_pair` (but the compatibility) split around a host transfer that is due anyway:
+    ``(tensors, inspect)``, where ``tensors`` are to be sent to the host (flattened and concatenated, in ``a``'s dtype)
+    and ``inspect`` raises the ``ValueError`` of an invalid mixture from their host copy.
+
+    Small mixtures (at most ``HOST_CHECK_ELEMENTS`` covariance entries in all) are sent whole and screened on the
+    host (:func:`_looks_valid`: a few NumPy calls instead of two dozen small device operations), and only a
+    mixture failing the screen is checked by :func:`check_pair` (one more host read, on the way to its error). The
+    SPD test of ``a`` is left to the caller: its factorisation fails on the device, with NaN factors. Larger
+    mixtures are summarised on the device (:func:`pair_summary`, ``a_failed`` as there).
+    """
+    if a.covariances.numel() + b.covariances.numel() > HOST_CHECK_ELEMENTS:
+        return [pair_summary(a, b, a_failed)], functools.partial(pair_verdict, a, b, names=names,
+                                                                 normalised=normalised)
+    tensors = [a.weights, a.covariances, b.weights, b.covariances]  # sent without autograd recording
+    sizes = np.cumsum([t.numel() for t in tensors])
+
+    def inspect(host: np.ndarray) -> None:
+        wa, ca, wb, cb = (host[start:end].reshape(t.shape) for start, end, t in zip([0, *sizes[:-1]], sizes, tensors))
+        if not (np.isfinite(host).all() and _looks_valid(wa, ca, a.dtype, normalised, False)
+                and _looks_valid(wb, cb, b.dtype, normalised, True)):
+            check_pair(a, b, names, normalised=normalised)
+
+    return tensors, inspect
+
+
+def pair_summary(a: GMM, b: GMM, a_failed: Tensor | None = None) -> Tensor:
+    """``[2 · SUMMARY_SIZE]`` device summaries of ``a`` then ``b`` (in ``a``'s dtype and device) for
+    :func:`pair_verdict`; ``a_failed`` as ``failed`` of :func:`_summary` for ``a``."""
+    return torch.stack(_summary(a, a_failed) + [t.to(a.device) for t in _summary(b)])
+
+
+def pair_verdict(a: GMM, b: GMM, summary, names: tuple[str, str] = ("a", "b"), *, normalised: bool = True) -> None:
+    """Raise ``ValueError`` naming the mixture if the host copy ``summary`` (a sequence of ``2 · SUMMARY_SIZE``
+    floats) of :func:`pair_summary` shows an invalid mixture."""
+    values = [float(v) for v in summary]
+    _verdict(a, names[0], values[:SUMMARY_SIZE], normalised)
+    _verdict(b, names[1], values[SUMMARY_SIZE:], normalised)
 
 
 def _verdict(g: GMM, name: str, summary: list[float], normalised: bool) -> None:
@@ -74,16 +147,17 @@ def _verdict(g: GMM, name: str, summary: list[float], normalised: bool) -> None:
 def check_gmm(g: GMM, name: str, *, normalised: bool = True) -> GMM:
     """Validate a GMM for transport: finite values, weights ≥ 0 (summing to one if ``normalised``, else
     with a positive total), symmetric positive-definite covariances. One host synchronisation."""
-    _verdict(g, name, _summary(g, name).tolist(), normalised)
+    check_mixture_type(g, name)
+    _verdict(g, name, torch.stack(_summary(g)).tolist(), normalised)
     return g
 
 
 def check_pair(a: GMM, b: GMM, names: tuple[str, str] = ("a", "b"), *, normalised: bool = True) -> torch.Size:
     """:func:`check_gmm` of both mixtures (one host synchronisation), then their compatibility; returns the
     broadcast batch shape."""
-    summaries = torch.stack([_summary(a, names[0]), _summary(b, names[1]).to(a.device)]).tolist()
-    _verdict(a, names[0], summaries[0], normalised)
-    _verdict(b, names[1], summaries[1], normalised)
+    check_mixture_type(a, names[0])
+    check_mixture_type(b, names[1])
+    pair_verdict(a, b, pair_summary(a, b).tolist(), names, normalised=normalised)
     return check_compatible(a, b, names)
 
 

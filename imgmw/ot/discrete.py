@@ -13,7 +13,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import ot as pot
@@ -22,7 +23,7 @@ from torch import Tensor
 
 from .checks import check_unbalanced
 
-__all__ = ["solve_balanced", "solve_unbalanced", "solve_batch", "NonFiniteCosts", "EMD_MAX_ITER"]
+__all__ = ["solve_balanced", "solve_unbalanced", "solve_batch", "Solutions", "NonFiniteCosts", "EMD_MAX_ITER"]
 
 
 class NonFiniteCosts(ValueError):
@@ -200,27 +201,46 @@ def _unbalanced(wa: np.ndarray, wb: np.ndarray, cost: np.ndarray, lam_a: float, 
     return full
 
 
-def solve_batch(cost: Tensor, wa: Tensor, wb: Tensor,
-           lams: tuple[float, float] | None) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...]]:
-    """Plans ``[*B, K0, K1]``, weight gradients ``[*B, K0]``, ``[*B, K1]`` and the plans' support.
+class Solutions(NamedTuple):
+    """Solutions of a batch ``*B`` of ``K0 × K1`` problems (:func:`solve_batch`), on the costs' device and dtype."""
+
+    values: Tensor  # [*B]: optimal values, Σ P C (+ the KL terms)
+    plans: Tensor  # [*B, K0, K1]
+    grad_a: Tensor  # [*B, K0]: gradients of the values in wa (centred duals, or λa (1 − P1 / wa))
+    grad_b: Tensor  # [*B, K1]
+    support: tuple[Tensor, ...] | None  # (n, k, l): indices [A] of the non-zero entries of the plans [N, K0, K1]
+
+
+def solve_batch(cost: Tensor, wa: Tensor, wb: Tensor, lams: tuple[float, float] | None, *,
+                extra: Sequence[Tensor] = (), inspect: Callable[[np.ndarray], None] | None = None,
+                support: bool = True) -> Solutions:
+    """Optimal values, plans, weight gradients and the plans' support of a batch of problems (:class:`Solutions`).
 
     ``cost [*B, K0, K1]``; ``wa``, ``wb`` broadcast to ``[*B, K0]``, ``[*B, K1]``; none carries a graph. The costs
     and weights go to the host in one float64 transfer (the one host synchronisation of a call), the
-    problems are solved there (one POT / interior-point call per batch element), and the results come back
-    on ``cost``'s device and dtype in one transfer. The support is ``(n, k, l)``, index tensors ``[A]`` of the
-    non-zero entries of the plans flattened to ``[N, K0, K1]``, found on the host (so the backward pass needs
-    no synchronisation to find it).
+    problems are solved there (one POT / interior-point call per batch element) and their values summed there
+    (``Σ P C``, plus ``λa KL(P1 | wa) + λb KL(Pᵀ1 | wb)`` when unbalanced), and the results come back on
+    ``cost``'s device and dtype in one transfer. The support lists the non-zero entries of the plans, found on the
+    host (so the backward pass needs no synchronisation to find it); ``None`` with ``support=False``.
+
+    ``extra`` (tensors of ``cost``'s dtype and device) ride along in the same transfer: ``inspect`` receives their
+    host copies, flattened and concatenated, before anything is solved (e.g. to validate the inputs the costs
+    came from, and raise).
     """
     bshape, (k0, k1) = cost.shape[:-2], cost.shape[-2:]
     n, kk = max(1, math.prod(bshape)), k0 * k1
-    host = torch.cat([cost.reshape(n, kk), wa.expand(*bshape, k0).reshape(n, k0),
-                      wb.expand(*bshape, k1).reshape(n, k1)], dim=-1).to("cpu", torch.float64).numpy()
-    if not np.isfinite(host).all():  # e.g. a fit of non-finite points, transported without input checks
+    width = kk + k0 + k1
+    host = torch.cat([cost.reshape(-1), wa.expand(*bshape, k0).reshape(-1), wb.expand(*bshape, k1).reshape(-1),
+                      *(t.reshape(-1) for t in extra)]).to("cpu", torch.float64).numpy()
+    if inspect is not None:
+        inspect(host[n * width:])
+    if not np.isfinite(host[:n * width]).all():  # e.g. a fit of non-finite points, transported without input checks
         raise NonFiniteCosts("the mixtures to transport hold NaN or inf (their costs or weights are not finite); "
-                         "check the points they were fitted to")
-    c_np, a_np, b_np = host[:, :kk].reshape(n, k0, k1), host[:, kk:kk + k0], host[:, kk + k0:]
-    result = np.empty_like(host)  # per row: plan, then the weight gradients
-    plans, grad_a, grad_b = result[:, :kk].reshape(n, k0, k1), result[:, kk:kk + k0], result[:, kk + k0:]
+                             "check the points they were fitted to")
+    c_np, a_np, b_np = (host[:n * kk].reshape(n, k0, k1), host[n * kk:n * (kk + k0)].reshape(n, k0),
+                        host[n * (kk + k0):n * width].reshape(n, k1))
+    result = np.empty((n, width + 1))  # per row: plan, the weight gradients, the value
+    plans, grad_a, grad_b = result[:, :kk].reshape(n, k0, k1), result[:, kk:kk + k0], result[:, kk + k0:width]
     for i in range(n):
         if lams is None:
             plans[i], grad_a[i], grad_b[i] = _balanced(a_np[i], b_np[i], c_np[i])
@@ -228,10 +248,20 @@ def solve_batch(cost: Tensor, wa: Tensor, wb: Tensor,
             plans[i] = _unbalanced(a_np[i], b_np[i], c_np[i], *lams)
             grad_a[i] = lams[0] * (1.0 - _safe_ratio(plans[i].sum(1), a_np[i]))
             grad_b[i] = lams[1] * (1.0 - _safe_ratio(plans[i].sum(0), b_np[i]))
+    result[:, width] = (plans * c_np).sum((1, 2))
+    if lams is not None:
+        result[:, width] += lams[0] * _kl(plans.sum(2), a_np) + lams[1] * _kl(plans.sum(1), b_np)
     out = torch.as_tensor(result, dtype=cost.dtype, device=cost.device)
-    support = torch.as_tensor(np.stack(np.nonzero(plans)), device=cost.device).unbind()
-    return (out[:, :kk].reshape(*bshape, k0, k1), out[:, kk:kk + k0].reshape(*bshape, k0),
-            out[:, kk + k0:].reshape(*bshape, k1), support)
+    nonzero = torch.as_tensor(np.stack(np.nonzero(plans)), device=cost.device).unbind() if support else None
+    return Solutions(out[:, width].reshape(bshape), out[:, :kk].reshape(*bshape, k0, k1),
+                     out[:, kk:kk + k0].reshape(*bshape, k0), out[:, kk + k0:width].reshape(*bshape, k1), nonzero)
+
+
+def _kl(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Generalised KL over the last axis, ``Σ p log(p/q) − p + q`` (``0 log 0 = 0``)."""
+    with np.errstate(divide="ignore"):  # p > 0 = q: infinite, as it should be
+        ratio = np.divide(p, q, out=np.ones_like(p), where=p > 0)
+    return (p * np.log(ratio) - p + q).sum(-1)
 
 
 def _safe_ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
