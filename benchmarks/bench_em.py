@@ -17,7 +17,8 @@ Cases 4 and 5 time both sides interleaved (min of ``--repeats``, each timed run 
 time at one thread, synchronised wall time on a GPU or with more threads) and print point·component·iterations/s
 next to published GPU figures.
 
-Usage: PYTHONPATH=. python benchmarks/bench_em.py [--quick] [--threads 1] [--device auto|cpu|cuda] [--json F]
+Usage: PYTHONPATH=. python benchmarks/bench_em.py [--quick] [--cases 4,5] [--threads 1] [--device auto|cpu|cuda]
+[--repeats 3] [--json F]  (``--cases``: run only the listed cases, by number; default all)
 """
 from __future__ import annotations
 
@@ -292,8 +293,16 @@ def main() -> None:
                         help="device of imgmw and of scikit-learn's torch tensors in cases 4-5 "
                              "(auto: cuda if available)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds of cases 4-5 (minimum kept)")
+    parser.add_argument("--cases", default="1,2,3,4,5",
+                        help="comma-separated case numbers to run (default all: 1,2,3,4,5)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
+    try:
+        cases = {int(c) for c in args.cases.split(",")}
+    except ValueError:
+        parser.error(f"--cases takes comma-separated case numbers, got {args.cases!r}")
+    if not cases or not cases <= {1, 2, 3, 4, 5}:
+        parser.error(f"--cases takes numbers from 1 to 5, got {args.cases!r}")
 
     import torch
     from threadpoolctl import threadpool_limits
@@ -305,11 +314,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     clock = make_clock(device, args.threads)
     print(f"device {device}, {args.threads} thread(s), {'CPU' if clock is time.process_time else 'wall'} time")
+    runs = ((4, lambda: [case_small_fits(args.quick, device, clock, args.repeats)]),
+            (5, lambda: [case_patch_same_init(args.quick, device, clock, args.repeats)]),
+            (1, lambda: [case_batched(args.quick)]),
+            (2, lambda: [case_patch(args.quick, "float32"), case_patch(args.quick, "float64")]),
+            (3, lambda: [case_memory(args.quick)]))
     with threadpool_limits(limits=args.threads):
-        results = [case_small_fits(args.quick, device, clock, args.repeats),
-                   case_patch_same_init(args.quick, device, clock, args.repeats),
-                   case_batched(args.quick), case_patch(args.quick, "float32"), case_patch(args.quick, "float64"),
-                   case_memory(args.quick)]
+        results = [r for number, run in runs if number in cases for r in run()]
     for r in results:
         report(r)
     print("reference, published GPU figures:")

@@ -32,7 +32,7 @@ from .gmm import GMM
 from .implicit import implicit_em_fixed_point
 from .init import INIT_METHODS, init_gmm
 from .mstep import em_map, m_step
-from .stats import QuadFeatures, WhitenedFeatures, Workspace, e_step, point_features
+from .stats import QuadFeatures, WhitenedFeatures, Workspace, e_step, e_step_unchecked, point_features
 from .validation import check_choice, check_points, check_reg_covar, check_valid_counts, point_weights, valid_counts
 
 __all__ = ["EMResult", "GRAD_MODES", "m_step", "em_step", "fit_gmm", "e_step"]
@@ -166,16 +166,18 @@ def fit_gmm(x: Tensor, n_components: int, *, n_iter: int = 100, tol: float | Non
     gmm = _initial_gmm(x, weight, n_components, init, fixed_weights, reg_covar, generator, chunk_size, group,
                        features)
     workspace = Workspace()  # the E-step's scratch, for every step and the final E-step
+    final = grad in ("unrolled", "none")  # the loop's output is the fitted mixture: factorise it in the loop
     gmm, (_, converged, steps, lower) = _iterate(
-        gmm, n_free, _Loop(x, weight, reg_covar, fixed_weights, chunk_size, features, group, workspace, tol, track))
-    if grad in ("one_step", "implicit"):
+        gmm, n_free, _Loop(x, weight, reg_covar, fixed_weights, chunk_size, features, group, workspace, tol, track),
+        factorise_output=final)
+    if not final:
         gmm, lower, steps, converged = _last_step(gmm, x, weight, reg_covar, fixed_weights, chunk_size,
                                                   grad, lower, steps, converged, tol, implicit_options, group)
     if grad == "none":
         gmm = gmm.detach()
     with torch.set_grad_enabled(grad != "none" and torch.is_grad_enabled()):
-        if track or grad == "none":
-            log_resp, _ = e_step(gmm, x, chunk_size, features, workspace)
+        if final:  # x was checked on entry and the factors of gmm by _iterate
+            log_resp, _ = e_step_unchecked(gmm, x, chunk_size, features, workspace)
         else:  # the cached features carry no graph in these modes
             log_resp, _ = e_step(gmm, x, chunk_size, workspace=workspace)
     return EMResult(gmm, log_resp, lower, steps, converged)
@@ -203,55 +205,68 @@ _State = tuple[Tensor, Tensor, Tensor, Tensor]  # per instance [*B]: done, conve
 
 def _step(gmm: GMM, state: _State, loop: _Loop) -> tuple[GMM, _State]:
     """One EM step with per-instance convergence: converged instances are frozen by ``GMM.where``
-    (branch-free) and an instance converges when its lower bound changes by less than ``tol``."""
+    (branch-free) and an instance converges when its lower bound changes by less than ``tol``. Without a ``tol``
+    no instance stops, and the state is the step count and the lower bound."""
     done, converged, steps, lower = state
     with torch.set_grad_enabled(loop.track and torch.is_grad_enabled()):
         new, ll = em_map(gmm, loop.x, loop.weight, loop.reg_covar, loop.fixed_weights, loop.chunk_size,
                          loop.features, loop.group, loop.workspace)
-        gmm = new if loop.tol is None else GMM.where(done, gmm, new)
+    if loop.tol is None:
+        return new, (done, converged, steps + 1, ll.detach())
+    with torch.set_grad_enabled(loop.track and torch.is_grad_enabled()):
+        gmm = GMM.where(done, gmm, new)
     steps = steps + (~done).long()
-    if loop.tol is not None:
-        converged = converged | (~done & ((ll - lower).abs() < loop.tol))
+    converged = converged | (~done & ((ll - lower).abs() < loop.tol))
     lower = torch.where(done, lower, ll.detach())
-    return gmm, (converged if loop.tol is not None else done, converged, steps, lower)
+    return gmm, (converged, converged, steps, lower)
 
 
-def _iterate(gmm: GMM, n_steps: int, loop: _Loop) -> tuple[GMM, _State]:
-    """Up to ``n_steps`` EM steps from ``gmm``, stopping early once every instance converged (with a ``tol``).
+def _iterate(gmm: GMM, n_steps: int, loop: _Loop, factorise_output: bool = False) -> tuple[GMM, _State]:
+    """Up to ``n_steps`` EM steps from ``gmm``, stopping early once every instance converged (with a ``tol``);
+    with ``factorise_output`` the returned mixture carries checked Cholesky factors.
 
     Host synchronisation: none per step with ``tol=None``, one per step (the early-stopping test) with a
     ``tol``, and one per fit. Each step factorises its input with :meth:`GMM.factorise_unchecked`, which keeps
     the failure flags on the device (a failed factor is NaN, never used as a number), and the loop keeps
     every step's input and state. The flags are read where the loop synchronises anyway: at the
-    early-stopping test, which then also stops at a failed step, and once after the loop. After a failure
-    the steps are redone from the input of the first failed step with jitter-escalated factors
-    (:attr:`GMM.cholesky`, checked by :meth:`GMM.check_cholesky`: its ``ValueError`` when no jitter helps),
-    which gives exactly the result of escalating at every step, while the steps before it are kept: their
-    factors equal the escalated ones bit for bit. Failures need nearly singular covariances (``reg_covar``
-    small against the spread, e.g. few points per component in high dimension), so the common path never
-    waits for the device and factorises once per step. :attr:`GMM.cholesky` alone (the escalation folded into
-    tensor ops) would need no check but factorises nine times: 5% of a colour fit's step.
+    early-stopping test, which then also stops at a failed step, and once after the loop (with the flags of
+    the output's factorisation, when asked for). After a failure the steps are redone from the input of the
+    first failed step with jitter-escalated factors (:attr:`GMM.cholesky`, checked by :meth:`GMM.check_cholesky`:
+    its ``ValueError`` when no jitter helps), which gives exactly the result of escalating at every step, while
+    the steps before it are kept: their factors equal the escalated ones bit for bit. Failures need nearly
+    singular covariances (``reg_covar`` small against the spread, e.g. few points per component in high
+    dimension), so the common path never waits for the device and factorises once per step.
+    :attr:`GMM.cholesky` alone (the escalation folded into tensor ops) would need no check but factorises nine
+    times: 5% of a colour fit's step.
     """
     x = loop.x
     done = torch.zeros(x.shape[:-2], dtype=torch.bool, device=x.device)
     state = (done, done, torch.zeros_like(done, dtype=torch.long),
              torch.full(done.shape, -torch.inf, dtype=x.dtype, device=x.device))
-    trail: list[tuple[GMM, _State, Tensor]] = []  # input, state and failure flag of every unchecked step
+    trail: list[tuple[GMM, _State]] = []  # input and state of every unchecked step
+    flags: list[Tensor] = []  # their factorisations' failures [*B, K], then the output's
     for _ in range(n_steps):
         factorised, failed = gmm.factorise_unchecked()
-        trail.append((gmm, state, failed.any()))
+        trail.append((gmm, state))
+        flags.append(failed)
         gmm, state = _step(factorised, state, loop)
-        if loop.tol is not None and bool(state[0].all() | trail[-1][2]):
+        if loop.tol is not None and bool(state[0].all() | failed.any()):
             break
-    failures = torch.stack([failed for _, _, failed in trail]) if trail else None
+    output = gmm
+    if factorise_output:
+        output, failed = gmm.factorise_unchecked()
+        flags.append(failed)
+    failures = torch.stack(flags).flatten(1).any(1) if flags else None
     if failures is not None and bool(failures.any()):
         first = int(failures.long().argmax())  # read only after a failure
-        gmm, state = trail[first][:2]
-        for _ in range(first, n_steps):
-            gmm, state = _step(gmm.check_cholesky(), state, loop)
-            if loop.tol is not None and bool(state[0].all()):
-                break
-    return gmm, state
+        if first < len(trail):
+            gmm, state = trail[first]
+            for _ in range(first, n_steps):
+                gmm, state = _step(gmm.check_cholesky(), state, loop)
+                if loop.tol is not None and bool(state[0].all()):
+                    break
+        output = gmm.check_cholesky() if factorise_output else gmm
+    return output, state
 
 
 def _last_step(gmm: GMM, x: Tensor, weight: Tensor | None, reg_covar: float, fixed_weights: bool,

@@ -22,6 +22,7 @@ from torch.utils._pytree import tree_flatten
 
 from imgmw import GMM, fit_gmm
 from imgmw import gmm as gmm_module
+from imgmw import stats as stats_module
 from imgmw.linalg import cholesky_jittered, cholesky_unchecked, safe_cholesky
 from imgmw.mstep import em_map, m_step
 from imgmw.stats import Workspace, accumulate_stats, e_step, point_features
@@ -243,6 +244,55 @@ def test_in_place_fit_equals_the_differentiable_fit():
         assert _rel_err(a, b.detach()) < 1e-12
 
 
+@pytest.mark.parametrize("d,k", [(3, 3), (8, 2)], ids=["quad", "whitened"])
+@pytest.mark.parametrize("elements,over_batch", [(2, True), (1, False)], ids=["batch-chunks", "point-chunks"])
+def test_default_chunks_give_the_float64_definition(monkeypatch, d, k, elements, over_batch):
+    """Without a chunk_size the in-place kernels split the work by whole batch elements when one fits half the
+    budget of per-chunk temporaries, by points otherwise; chunks of either kind give the same statistics,
+    log-likelihoods (summed once per step or per chunk) and responsibilities as the definitions, also when the
+    workspace is reused."""
+    b, n = 5, 40
+    per_point = k if d <= stats_module.SMALL_D else k * d
+    budget = elements * n * per_point  # the temporaries of `elements` batch elements
+    monkeypatch.setattr(stats_module, "QUAD_CHUNK_ELEMENTS", budget)
+    monkeypatch.setattr(stats_module, "WHITENED_CHUNK_ELEMENTS", budget)
+    plan = stats_module._plan(b, n, per_point, budget, True, None)
+    assert plan.over_batch == over_batch and plan.count > 1
+    x, w = _problem(b, n, d, k, seed=15, weighted=True)
+    gmm = _start(x, k)
+    ws, features = Workspace(), point_features(x, w)
+    for log_lik_points in (b * n, b * n - 1, b * n):  # the log-likelihood of all points at once, or per chunk
+        monkeypatch.setattr(stats_module, "LOG_LIK_POINTS", log_lik_points)
+        stats = accumulate_stats(gmm, x, w, features=features, workspace=ws)
+        for name, got, want in zip(("s0", "s1", "s2", "log_lik", "total"),
+                                   (stats.s0, stats.s1, stats.s2, stats.log_lik, stats.total),
+                                   _reference_stats(gmm, x, w)):
+            assert _rel_err(got, want) < 1e-12, (name, _rel_err(got, want))
+    with torch.no_grad():
+        fast = e_step(gmm, x, features=features, workspace=ws)
+    slow = e_step(gmm, x.clone().requires_grad_())
+    for a, b_ in zip(fast, slow):
+        assert _rel_err(a, b_.detach()) < 1e-13
+
+
+@pytest.mark.parametrize("d", [3, 8], ids=["quad", "whitened"])
+@pytest.mark.parametrize("chunk_size", [None, 23])
+def test_uncached_features_of_non_contiguous_points(d, chunk_size):
+    """Without cached features the kernels build them chunk by chunk from views of the points, also when the
+    points' batch dimensions (here [2, 3], stored transposed) do not merge into one."""
+    flat, w = _problem(6, 90, d, 3, seed=16, weighted=True)
+    x = flat.reshape(3, 2, 90, d).transpose(0, 1)  # [2, 3, 90, D], not contiguous
+    w = w.reshape(3, 2, 90).transpose(0, 1)
+    gmm = _start(flat, 3)
+    gmm = GMM(*(t.reshape(3, 2, *t.shape[1:]).transpose(0, 1) for t in (gmm.weights, gmm.means, gmm.covariances)))
+    ref = _reference_stats(GMM(*(t.reshape(6, *t.shape[2:]) for t in (gmm.weights, gmm.means, gmm.covariances))),
+                           x.reshape(6, 90, d), w.reshape(6, 90))
+    for ws in (None, Workspace()):
+        stats = accumulate_stats(gmm, x, w, chunk_size=chunk_size, workspace=ws)
+        for got, want in zip((stats.s0, stats.s1, stats.s2, stats.log_lik, stats.total), ref):
+            assert _rel_err(got.reshape(6, *got.shape[2:]), want) < 1e-12
+
+
 @pytest.mark.parametrize("d", [3, 8], ids=["quad", "whitened"])
 def test_in_place_e_step_equals_the_differentiable_one(d):
     x, _ = _problem(2, 300, d, 4, seed=14)
@@ -304,9 +354,9 @@ def test_failed_cholesky_gives_exactly_the_checked_result(monkeypatch, tol):
     # escalated factors, plus the final E-step's factorisation
     assert 1 < len(escalated) <= n_iter
 
-    # the reference: every step factorised with escalation, checked on the host (safe_cholesky, as before issue 18)
-    checked = lambda self: (GMM.from_cholesky(self.weights, self.means, safe_cholesky(self.covariances)),  # noqa: E731
-                            torch.zeros(self.weights.shape, dtype=torch.bool))
+    # the reference: every step factorised with escalation and checked on the host, as before issue 18
+    # (GMM.cholesky's factors are safe_cholesky's bit for bit: test_cholesky_jittered_is_safe_cholesky_without_sync)
+    checked = lambda self: (self.check_cholesky(), torch.zeros(self.weights.shape, dtype=torch.bool))  # noqa: E731
     monkeypatch.setattr(GMM, "factorise_unchecked", checked)
     want = fit_gmm(x, 2, n_iter=n_iter, tol=tol, reg_covar=0.0, init=_start(x, 2), grad="none")
     assert torch.isfinite(got.gmm.covariances).all() and torch.isfinite(got.lower_bound).all()
