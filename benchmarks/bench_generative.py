@@ -1,7 +1,8 @@
 """Generators trained with MW2 against the same generators trained with other losses, at equal training time.
 
 Texture (per exemplar): the same :class:`imgmw.texture_net.TextureGenerator` (same seed, 128×128 training
-samples, Adam lr 2e-3, fresh noise every step) trained for ``--seconds`` of wall time with
+samples, Adam lr 5e-3 decayed linearly in time to ``LR_FLOOR`` of it, fresh noise every step) trained for
+``--seconds`` of wall time with
   * **mw2**: :class:`imgmw.texture.PatchMW2Loss` (the app's default loss, what ``apps.train_generator --data
     texture`` trains);
   * **sliced**: multi-scale patch sliced W2 (4×4 patches, 4 scales, 4096 random patches of the sample and of
@@ -17,13 +18,16 @@ Each is scored on a 256×256 sample (fixed noise) by 4×4 patch sliced-W2 and th
 Digits: the same MLP (z=16, 3×256, sigmoid; Adam, step size decayed linearly over the time budget) trained for
 ``--seconds`` with
   * **components**: the app's default (``apps.train_generator --data digits``): K=128 equal-weight components fitted
-    to the training digits, a one-hot component code beside the noise, 32 generated digits per code and step and
-    the Gaussian W2² of each code's digits to its component (:func:`imgmw.generative.component_w2_loss`), lr 3e-3;
+    to the training digits, a one-hot component code beside the noise, 32 generated digits per code and step, the
+    Gaussian W2² of each code's digits to its component (:func:`imgmw.generative.component_w2_loss`) plus 64× the
+    sliced W2² of all 4096 to the training digits (``MW2GeneratorTrainer.data_sliced_w2``), lr 3e-3;
+  * **gaussian**: the same without the sliced term (``sliced_weight=0``);
   * **mw2**: the MW2 loss against one fit of the training digits (K=32, 4096 generated digits per step,
     ``--target data``), lr 3e-3;
   * **sliced**: the sliced W2 between 4096 generated and 4096 real digits (64 directions per step), lr 3e-3;
 scored on 1000 samples (codes from seed 1) by the logistic-regression classifier
-(:func:`imgmw.generative.digit_classifier_scores`) and held-out sliced W2.
+(:func:`imgmw.generative.digit_classifier_scores`), held-out sliced W2 and the mean distance to the nearest
+training digit (:func:`imgmw.generative.nearest_train_distance`; held-out real digits: 1.06).
 
 Usage: PYTHONPATH=. python benchmarks/bench_generative.py [--seconds 150] [--exemplars wood,brick,gravel]
        [--threads 2] [--skip-digits] [--skip-texture]
@@ -46,7 +50,7 @@ TRAIN_SIZE = 128
 EVAL_SIZE = 256
 SW_PATCHES = 4096
 SW_DIRECTIONS = 64
-LR = 2e-3
+LR = 5e-3  # the texture network's step size, as apps.train_generator --data texture
 DIGITS_LR = 3e-3
 
 
@@ -102,7 +106,7 @@ def _texture_loss(kind: str, exemplar: torch.Tensor, seed: int):
 
 
 def train_texture(kind: str, exemplar: torch.Tensor, seconds: float, seed: int = 0):
-    from imgmw.texture_net import TextureGenerator
+    from imgmw.texture_net import LR_FLOOR, TextureGenerator
 
     torch.manual_seed(seed)
     net = TextureGenerator()
@@ -110,7 +114,8 @@ def train_texture(kind: str, exemplar: torch.Tensor, seconds: float, seed: int =
     opt = torch.optim.Adam(net.parameters(), lr=LR)
     noise_gen = torch.Generator().manual_seed(seed)
     start, steps = time.perf_counter(), 0
-    while time.perf_counter() - start < seconds:
+    while (elapsed := time.perf_counter() - start) < seconds:
+        opt.param_groups[0]["lr"] = LR * max(LR_FLOOR, 1 - elapsed / seconds)  # the app's decay, in time
         image = net(net.noise(1, (TRAIN_SIZE, TRAIN_SIZE), noise_gen))
         opt.zero_grad(set_to_none=True)
         loss_fn(image).backward()
@@ -156,19 +161,21 @@ def bench_texture(names: list[str], seconds: float) -> None:
 
 def bench_digits(seconds: float) -> None:
     from imgmw.generative import (MW2GeneratorTrainer, digit_classifier_scores, generated_sliced_w2, load_samples,
-                                  make_generator, truncated_latent)
+                                  make_generator, nearest_train_distance, truncated_latent)
 
     data = load_samples("digits", seed=0)
     print(f"Digits generators, {seconds:.0f} s of training each (classifier confidence / class entropy over "
-          "log 10 / held-out sliced W2; real vs real sliced W2 "
+          "log 10 / held-out sliced W2 / nearest training digit; real vs real sliced W2 "
           f"{generated_sliced_w2(data.train[:data.test.shape[0]], data.test):.4f}):")
-    for kind in ("components", "mw2", "sliced"):
-        k = 128 if kind == "components" else 32
-        net = make_generator(16 + (k if kind == "components" else 0), 64, 256, seed=0, output="sigmoid")
+    for kind in ("components", "gaussian", "mw2", "sliced"):
+        coded = kind in ("components", "gaussian")
+        k = 128 if coded else 32
+        net = make_generator(16 + (k if coded else 0), 64, 256, seed=0, output="sigmoid")
         start, steps = time.perf_counter(), 0
         if kind != "sliced":
             trainer = MW2GeneratorTrainer(net, data.train, z_dim=16, n_components=k, batch=4096, lr=DIGITS_LR, seed=0,
-                                          target="data" if kind == "mw2" else kind)
+                                          target="components" if coded else "data",
+                                          sliced_weight=0.0 if kind != "components" else None)
             opt = trainer.optimizer
         else:
             opt = torch.optim.Adam(net.parameters(), lr=DIGITS_LR)
@@ -186,11 +193,13 @@ def bench_digits(seconds: float) -> None:
                 opt.step()
             steps += 1
         with torch.no_grad():
-            samples = net(truncated_latent(1000, 16, n_codes=k if kind == "components" else 0,
+            samples = net(truncated_latent(1000, 16, n_codes=k if coded else 0,
                                            generator=torch.Generator().manual_seed(1)))
         s = digit_classifier_scores(samples)
         sw = generated_sliced_w2(samples[:data.test.shape[0]], data.test)
-        print(f"{kind:>10}: {s['mean_max_probability']:.3f} / {s['entropy_ratio']:.3f} / {sw:.4f} ({steps} steps)")
+        near = nearest_train_distance(samples, data.train, data.test)["generated"]
+        print(f"{kind:>10}: {s['mean_max_probability']:.3f} / {s['entropy_ratio']:.3f} / {sw:.4f} / {near:.2f} "
+              f"({steps} steps)")
     print(f"{'real':>10}: {s['real_held_out_mean_max_probability']:.3f} / {s['real_held_out_entropy_ratio']:.3f}")
 
 

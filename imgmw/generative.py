@@ -41,6 +41,24 @@ codes). One transport plan among all, so ``L ≥ MW2²`` of the generated mixtur
 K=128 costs less per step than :class:`imgmw.MW2Loss` at K=32. Sampling draws the code uniformly
 (:func:`truncated_latent`).
 
+A Gaussian component only knows its mean and covariance: its samples spill below 0 and above 1, where the
+sigmoid output clips them into grey ghosts, and they are as grainy as the fitted covariance allows. The digits
+themselves are not Gaussian (a background pixel is exactly 0, a stroke saturates), so the components loss is
+paired with a sliced W2 term to the training set itself, which sees those non-Gaussian marginals:
+
+    L(G) = (1/K) Σ_k W2²(...) + λ · SW²(G(z_1..z_b), y_1..y_N),
+    SW² = (1/P) Σ_p W2²(θ_p·G(z), θ_p·y),
+
+with ``P = SLICED_DIRECTIONS`` fresh random unit directions ``θ_p`` per step and the 1-D W2² between the ``b``
+generated projections and the quantiles of all ``N`` training projections (:func:`imgmw.metrics.weighted_sliced_w2`,
+``b`` quantiles). ``λ = sliced_weight``; measured on the digits at 600 steps (K=128, b=4096), ``λ`` = 0, 32, 64,
+256, 1024 gave classifier confidence 0.883, 0.894, 0.893, 0.870, 0.762: at 64 the samples are sharper, no closer to
+the training digits (mean nearest-training distance 0.82 → 0.88), and the per-component term still sets the
+classes; a heavier sliced term washes them out. Pixel marginals alone (the 64 coordinate directions) did as well
+as random directions (0.892); the same sliced term per code against each component's own digits did worse (0.891
+at λ = 64, 0.888 at 16, 0.890 beside the global term). Training longer does not help: 2000 steps gave 0.880 with
+and 0.879 without the sliced term, as the generator then reproduces the components' Gaussian spread more faithfully.
+
 The paper's appendix (dataset, network, numbers) was not available; data sets here need no download:
 ``"gmm2d"`` (a ring of 8 Gaussians), ``"patches"`` (4×4 colour patches of an image, ``D = 48``) and
 ``"digits"`` (scikit-learn's bundled 8×8 digits, ``D = 64``). Quality is measured by the sliced W2
@@ -65,7 +83,7 @@ from .em import em_step, fit_gmm
 from .flow import StepTrainer, guarded_step
 from .gmm import GMM
 from .losses import MW2Loss, data_reg_covar, fit_target, relative_reg_covar
-from .metrics import random_directions, sliced_w2
+from .metrics import random_directions, sliced_w2, weighted_sliced_w2
 from .ot import mw2
 from .patches import extract_patches
 
@@ -82,6 +100,8 @@ INIT_SAMPLE = 4096  # real samples of the initial (k-means++) fit
 DEAD_FRACTION = 0.05  # a warm-started component with less than this fraction of its share b/K of points is dead
 LR_FLOOR = 0.05  # with total_steps, Adam's step size decays linearly from lr to LR_FLOOR·lr
 WARM_INIT_STEPS = 30  # EM steps (no gradient) after k-means++ when the warm start (re)starts
+SLICED_WEIGHT = 64.0  # λ of the components target's sliced term (measured in the module docstring)
+SLICED_DIRECTIONS = 64  # fresh random directions of that term per step
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -264,13 +284,17 @@ class MW2GeneratorTrainer(StepTrainer):
         process_group: with ``target="data"``, the ``torch.distributed`` group of a DistributedDataParallel run:
             each rank generates ``batch`` samples (codes seeded by ``seed + rank``) and the generated fit runs
             over all ranks' samples (:class:`imgmw.MW2Loss`); the target fit is seeded by ``seed`` on every rank.
+        sliced_weight: ``λ ≥ 0`` of the sliced W2² term to all of ``data`` beside :func:`component_w2_loss`
+            (:meth:`data_sliced_w2`); ``None`` gives ``SLICED_WEIGHT`` for ``target="components"``; the other
+            targets take only ``None`` or 0.
     """
 
     @renamed_parameters(k="n_components")
     def __init__(self, net: nn.Module, data: Tensor, *, z_dim: int, n_components: int = 8, batch: int = 256,
                  lr: float = 1e-3,
                  em: str = "warm", em_steps: int | None = None, real_em_steps: int = 1, reg_covar: float | None = None,
-                 seed: int = 0, target: str = "batch", process_group=None, total_steps: int | None = None) -> None:
+                 seed: int = 0, target: str = "batch", process_group=None, total_steps: int | None = None,
+                 sliced_weight: float | None = None) -> None:
         k = n_components
         if total_steps is not None and (not isinstance(total_steps, int) or total_steps < 1):
             raise ValueError(f"total_steps must be None or an integer >= 1, got {total_steps!r}")
@@ -280,6 +304,12 @@ class MW2GeneratorTrainer(StepTrainer):
             raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
         if process_group is not None and target != "data":
             raise ValueError("a process_group needs target='data' (the minibatch real fits are not distributed)")
+        if sliced_weight is None:
+            sliced_weight = SLICED_WEIGHT if target == "components" else 0.0
+        if not (isinstance(sliced_weight, (int, float)) and 0 <= sliced_weight < math.inf) \
+                or (sliced_weight and target != "components"):
+            raise ValueError(f"sliced_weight must be a finite number >= 0, and 0 unless target='components'; got "
+                             f"{sliced_weight!r} with target={target!r}")
         least = max(batch, k) if target == "batch" else k  # the data targets never draw real minibatches
         if data.dim() != 2 or data.shape[0] < least:
             raise ValueError(f"data must be [N, D] with N >= {'batch' if target == 'batch' else 'k'} = {least}, "
@@ -299,6 +329,7 @@ class MW2GeneratorTrainer(StepTrainer):
         self.optimizer = torch.optim.Adam(net.parameters(), lr=lr)
         self.lr, self.total_steps = lr, total_steps
         self.target = target
+        self.sliced_weight = float(sliced_weight)
         self.data_loss: MW2Loss | None = None
         if target == "data":
             self.reg_covar = data_reg_covar(data) if reg_covar is None else float(reg_covar)
@@ -353,6 +384,16 @@ class MW2GeneratorTrainer(StepTrainer):
         idx = torch.randint(self.data.shape[0], (self.batch,), generator=self.rng, device=self.rng.device)
         return self.data[idx.to(self.data.device)]
 
+    def data_sliced_w2(self, x: Tensor) -> Tensor:
+        """``SW² = (1/P) Σ_p W2²(θ_p·x, θ_p·data)`` between the generated samples ``x [b, D]`` and all training
+        samples, along ``P = SLICED_DIRECTIONS`` unit directions drawn with the trainer's generator; each 1-D W2²
+        compares the ``b`` sorted projections of ``x`` with ``b`` quantiles of the data's
+        (:func:`imgmw.metrics.weighted_sliced_w2`). A scalar, differentiable in ``x``."""
+        theta = torch.randn(SLICED_DIRECTIONS, x.shape[-1], generator=self.rng, device=self.rng.device,
+                            dtype=x.dtype).to(x.device)
+        theta = theta / theta.norm(dim=1, keepdim=True)
+        return weighted_sliced_w2(x, self.data, theta, n_quantiles=x.shape[0]).square()
+
     @torch.no_grad()
     def fit_real(self, y: Tensor) -> GMM:
         """``real_em_steps`` EM steps on ``y [b, D]`` from the previous real fit (no gradient); stored."""
@@ -390,7 +431,8 @@ class MW2GeneratorTrainer(StepTrainer):
 
     def step(self) -> float:
         """One training step; returns the loss ``MW2²(fit(G(z)), fit(y))`` (``fit(y)``: the data fit for
-        ``target="data"``; :func:`component_w2_loss` of ``batch // K`` samples per code for ``"components"``)."""
+        ``target="data"``; for ``"components"``, :func:`component_w2_loss` of ``batch // K`` samples per code plus
+        ``sliced_weight ×`` :meth:`data_sliced_w2` of all of them)."""
         self.net.train()
         if self.total_steps:
             for group in self.optimizer.param_groups:
@@ -398,6 +440,8 @@ class MW2GeneratorTrainer(StepTrainer):
         if self.target == "components":
             x = self.model(self.coded_latent())
             loss = component_w2_loss(x.reshape(self.k, -1, x.shape[-1]), self.real_fit, self.reg_covar)
+            if self.sliced_weight:
+                loss = loss + self.sliced_weight * self.data_sliced_w2(x)
         elif self.data_loss is not None:
             self.data_loss.start_from_target(torch.Size([]))
             loss = self.data_loss(self.model(self.latent(self.batch)))

@@ -3,11 +3,21 @@
 The network follows the multi-scale design of Ulyanov et al.'s texture networks (2016): noise images
 ``z_s [n, c_z, H/2^s, W/2^s]`` at ``S`` resolutions; the coarsest goes through a convolution block, is upsampled
 (nearest, ×2) and concatenated with the block output of the next finer noise, and so on up to full resolution,
-where a 1×1 convolution and a sigmoid give the RGB image in [0, 1]. A block is two 3×3 convolutions with
-LeakyReLU(0.2); channel counts grow towards the fine scales. Being fully convolutional, one network samples any
-size in one forward pass (sides are rounded up to a multiple of ``2^(S−1)`` and the result is cropped). With
-``periodic=True`` every convolution pads circularly and nothing is cropped, so the samples tile (sides must be
-multiples of ``2^(S−1)``).
+where a 1×1 convolution and a sigmoid give the RGB image in [0, 1]. A block is two 3×3 convolutions, each
+followed by instance normalisation and LeakyReLU(0.2); channel counts grow towards the fine scales. Being fully
+convolutional, one network samples any size in one forward pass (sides are rounded up to a multiple of
+``2^(S−1)``, at least twice that, and the result is cropped). With ``periodic=True`` every convolution pads
+circularly and nothing is cropped, so the samples tile (sides must be multiples of ``2^(S−1)``, at least twice it).
+
+Instance normalisation (Ulyanov et al. normalise every block too, with batch statistics) is what makes the
+network train: measured on ``data/wood.png`` (1000 steps, Adam 5e-3, one thread), the training loss fell to 0.087
+with it and 0.150 without, and a 256² sample's 4×4 patch sliced-W2 to 0.0095 against 0.0132 (``texture_synth``:
+0.0074); on ``data/brick.png`` 0.0097 (synth 0.0074). Adam's step: 5e-3 gave 0.0095, 1e-2 0.0106 (and 2e-3,
+without normalisation, 0.0140 against 0.0132 at 5e-3). Without normalisation, training on 256² samples instead
+of 128² scored worse at equal CPU time (0.0152 against 0.0132: fewer steps). With ``apps.train_generator
+--data texture``'s defaults (3000 steps, about 380 s on two cores, 410 s on one) a 256² sample scored patch
+sliced-W2 / structure distance 0.0081 / 0.0653 on wood, 0.0073 / 0.0503 on brick and 0.0064 / 0.1299 on gravel,
+against ``texture_synth``'s 0.0074 / 0.0674, 0.0074 / 0.0565 and 0.0051 / 0.1300.
 
 Training (:class:`TextureGeneratorTrainer`) minimises, by Adam over the weights,
 
@@ -37,17 +47,25 @@ LR_FLOOR = 0.05
 
 
 class _Block(nn.Module):
-    """Two 3×3 convolutions with LeakyReLU(0.2), reflect or circular padding
-    (``[n, c_in, h, w] → [n, c_out, h, w]``)."""
+    """Two 3×3 convolutions, each followed by instance normalisation and LeakyReLU(0.2), reflect or circular
+    padding (``[n, c_in, h, w] → [n, c_out, h, w]``).
+
+    Instance normalisation maps every channel of every image to ``γ_c (y − mean) / sqrt(var + ε) + β_c`` with the
+    mean and variance over that image's pixels (so the convolutions need no bias). It is the same in training
+    and sampling and, over a stationary texture, does not depend on the image size.
+    """
 
     def __init__(self, c_in: int, c_out: int, periodic: bool) -> None:
         super().__init__()
         mode: Literal["circular", "reflect"] = "circular" if periodic else "reflect"
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, padding_mode=mode)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, padding_mode=mode)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, padding_mode=mode, bias=False)
+        self.norm1 = nn.InstanceNorm2d(c_out, affine=True)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, padding_mode=mode, bias=False)
+        self.norm2 = nn.InstanceNorm2d(c_out, affine=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.leaky_relu(self.conv2(F.leaky_relu(self.conv1(x), 0.2)), 0.2)
+        x = F.leaky_relu(self.norm1(self.conv1(x)), 0.2)
+        return F.leaky_relu(self.norm2(self.conv2(x)), 0.2)
 
 
 class TextureGenerator(nn.Module):
@@ -91,14 +109,17 @@ class TextureGenerator(nn.Module):
         return 2 ** (self.n_scales - 1)
 
     def noise_shape(self, size: tuple[int, int]) -> tuple[int, int]:
-        """Full-resolution noise size for an output ``size = (H, W)`` (rounded up to :attr:`multiple`)."""
+        """Full-resolution noise size for an output ``size = (H, W)``: each side rounded up to a multiple of
+        :attr:`multiple` and to at least twice it (the coarsest noise image needs more than one pixel for its
+        instance normalisation)."""
         h, w = size
         if min(h, w) < 1:
             raise ValueError(f"size must be positive, got {size}")
         m = self.multiple
-        if self.periodic and (h % m or w % m):
-            raise ValueError(f"a tileable sample needs sides divisible by {m} (2^(n_scales-1)), got {w}x{h}")
-        return math.ceil(h / m) * m, math.ceil(w / m) * m
+        if self.periodic and (h % m or w % m or min(h, w) < 2 * m):
+            raise ValueError(f"a tileable sample needs sides divisible by {m} (2^(n_scales-1)) and at least "
+                             f"{2 * m}, got {w}x{h}")
+        return max(2, math.ceil(h / m)) * m, max(2, math.ceil(w / m)) * m
 
     def noise(self, n: int, size: tuple[int, int], generator: torch.Generator | None = None,
               device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> list[Tensor]:
@@ -139,7 +160,7 @@ class TextureGeneratorTrainer(StepTrainer):
     """
 
     def __init__(self, net: TextureGenerator, loss: PatchMW2Loss, *, size: tuple[int, int] = (128, 128),
-                 batch: int = 1, lr: float = 2e-3, seed: int = 0, total_steps: int | None = None,
+                 batch: int = 1, lr: float = 5e-3, seed: int = 0, total_steps: int | None = None,
                  process_group=None) -> None:
         if not isinstance(batch, int) or batch < 1:
             raise ValueError(f"batch must be an integer >= 1, got {batch!r}")

@@ -15,8 +15,9 @@ import torch
 from apps import generate, train_generator
 from apps._cli import run
 from imgmw import GMM, mw2
-from imgmw.generative import (MW2GeneratorTrainer, component_w2_loss, generated_sliced_w2, load_checkpoint,
-                              load_samples, make_generator, nearest_train_distance, save_checkpoint, truncated_latent)
+from imgmw.generative import (SLICED_DIRECTIONS, SLICED_WEIGHT, MW2GeneratorTrainer, component_w2_loss,
+                              generated_sliced_w2, load_checkpoint, load_samples, make_generator,
+                              nearest_train_distance, save_checkpoint, truncated_latent)
 from tests.app_checks import assert_resumes_exactly
 
 
@@ -110,6 +111,39 @@ def test_component_w2_loss_matches_closed_form_and_bounds_mw2():
         component_w2_loss(x[:, :1], target, reg)
 
 
+def test_data_sliced_w2_matches_quantiles_of_the_training_set():
+    """Each direction's 1-D W2² pairs the sorted generated projections with NumPy's inverted-CDF quantiles of all
+    training projections at the midpoints (j + ½)/b."""
+    trainer = _digits_trainer(k=4, batch=64)
+    x = torch.rand(48, 64, generator=torch.Generator().manual_seed(2))
+    state = trainer.rng.get_state()
+    value = trainer.data_sliced_w2(x)
+    trainer.rng.set_state(state)
+    theta = torch.randn(SLICED_DIRECTIONS, 64, generator=trainer.rng)
+    theta = (theta / theta.norm(dim=1, keepdim=True)).double().numpy()
+    px = np.sort(x.double().numpy() @ theta.T, axis=0)
+    levels = (np.arange(48) + 0.5) / 48
+    py = np.quantile(trainer.data.double().numpy() @ theta.T, levels, axis=0, method="inverted_cdf")
+    assert float(value) == pytest.approx(float(((px - py) ** 2).mean()), rel=1e-4)
+    xg = x.clone().requires_grad_()
+    trainer.data_sliced_w2(xg).backward()
+    assert torch.isfinite(xg.grad).all() and xg.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("weight", [None, 0.0, 3.0])
+def test_components_step_is_the_component_loss_plus_the_weighted_sliced_term(weight):
+    trainer = _digits_trainer(k=4, batch=64, sliced_weight=weight)
+    assert trainer.sliced_weight == (SLICED_WEIGHT if weight is None else weight)
+    state = trainer.rng.get_state()
+    with torch.no_grad():
+        x = trainer.net(trainer.coded_latent())
+        expected = component_w2_loss(x.reshape(4, 16, 64), trainer.real_fit, trainer.reg_covar)
+        if trainer.sliced_weight:
+            expected = expected + trainer.sliced_weight * trainer.data_sliced_w2(x)
+    trainer.rng.set_state(state)
+    assert trainer.step() == pytest.approx(float(expected), rel=1e-5)
+
+
 # --------------------------------------------------------------------------------------------- the trainer
 def test_components_target_trains_digits_towards_the_data():
     data = load_samples("digits", seed=0)
@@ -142,6 +176,12 @@ def test_k_is_the_deprecated_name_of_n_components_and_argument_checks():
         _digits_trainer(k=4, batch=6)
     with pytest.raises(ValueError, match="total_steps"):
         _digits_trainer(total_steps=0)
+    for weight in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="sliced_weight"):
+            _digits_trainer(sliced_weight=weight)
+    assert alias.sliced_weight == 0.0  # the other targets have no sliced term
+    with pytest.raises(ValueError, match="sliced_weight"):
+        MW2GeneratorTrainer(net, data.train, z_dim=4, n_components=3, batch=64, target="data", sliced_weight=1.0)
 
 
 def test_nearest_train_distance_flags_copies():
@@ -171,10 +211,12 @@ def test_apps_components_target_and_generate_truncation(tmp_path, capsys):
         assert run("generate", generate.main, [ckpt, "--n", "40", "--output", str(dest), "--quiet", *extra]) == 0
         return torch.load(dest / "samples.pt"), json.loads((dest / "metrics.json").read_text())
 
-    plain, info = samples()
-    assert plain.shape == (40, 1, 8, 8) and info["truncation"] == 1.0
+    default, info = samples()
+    assert default.shape == (40, 1, 8, 8) and info["truncation"] == generate.CODED_TRUNCATION  # coded: ψ < 1
     assert 0 <= info["digit_classifier"]["mean_max_probability"] <= 1 and info["sliced_w2_held_out"] > 0
-    assert torch.equal(samples("--truncation", "1")[0], plain)
+    assert torch.equal(samples("--truncation", str(generate.CODED_TRUNCATION))[0], default)
+    plain, info1 = samples("--truncation", "1")
+    assert info1["truncation"] == 1.0 and not torch.equal(plain, default)
     zero, info0 = samples("--truncation", "0")
     assert info0["truncation"] == 0.0
     assert len(torch.unique(zero.reshape(40, -1), dim=0)) <= 4  # one sample per component code

@@ -48,8 +48,29 @@ def test_periodic_network_refuses_sizes_it_cannot_tile():
     net = TextureGenerator(n_scales=3, periodic=True)
     with pytest.raises(ValueError, match="divisible by 4"):
         net.noise_shape((30, 32))
+    with pytest.raises(ValueError, match="at least 8"):
+        net.noise_shape((4, 32))
     assert net.noise_shape((32, 28)) == (32, 28)
     assert TextureGenerator(n_scales=3).noise_shape((30, 33)) == (32, 36)
+
+
+def test_small_outputs_keep_two_coarse_noise_pixels():
+    """Instance normalisation of a single pixel is undefined: a 16×16 sample of a 5-scale network runs on 32×32
+    noise (coarsest 2×2) and is cropped."""
+    net = TextureGenerator(n_scales=5, channels=4)
+    assert net.noise_shape((16, 3)) == (32, 32)
+    assert net.sample(1, (16, 3)).shape == (1, 3, 16, 3)
+
+
+def test_output_does_not_depend_on_the_noise_scale():
+    """Every noise image enters through a bias-free convolution and an instance normalisation, so scaling all
+    noise by c > 0 leaves the sample unchanged: the network's outputs are normalised at every scale."""
+    torch.manual_seed(0)
+    net = TextureGenerator(n_scales=3, channels=4).double()
+    noise = net.noise(2, (32, 40), torch.Generator().manual_seed(3), dtype=torch.float64)
+    with torch.no_grad():
+        a, b = net(noise), net([3.0 * z for z in noise])
+    assert torch.allclose(a, b, atol=1e-6)
 
 
 def _trainer(seed: int = 0) -> TextureGeneratorTrainer:

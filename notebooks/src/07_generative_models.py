@@ -182,5 +182,6 @@ show(fig)
 # - `python -m apps.train_generator --data texture --image data/wood.png` (3000 steps at 128×128), then
 #   `python -m apps.generate outputs/train_generator/checkpoint.pt --size 512` samples it; `--tileable`
 #   trains a generator of seamless tiles.
-# - `python -m apps.train_generator --data digits` (1500 steps, 32 components, batches of 4096),
+# - `python -m apps.train_generator --data digits` (600 steps against the 128 components of one fit, plus a
+#   sliced-W2 term to the training digits; `apps.generate` samples it at truncation 0.5),
 #   `--data gmm2d` (a ring of 8 Gaussians in 2-D), `--data patches`; `--resume` continues a run.
