@@ -50,6 +50,19 @@ every step (and so are the views of those buffers that a chunk needs). The expon
 log-densities and the responsibilities the exponentials; the whitened kernel scales ``y`` in place by
 ``√(ω r)``, so that ``G_k`` is the Gram matrix of a single buffer. When autograd records, the same formulas run
 out of place (with ``G_k = Σ (ω r y) yᵀ``, since ``√r`` has an infinite derivative at ``r = 0``).
+
+Fusion, measured (torch 2.14, one AVX-512 core, 32 colour fits of 2048 points, K = 10, issue 18): the in-place
+chunk loop of the quadratic kernel takes 2.3-2.6 ms per E-step (3.1-3.5 ms with the step's natural parameters and
+statistics), about 60% of a fit. ``torch.compile`` (inductor's C++ backend) does not beat it, so no path here uses
+it. Compiled out of place, the chain keeps both GEMMs as library calls and emits one loop nest per stage (maximum,
+shifted exponential, sum, the statistics' scaling): 3.5 ms per E-step in the same chunks. Written in place it ran
+5.4 ms. Unrolled over the components (every stage on ``[g, n]``, the statistics as K·F reductions over the points)
+it was still four loop nests, 5-9 ms, and took 50-80 s to compile. Compiling costs about 45 s on a cold cache and
+3-7 s warm, per process and, with static shapes, per chunk size (``dynamic=True``: no recompilation for new ``g``
+or ``n``, 1.3 s for a new ``K``). In plain torch, ``torch.softmax`` over the components (one operator for the
+maximum, exponential, sum and division) ran 1.5× slower than the passes it would replace and has no clamp, and
+folding the shift into a second GEMM (the maximum as an extra feature row with weight −1, instead of the
+subtraction) made the E-step 20% slower.
 """
 from __future__ import annotations
 
