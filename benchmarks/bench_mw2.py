@@ -22,9 +22,15 @@ Usage: PYTHONPATH=. python benchmarks/bench_mw2.py [--repeat 5] [--threads 1] [-
 """
 from __future__ import annotations
 
-import argparse
-import time
-import warnings
+import sys
+
+from _threads import pin_thread_pools  # the benchmarks folder is the script's own
+
+pin_thread_pools(sys.argv[1:])  # before NumPy, SciPy (POT) and torch start their pools
+
+import argparse  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
 
 
 def best_of_interleaved(fns, repeat: int, clock) -> list[float]:
