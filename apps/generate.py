@@ -146,6 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         scores = _digit_scores(samples, spec)
         write_json({"checkpoint": str(args.checkpoint), "kind": spec["kind"], "n": n, "seed": args.seed,
                     "truncation": psi, "shape": list(samples.shape[1:]), "seconds_sampling": seconds,
+                    **({"grey": net.out_channels == 1} if texture else {}),
                     "device": str(device), **scores}, out / "metrics.json")
     if not args.quiet:
         c = scores.get("digit_classifier")

@@ -17,7 +17,8 @@ held-out real samples; for digits also a logistic-regression classifier's confid
 (trained on the real training digits).
 
 --data texture trains a multi-scale convolutional texture network (imgmw.texture_net) with the multi-scale
-patch MW2 loss of apps.texture_synth against --image; apps.generate then samples any size in one pass.
+patch MW2 loss of apps.texture_synth against --image; apps.generate then samples any size in one pass. A grey
+--image (three equal channels) trains a one-channel network whose samples are grey, as texture_synth's are.
 
 Under torchrun (torchrun --standalone --nproc_per_node N -m apps.train_generator ...) the network is wrapped in
 DistributedDataParallel: every process generates --batch samples from its own noise, the MW2 loss fits the

@@ -27,7 +27,7 @@ from torch import Tensor
 __all__ = [
     "ImageError", "load_image", "save_image", "to_colorspace", "from_colorspace", "COLORSPACES",
     "image_to_points", "points_to_image", "resize", "resize_max", "parse_size", "MAX_SIZE", "side_by_side",
-    "stack_rows",
+    "stack_rows", "is_grey",
 ]
 
 COLORSPACES = ("rgb", "lab", "linear")
@@ -38,6 +38,15 @@ _WHITE = 1.0
 
 class ImageError(ValueError):
     """An image file that cannot be read or written; the message names the path and the problem."""
+
+
+def is_grey(image: Tensor) -> bool:
+    """Whether the three channels of ``image [..., 3, H, W]`` are identical: a grey image, as :func:`load_image`
+    returns greyscale files (texture synthesis and the texture network then work on one channel)."""
+    if image.dim() < 3 or image.shape[-3] != 3:
+        raise ValueError(f"expected an image [..., 3, H, W], got {tuple(image.shape)}")
+    r, g, b = image.unbind(-3)
+    return bool(torch.equal(r, g) and torch.equal(g, b))
 
 
 # ----------------------------------------------------------------------------------------------- loading

@@ -324,6 +324,7 @@ def test_generate_digits_and_texture_end_to_end(tmp_path, capsys):
                   "--quiet"]) == 0
     metrics = json.loads((texture / "metrics.json").read_text())
     assert metrics["seconds_sample_512"] > 0 and "structure_distance" in metrics["trained"]
+    assert metrics["grey"] is False  # data/wood.png is a colour exemplar
     out = tmp_path / "gen_texture"
     assert _generate([str(texture / "checkpoint.pt"), "--size", "48x32", "--n", "2", "--tileable", "--output",
                       str(out), "--quiet"]) == 0
@@ -332,6 +333,29 @@ def test_generate_digits_and_texture_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     assert _generate([str(texture / "checkpoint.pt"), "--size", "50", "--output", str(tmp_path / "x")]) == 2
     assert "divisible by 16" in capsys.readouterr().err
+
+
+def test_grey_exemplar_gives_grey_texture_samples(tmp_path):
+    """A greyscale exemplar file trains a one-channel network (recorded in the checkpoint) whose samples, from
+    the training app and from apps.generate after a checkpoint round trip, have three equal channels."""
+    rng = np.random.default_rng(0)
+    field = np.kron(rng.random((16, 16)), np.ones((4, 4))) * 0.6 + 0.4 * rng.random((64, 64))
+    exemplar = tmp_path / "grey.png"
+    Image.fromarray((255 * field).astype(np.uint8), mode="L").save(exemplar)
+    run_dir = tmp_path / "grey_run"
+    assert _main(["--data", "texture", "--image", str(exemplar), "--size", "32", "--iters", "2", "--output",
+                  str(run_dir), "--quiet"]) == 0
+    assert json.loads((run_dir / "metrics.json").read_text())["grey"] is True
+    state = load_checkpoint(run_dir / "checkpoint.pt")
+    assert state["generator"]["config"]["out_channels"] == 1
+    out = tmp_path / "grey_samples"
+    assert _generate([str(run_dir / "checkpoint.pt"), "--size", "64x48", "--n", "2", "--output", str(out),
+                      "--quiet"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["grey"] is True
+    for i in range(2):
+        pixels = np.asarray(Image.open(out / f"sample_{i:03d}.png").convert("RGB")).astype(int)
+        assert pixels.shape == (48, 64, 3) and pixels.std() > 1
+        assert np.array_equal(pixels[..., 0], pixels[..., 1]) and np.array_equal(pixels[..., 1], pixels[..., 2])
 
 
 def test_generate_bad_checkpoints_exit_2(tmp_path, capsys):

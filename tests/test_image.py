@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import imgmw.image as image_mod
-from imgmw.image import (ImageError, from_colorspace, image_to_points, load_image, parse_size,
+from imgmw.image import (ImageError, from_colorspace, image_to_points, is_grey, load_image, parse_size,
                          points_to_image, resize, resize_max, save_image, side_by_side, stack_rows,
                          to_colorspace)
 
@@ -405,3 +405,13 @@ def test_stack_rows_pads_narrow_rows_white():
     assert (out[:, 2:, 2:] == 1).all()
     with pytest.raises(ValueError, match="rows"):
         stack_rows([])
+
+
+def test_is_grey():
+    g = torch.rand(1, 9, 7, generator=torch.Generator().manual_seed(0))
+    assert is_grey(g.expand(3, -1, -1)) and is_grey(g.expand(3, -1, -1).unsqueeze(0))
+    tinted = g.repeat(3, 1, 1)
+    tinted[1, 4, 2] += 1 / 255
+    assert not is_grey(tinted)
+    with pytest.raises(ValueError, match="expected an image"):
+        is_grey(torch.zeros(1, 8, 8))

@@ -100,3 +100,68 @@ def test_bad_arguments():
         TextureGenerator(n_scales=2)([torch.zeros(1, 3, 8, 8)])
     with pytest.raises(ValueError, match="batch"):
         TextureGeneratorTrainer(TextureGenerator(n_scales=2), PatchMW2Loss(_exemplar(), n_scales=1), batch=0)
+
+
+@pytest.mark.parametrize("periodic", [False, True])
+@pytest.mark.parametrize("n, size", [(1, (64, 64)), (2, (48, 40))])
+def test_inference_path_equals_the_autograd_path(periodic, n, size):
+    """Without autograd the forward pass runs channels-last with the instance normalisation as a batch
+    normalisation of each image's pixel matrix; it must give the autograd path's images (per image: a batch of
+    two must not mix the images' statistics)."""
+    torch.manual_seed(0)
+    net = TextureGenerator(n_scales=3, channels=4, periodic=periodic).double()
+    with torch.no_grad():  # non-trivial affine parameters, so a dropped γ or β would show
+        for module in net.modules():
+            if isinstance(module, torch.nn.InstanceNorm2d):
+                module.weight.uniform_(-2, 2)
+                module.bias.uniform_(-1, 1)
+    noise = net.noise(n, size, torch.Generator().manual_seed(4), dtype=torch.float64)
+    noise[-1][-1] *= 5.0  # images of a batch with different statistics
+    reference = net(noise, size)
+    assert reference.requires_grad
+    with torch.no_grad():
+        fast = net(noise, size)
+    assert fast.shape == (n, 3, *size)
+    assert torch.allclose(fast, reference.detach(), atol=1e-10)
+    with torch.inference_mode():
+        assert torch.allclose(net(noise, size), reference.detach(), atol=1e-10)
+    sampled = net.sample(n, size, torch.Generator().manual_seed(4))
+    assert sampled.shape == (n, 3, *size) and not sampled.is_inference()
+
+
+def _grey_exemplar() -> torch.Tensor:
+    return _exemplar()[:1].expand(3, -1, -1).contiguous()
+
+
+def test_grey_network_trains_one_channel_and_samples_grey():
+    """A grey exemplar's network has one output channel repeated three times: its samples are exactly grey (an RGB
+    network trained on the same exemplar is not), and the config in a checkpoint rebuilds it."""
+    exemplar = _grey_exemplar()
+    samples = {}
+    for out_channels in (1, 3):
+        torch.manual_seed(0)
+        net = TextureGenerator(n_scales=3, channels=4, out_channels=out_channels)
+        assert net.to_rgb.out_channels == out_channels
+        loss = PatchMW2Loss(exemplar, patch=3, n_components=2, n_scales=2, n_patches=256,
+                            generator=torch.Generator().manual_seed(0))
+        trainer = TextureGeneratorTrainer(net, loss, size=(32, 32), lr=5e-3, seed=0)
+        history = trainer.train(15)
+        assert history[-1] < history[0]
+        samples[out_channels] = net.sample(2, (40, 24), torch.Generator().manual_seed(5))
+        assert samples[out_channels].shape == (2, 3, 40, 24)
+    grey = samples[1]
+    assert torch.equal(grey[:, 0], grey[:, 1]) and torch.equal(grey[:, 1], grey[:, 2])
+    assert not torch.equal(samples[3][:, 0], samples[3][:, 1])
+    state = copy.deepcopy(trainer.state_dict())  # the last trainer is RGB: build the grey one's state again
+    torch.manual_seed(0)
+    grey_net = TextureGenerator(n_scales=3, channels=4, out_channels=1)
+    config = grey_net.config()
+    assert config["out_channels"] == 1 and state["config"]["out_channels"] == 3
+    rebuilt = TextureGenerator(**config)
+    rebuilt.load_state_dict(grey_net.state_dict())
+    assert torch.equal(rebuilt.sample(1, (32, 32), torch.Generator().manual_seed(6)),
+                       grey_net.sample(1, (32, 32), torch.Generator().manual_seed(6)))
+    with pytest.raises(RuntimeError):  # an RGB network's weights do not load into a grey one
+        rebuilt.load_state_dict(state["net"])
+    with pytest.raises(ValueError, match="out_channels"):
+        TextureGenerator(out_channels=2)
