@@ -12,10 +12,12 @@ synthesised from the left half (:func:`imgmw.texture.synthesize_texture`, seed 0
 * the 4×4 multi-scale patch sliced-W2 (:func:`imgmw.metrics.patch_sliced_w2`), which does not see broken
   structure but does see a wash-out to flat patches.
 
-Rows per exemplar: the crop; ``MW2 only`` (``refine_n_iter=0``: the flow alone); ``projection always`` (the
-patch projection of that same MW2 result, :func:`imgmw.texture_refine.refine_texture`, kept whatever it does);
-``default`` (the library's default: the projection kept only if it does not raise the patch sliced-W2); then
-each ``--variants`` setting (with the default projection rule). Times are wall seconds of the whole call.
+Rows per exemplar: the crop; ``MW2 only`` (the flow alone); ``projection always`` (the patch projection of that
+same MW2 result, :func:`imgmw.texture_refine.refine_texture`, whatever it does); ``default`` (the library's default:
+the projection kept only if it does not raise the patch sliced-W2); then each ``--variants`` setting (e.g.
+``n_iter=150,finish_n_iter=60``: the projection, then the semi-dual patch OT finish of
+:mod:`imgmw.texture_semidual`). Times are
+wall seconds of the whole call (``MW2 only``: without the projection and the finish).
 
 Also writes ``--gallery DIR/texture_structure.png`` (exemplar | MW2 only | default per row, structured
 exemplars) and, with ``--mix``, ``DIR/texture_mix.png``: stripes → veins at mixing weights 1, ¾, ½, ¼, 0.
@@ -46,7 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--exemplars", default=EXEMPLARS, help="comma-separated names of data/*.png")
     parser.add_argument("--variants", nargs="*", default=[], help="extra settings, e.g. n_components=8,stages=3")
-    parser.add_argument("--iters", type=int, default=300)
+    parser.add_argument("--iters", type=int, default=None, help="MW2 steps (default: the library's)")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--gallery", type=Path)
@@ -60,7 +62,11 @@ def main() -> None:
     from imgmw.texture_refine import refine_texture
 
     torch.set_num_threads(args.threads)
-    print(f"{'exemplar':9s} {'setting':26s} {'time s':>7s} {'structure':>9s} {'/crop':>6s} {'copies':>7s} "
+    if args.iters is None:
+        from imgmw.texture import MW2_ITERS
+
+        args.iters = MW2_ITERS
+    print(f"{'exemplar':9s} {'setting':30s} {'time s':>7s} {'structure':>9s} {'/crop':>6s} {'copies':>7s} "
           f"{'bound':>6s} {'patch SW':>9s}")
     rows = []
     for name in args.exemplars.split(","):
@@ -75,7 +81,7 @@ def main() -> None:
                  bound=bound) -> None:
             s, c = structure_distance(image, exemplar), near_copy_fraction(image, exemplar)
             flag = "" if label.startswith("another") or c <= bound else " (over)"
-            print(f"{name:9s} {label:26s} {'' if seconds is None else f'{seconds:.1f}':>7s} {s:9.4f} {s / ref:6.2f} "
+            print(f"{name:9s} {label:30s} {'' if seconds is None else f'{seconds:.1f}':>7s} {s:9.4f} {s / ref:6.2f} "
                   f"{c:7.3f} {bound:6.3f} {patch_sliced_w2(image, exemplar):9.4f}{flag}", flush=True)
 
         show("another crop (reference)", crop, None)
@@ -83,17 +89,18 @@ def main() -> None:
         for label, kwargs in runs.items():
             t0 = time.perf_counter()
             result = synthesize_texture(exemplar, size, diagnose=False, generator=torch.Generator().manual_seed(0),
-                                        **({"iters": args.iters} | kwargs))
+                                        **({"n_iter": args.iters} | kwargs))
             seconds = time.perf_counter() - t0
             if label == "default":
-                mw2_seconds = seconds - result.refine_seconds
-                show("MW2 only (refine_n_iter=0)", result.unrefined, mw2_seconds)
+                mw2_seconds = seconds - result.refine_seconds - result.finish_seconds
+                show("MW2 only", result.unrefined, mw2_seconds)
                 t1 = time.perf_counter()
                 always = refine_texture(result.unrefined, exemplar, generator=torch.Generator().manual_seed(0))
                 show("projection always", always, mw2_seconds + time.perf_counter() - t1)
                 if name in STRUCTURED:
                     rows.append(side_by_side([exemplar, result.unrefined, result.image], height=size[0]))
-            show(f"{label} ({'projected' if result.refined else 'MW2 kept'})", result.image, seconds)
+            how = "projection + finish" if result.finished else ("projected" if result.refined else "MW2 kept")
+            show(f"{label} ({how})", result.image, seconds)
     if args.gallery:
         args.gallery.mkdir(parents=True, exist_ok=True)
         if rows:

@@ -7,9 +7,10 @@ patches, 4 levels), evaluated every ``--eval-every`` steps outside the timed reg
 
 * **imgmw**: :func:`imgmw.texture.synthesize_texture` with its defaults (4×4 patches, K=4, all scales,
   2048 patches per scale per step, Adam lr 0.03 decayed linearly to 0 over ``--iters`` steps, then the 8×8
-  patch projection of :mod:`imgmw.texture_refine`, kept only if it does not raise the patch sliced-W2). Its
-  time includes the target fits and the projection. The ablation ``MW2 only`` is the same run's result before
-  the projection (``result.unrefined``), ``projection always`` the projection of it whatever its score.
+  patch projection of :mod:`imgmw.texture_refine`, kept only if it does not raise the patch sliced-W2; with
+  ``--finish-iters N`` the projection, then N iterations of :mod:`imgmw.texture_semidual`'s finish). Its
+  time includes the target fits, the projection and the finish. The ablation ``MW2 only`` is the same run's
+  result before the projection (``result.unrefined``), ``projection always`` the projection of it whatever its score.
 * **baseline** (written here after Houdard, Leclaire, Papadakis & Rabin's multi-scale patch optimal
   transport synthesis): 4 scales; at scale ``s`` the target is ``Y_s`` = 2000 random 4×4 exemplar
   patches (all of them on levels with fewer) and the loss is the semi-dual OT cost with a dual vector
@@ -48,15 +49,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TARGET_PATCHES = 2000       # baseline: exemplar patches per scale (the discrete target)
-PSI_STEPS = 10              # baseline: averaged-SGD steps on ψ per scale per iteration
-PSI_BATCH = 1000            # baseline: synthesis patches per ψ step
-PSI_LR = 1.0                # baseline: ascent step on ψ
-IMAGE_PATCHES = 4096        # baseline: synthesis patches per scale in the image step
-IMAGE_LR = 0.01             # baseline: Adam step on the image
-SCALES = 4
-PATCH = 4
-CHUNK = 2048                # rows of the n × J distance matrix computed at once
+sys.path.insert(0, str(ROOT))
+# The baseline is the library's semi-dual patch OT with its defaults (2000 exemplar patches per scale, 10
+# averaged-SGD ψ steps of 1000 patches per iteration, step 1, 4096 patches per scale in the image step, Adam 0.01,
+# 4 scales of 4×4 patches); bench_generative imports SCALES and SemiDualPatchOT from here.
+from imgmw.texture_semidual import IMAGE_LR, PATCH, SCALES, SemiDualPatchOT  # noqa: E402
+
+__all__ = ["SCALES", "PATCH", "IMAGE_LR", "SemiDualPatchOT", "run_baseline", "run_imgmw", "time_to_reach"]
 
 MEMORY_CODE = """
 import resource, sys, torch
@@ -65,67 +64,14 @@ from imgmw.image import load_image
 from imgmw.texture import synthesize_texture
 torch.set_num_threads({threads})
 ex = load_image({exemplar!r})
-r = synthesize_texture(ex, ({side}, {side}), n_iter={iters}, diagnose=False, generator=torch.Generator().manual_seed(0))
-print("refine seconds", r.refine_seconds, "kept", r.refined)
+r = synthesize_texture(ex, ({side}, {side}), n_iter={iters}, finish_n_iter={iters}, diagnose=False,
+                       generator=torch.Generator().manual_seed(0))
+print("refine seconds", r.refine_seconds, "kept", r.refined, "finish seconds", r.finish_seconds)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
 # ------------------------------------------------------------------------------------------------ baseline
-
-class SemiDualPatchOT:
-    """State of the baseline: per-scale target patches ``Y_s [J_s, D]``, duals ``ψ_s`` and their averages
-    ``ψ̄_s`` over the last iteration's ascent steps."""
-
-    def __init__(self, exemplar, generator) -> None:
-        import torch
-
-        from imgmw.patches import gaussian_pyramid
-
-        self.generator = generator
-        self.targets = [self._patches(lv, TARGET_PATCHES) for lv in gaussian_pyramid(exemplar[None], SCALES)]
-        self.sq_norms = [(y * y).sum(1) for y in self.targets]
-        self.psi = [torch.zeros(y.shape[0], dtype=exemplar.dtype) for y in self.targets]
-        self.psi_avg = [p.clone() for p in self.psi]
-
-    def _argmin(self, s: int, x, psi):
-        """``argmin_j ‖x_i − y_j‖² − ψ_j`` for ``x [n, D]`` (chunked, no gradient): ``[n]`` indices."""
-        import torch
-
-        y, yy = self.targets[s], self.sq_norms[s]
-        with torch.no_grad():
-            return torch.cat([(yy - psi - 2 * xc @ y.T).argmin(1) for xc in x.detach().split(CHUNK)])
-
-    def _patches(self, level, n: int):
-        """``min(n, all)`` distinct random patches of ``level [1, 3, h, w]``: ``[n', D]``."""
-        from imgmw.patches import random_patches
-
-        rows, cols = level.shape[-2] - PATCH + 1, level.shape[-1] - PATCH + 1
-        return random_patches(level, PATCH, min(n, rows * cols), self.generator)[0]
-
-    def ascend_psi(self, levels) -> None:
-        """``PSI_STEPS`` averaged-SGD ascent steps on every ``ψ_s`` (image held fixed)."""
-        import torch
-
-        self.psi_avg = [torch.zeros_like(p) for p in self.psi]
-        for _ in range(PSI_STEPS):
-            for s, level in enumerate(levels):
-                idx = self._argmin(s, self._patches(level, PSI_BATCH), self.psi[s])
-                n_targets = self.psi[s].numel()
-                share = torch.bincount(idx, minlength=n_targets).to(self.psi[s]) / idx.numel()
-                self.psi[s] += PSI_LR * (1.0 / n_targets - share)
-                self.psi_avg[s] += self.psi[s] / PSI_STEPS
-
-    def image_loss(self, levels):
-        """``Σ_s H_s(ψ̄_s, X_s)`` on ``IMAGE_PATCHES`` random patches per scale, differentiable in the image."""
-        total = 0.0
-        for s, level in enumerate(levels):
-            x = self._patches(level, IMAGE_PATCHES)
-            idx = self._argmin(s, x, self.psi_avg[s])
-            cost = (x - self.targets[s][idx]).square().sum(1) - self.psi_avg[s][idx]
-            total = total + cost.mean() + self.psi_avg[s].mean()
-        return total
-
 
 def run_baseline(exemplar, init, iters: int, eval_every: int, seed: int) -> dict:
     """Run the baseline from ``init [3, H, W]``; returns the patch-SW trace and timings."""
@@ -189,28 +135,36 @@ def _scores(image, exemplar) -> tuple[float, float]:
     return patch_sliced_w2(image, exemplar), structure_distance(image, exemplar)
 
 
-def run_imgmw(exemplar, size: tuple[int, int], iters: int, eval_every: int, seed: int) -> dict:
+def run_imgmw(exemplar, size: tuple[int, int], iters: int, eval_every: int, seed: int,
+              finish_iters: int | None = None) -> dict:
+    """imgmw's synthesis (MW2 flow, projection rule; with ``finish_iters`` > 0 the projection, then the semi-dual
+    finish) from its own noise start, with the ablations ``MW2 only`` (the flow's result) and ``projection
+    always`` (the projection of it, no finish)."""
     import torch
 
     from imgmw.metrics import near_copy_fraction, patch_sliced_w2
-    from imgmw.texture import synthesize_texture
+    from imgmw.texture import FINISH_ITERS, synthesize_texture
     from imgmw.texture_refine import refine_texture
 
+    finish_iters = FINISH_ITERS if finish_iters is None else finish_iters
     tracker = _Tracker(exemplar, _scores)
+    total = iters + finish_iters
 
-    def callback(step: int, image, per_scale) -> None:
-        if (step + 1) % eval_every == 0 or step + 1 == iters:
+    def callback(step: int, per_scale, image) -> None:
+        if (step + 1) % eval_every == 0 or step + 1 in (iters, total):
             tracker.record(step + 1, image[0])
 
     result = synthesize_texture(exemplar, size, n_iter=iters, generator=torch.Generator().manual_seed(seed),
-                                callback=callback)
-    tracker.record(iters, result.image)      # after the projection (the same image if it was not kept)
+                                callback=callback, finish_n_iter=finish_iters)
+    if not result.finished:
+        tracker.record(iters, result.image)      # after the projection (the same image if it was not kept)
     out = tracker.result()
     out["init_psw"] = patch_sliced_w2(result.init, exemplar)
     out["init"] = result.init
     out["refined"], out["refine_seconds"] = result.refined, result.refine_seconds
+    out["finished"], out["finish_seconds"] = result.finished, result.finish_seconds
     out["copies"] = near_copy_fraction(result.image, exemplar)
-    unrefined = tracker.trace[-2]
+    unrefined = next(row for row in tracker.trace if row[0] == iters)
     out["mw2_only"] = {"psw": unrefined[3], "structure": unrefined[4], "seconds": unrefined[1],
                        "copies": near_copy_fraction(result.unrefined, exemplar)}
     always = refine_texture(result.unrefined, exemplar, generator=torch.Generator().manual_seed(seed))
@@ -253,8 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exemplars", default="wood,brick,gravel,veins,stripes,bricks,hubble",
                    help="comma-separated names of data/*.png")
     p.add_argument("--size", type=int, default=256)
-    p.add_argument("--iters", type=int, default=300, help="imgmw steps (its default)")
-    p.add_argument("--baseline-iters", type=int, default=500)
+    p.add_argument("--iters", type=int, default=None, help="imgmw MW2 steps (default: the library's)")
+    p.add_argument("--finish-iters", type=int, default=None,
+                   help="imgmw semi-dual finish iterations (default: the library's, 0: none; 60 with --iters 150)")
+    p.add_argument("--baseline-iters", type=int, default=500, help="0: do not run the baseline")
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -267,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.size, args.iters, args.baseline_iters, args.eval_every = 128, 60, 100, 10
+    if args.iters is None:
+        from imgmw.texture import MW2_ITERS
+
+        args.iters = MW2_ITERS
 
     import torch
 
@@ -278,9 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     rows, results = [], {}
     for name in [] if args.memory_only else args.exemplars.split(","):
         exemplar = load_image(ROOT / "data" / f"{name}.png")
-        ours = run_imgmw(exemplar, size, args.iters, args.eval_every, args.seed)
-        base = run_baseline(exemplar, ours.pop("init"), args.baseline_iters, args.eval_every, args.seed)
-        reach = time_to_reach(ours["trace"], base["psw"], base["structure"])
+        ours = run_imgmw(exemplar, size, args.iters, args.eval_every, args.seed, args.finish_iters)
+        init = ours.pop("init")
+        base = run_baseline(exemplar, init, args.baseline_iters, args.eval_every, args.seed) \
+            if args.baseline_iters else None
+        reach = None if base is None else time_to_reach(ours["trace"], base["psw"], base["structure"])
         results[name] = {"imgmw": ours, "baseline": base, "imgmw_reaches_baseline": reach}
         rows.append((name, ours, base, reach))
 
@@ -289,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'exemplar':9s} {'method':34s} {'SW':>7s} {'struct':>7s} {'copies':>6s} {'wall':>7s} {'cpu':>7s}")
     for name, ours, base, _ in rows:
         mw2, always = ours["mw2_only"], ours["projection_always"]
-        kept = "projection kept" if ours["refined"] else "projection rejected"
+        kept = "projection + finish" if ours["finished"] else (
+            "projection kept" if ours["refined"] else "projection rejected")
         print(f"{name:9s} {'noise start':34s} {ours['init_psw']:7.4f}")
         label = f"imgmw MW2 only ({args.iters} steps)"
         print(f"{'':9s} {label:34s} {mw2['psw']:7.4f} {mw2['structure']:7.4f} {mw2['copies']:6.3f} "
@@ -298,9 +261,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{always['copies']:6.3f}")
         print(f"{'':9s} {'imgmw default (' + kept + ')':34s} {ours['psw']:7.4f} {ours['structure']:7.4f} "
               f"{ours['copies']:6.3f} {ours['seconds']:6.1f}s {ours['cpu_seconds']:6.1f}s")
-        print(f"{'':9s} {'semi-dual OT (' + str(args.baseline_iters) + ' iterations)':34s} {base['psw']:7.4f} "
-              f"{base['structure']:7.4f} {'':6s} {base['seconds']:6.1f}s {base['cpu_seconds']:6.1f}s")
-    for name, ours, base, _ in rows:
+        if base is not None:
+            print(f"{'':9s} {'semi-dual OT (' + str(args.baseline_iters) + ' iterations)':34s} {base['psw']:7.4f} "
+                  f"{base['structure']:7.4f} {'':6s} {base['seconds']:6.1f}s {base['cpu_seconds']:6.1f}s")
+    for name, ours, base, reach in rows:
+        if base is None:
+            print(f"default imgmw run ({name}): {ours['seconds']:.1f} s wall, {ours['cpu_seconds']:.1f} s cpu "
+                  f"(finish {ours['finish_seconds']:.1f} s); baseline not run (--baseline-iters 0)")
+            continue
         if reach:
             print(f"time-to-reach speedup vs semi-dual OT baseline ({name}, {args.baseline_iters} iters, patch-SW and "
                   f"structure): step {reach[0]}, {base['seconds'] / reach[1]:.1f}x wall, "
@@ -309,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"time-to-reach speedup vs semi-dual OT baseline ({name}): n/a, imgmw never reached both "
                   f"{base['psw']:.4f} and {base['structure']:.4f} (target >= 20x)")
         end_ok = ours["psw"] <= base["psw"] and ours["structure"] <= base["structure"]
-        print(f"default imgmw run ({name}, {args.iters} iters + projection {ours['refine_seconds']:.1f} s): "
+        print(f"default imgmw run ({name}, {args.iters} iters + projection {ours['refine_seconds']:.1f} s + "
+              f"finish {ours['finish_seconds']:.1f} s): "
               f"{ours['seconds']:.1f} s wall, {ours['cpu_seconds']:.1f} s cpu (target <= 60 s on 2 cores); "
               f"end no worse than the baseline on both: {'yes' if end_ok else 'no'}")
     if not args.no_memory:
@@ -317,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                             args.memory_size)
         results["peak_rss_mb"] = {"side": args.memory_size, "mb": mb}
         print(f"peak RSS of a {args.memory_size}x{args.memory_size} synthesis ({args.memory_iters} steps + "
-              f"projection): {mb:.0f} MB (target < 3072 MB)")
+              f"projection + {args.memory_iters} finish iterations): {mb:.0f} MB (target < 3072 MB)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=float) + "\n")
     return 0

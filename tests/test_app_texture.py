@@ -65,9 +65,10 @@ def test_synthesis_beats_the_noise_start(exemplar, tmp_path):
 
 def test_non_square_size_is_honoured(exemplar, tmp_path):
     out = tmp_path / "wide"
-    assert _run(exemplar, out, "--size", "56x40", "--iters", "2", "--save-every", "1") == 0
+    assert _run(exemplar, out, "--size", "56x40", "--iters", "2", "--finish-iters", "2", "--save-every", "1") == 0
     assert Image.open(out / "texture.png").size == (56, 40)        # PIL sizes are (W, H)
-    assert sorted(p.name for p in (out / "frames").iterdir()) == ["step_00001.png", "step_00002.png"]
+    frames = sorted(p.name for p in (out / "frames").iterdir())     # the MW2 steps, then the finish's
+    assert frames == ["step_00001.png", "step_00002.png", "step_00003.png", "step_00004.png"]
     assert json.loads((out / "metrics.json").read_text())["settings"]["size"] == [40, 56]
 
 

@@ -308,11 +308,11 @@ def test_coarse_to_fine_stages_run_every_size_and_count_steps_on():
 
     ex = load_image(Path(__file__).resolve().parents[1] / "data" / "bricks.png")[:, :64, :64]
     steps, shapes = [], []
-    result = synthesize_texture(ex, (32, 48), stages=2, n_iter=3, n_scales=1, diagnose=False,
+    result = synthesize_texture(ex, (32, 48), stages=2, n_iter=3, n_scales=1, diagnose=False, finish_n_iter=2,
                                 generator=torch.Generator().manual_seed(0),
                                 callback=lambda step, _, image: (steps.append(step), shapes.append(image.shape)))
     assert result.image.shape == (3, 32, 48) and result.init.shape == (3, 32, 48)
-    assert steps == list(range(3))                                  # 3 steps in all: 1 coarse, 2 fine
+    assert steps == list(range(5))                  # 3 MW2 steps in all: 1 coarse, 2 fine; then 2 finish steps
     assert shapes[0][-2:] == (16, 24) and shapes[-1][-2:] == (32, 48)
     tiled = synthesize_texture(ex, (32, 32), stages=2, n_iter=2, n_scales=1, periodic=True, diagnose=False,
                                generator=torch.Generator().manual_seed(0))
@@ -332,15 +332,16 @@ def test_check_patch_counts_names_parameters_or_flags():
 
 
 def test_patch_projection_is_optional_gated_and_deterministic(monkeypatch):
-    """The final projection (imgmw.texture_refine) runs after the same MW2 flow, is kept only when it does not
-    raise the 4×4 patch sliced-W2 (REFINE_KEEP), is deterministic for a seed, and is skipped for real mixes."""
+    """The projection (imgmw.texture_refine) runs after the same MW2 flow; without the semi-dual finish it is kept
+    only when it does not raise the 4×4 patch sliced-W2 (REFINE_KEEP), with it it is always the finish's start; it
+    is deterministic for a seed and skipped for real mixes."""
     import imgmw.texture as texture
     from imgmw.image import load_image
     from imgmw.metrics import patch_sliced_w2
 
     ex = load_image(Path(__file__).resolve().parents[1] / "data" / "bricks.png")[:, :64, :64]
     run = lambda **kw: synthesize_texture(ex, (40, 40), n_scales=1, n_iter=4, diagnose=False,  # noqa: E731
-                                          generator=torch.Generator().manual_seed(0), **kw)
+                                          generator=torch.Generator().manual_seed(0), **({"finish_n_iter": 0} | kw))
     off = run(refine_n_iter=0)
     assert not off.refined and off.unrefined is off.image and off.refine_seconds == 0
     monkeypatch.setattr(texture, "REFINE_KEEP", 1e9)             # always kept
@@ -358,6 +359,10 @@ def test_patch_projection_is_optional_gated_and_deterministic(monkeypatch):
     assert not mixed.refined
     with pytest.raises(ValueError, match="refine_n_iter"):
         run(refine_n_iter=-1)
+    monkeypatch.setattr(texture, "REFINE_KEEP", 0.0)             # a finish always starts from the projection
+    finished = run(finish_n_iter=2)
+    assert finished.refined and finished.finished and torch.equal(finished.unrefined, off.image)
+    assert not torch.equal(finished.image, kept.image)
 
 
 def test_texture_scores_report_every_image_given():

@@ -1,0 +1,117 @@
+"""Tests of imgmw.texture_semidual: the multi-scale patch semi-dual OT (Houdard et al.) and its use as the finish
+of imgmw.texture.synthesize_texture."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from imgmw.patches import extract_patches, gaussian_pyramid
+from imgmw.texture import synthesize_texture
+from imgmw.texture_semidual import SemiDualPatchOT, semidual_cost, semidual_finish
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _exemplar(size: int = 48, seed: int = 0) -> torch.Tensor:
+    """A structured colour exemplar ``[3, size, size]``: diagonal stripes with a little noise."""
+    g = torch.Generator().manual_seed(seed)
+    r = torch.arange(size, dtype=torch.float32)
+    stripes = (torch.sin((r[:, None] + r[None, :]) * 0.6) > 0).float()
+    img = torch.stack([0.2 + 0.6 * stripes, 0.3 + 0.3 * stripes, 0.7 - 0.5 * stripes])
+    return (img + 0.03 * torch.randn(3, size, size, generator=g)).clamp(0, 1)
+
+
+def _usage(ot: SemiDualPatchOT, image: torch.Tensor, s: int = 0) -> torch.Tensor:
+    """Share of all patches of level ``s`` of ``image`` assigned to each target patch (current ψ)."""
+    level = gaussian_pyramid(image[None], ot.n_scales)[s]
+    idx = ot.assign(s, extract_patches(level, ot.patches[s])[0])
+    return torch.bincount(idx, minlength=ot.targets[s].shape[0]).double() / idx.numel()
+
+
+def test_psi_ascent_raises_the_dual_and_makes_target_use_uniform():
+    ex = _exemplar()
+    image = torch.rand(3, 48, 48, generator=torch.Generator().manual_seed(1)) * 0.3 + 0.35  # grey-ish noise
+    ot = SemiDualPatchOT(ex, torch.Generator().manual_seed(0), n_scales=1, n_targets=64, psi_batch=2000)
+    zero = [torch.zeros_like(p) for p in ot.psi]
+    before_cost = float(semidual_cost(ot, image, zero).sum())
+    before = _usage(ot, image)
+    ot.ascend_psi(gaussian_pyramid(image[None], 1), n_steps=400)
+    after = _usage(ot, image)
+    uniform = 1.0 / 64
+    # ψ = 0 piles the noise onto a few targets; the ascent spreads it over all of them
+    assert float((before - uniform).abs().sum()) > 1.0
+    assert float((after - uniform).abs().sum()) < 0.5 * float((before - uniform).abs().sum())
+    assert bool((after > 0).all()) and int((before > 0).sum()) < 0.75 * 64
+    # H is concave in ψ and the ascent raised it (towards the OT cost)
+    assert float(semidual_cost(ot, image).sum()) > before_cost
+
+
+def test_finish_lowers_the_semidual_cost_and_is_deterministic():
+    ex = _exemplar()
+    start = torch.rand(3, 40, 40, generator=torch.Generator().manual_seed(2))
+    runs = [semidual_finish(start, ex, n_iter=30, lr=0.03, n_scales=2, n_targets=256, psi_steps=4,
+                            image_patches=512, generator=torch.Generator().manual_seed(0)) for _ in range(2)]
+    result = runs[0]
+    assert result.image.shape == (3, 40, 40) and float(result.image.min()) >= 0 and float(result.image.max()) <= 1
+    assert torch.equal(runs[0].image, runs[1].image)
+    assert result.losses.shape == (30, 2)
+    zero = [torch.zeros_like(p) for p in result.ot.psi]
+    # nearest-target distance (ψ = 0) and the cost at the final ψ both fall by a stated factor
+    assert float(semidual_cost(result.ot, result.image, zero).sum()) < 0.5 * float(
+        semidual_cost(result.ot, start, zero).sum())
+    assert float(semidual_cost(result.ot, result.image).sum()) < 0.5 * float(semidual_cost(result.ot, start).sum())
+    other = semidual_finish(start, ex, n_iter=30, lr=0.03, n_scales=2, n_targets=256, psi_steps=4,
+                            image_patches=512, generator=torch.Generator().manual_seed(1))
+    assert not torch.equal(other.image, result.image)
+
+
+def test_finish_keeps_grey_and_supports_periodic_and_patch_per_scale():
+    grey = _exemplar()[:1].repeat(3, 1, 1)
+    start = torch.rand(1, 32, 32, generator=torch.Generator().manual_seed(3)).repeat(3, 1, 1)
+    out = semidual_finish(start, grey, n_iter=3, n_scales=2, patch=[4, 6], n_targets=128, psi_steps=2,
+                          image_patches=256, periodic=True, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out.image[0], out.image[1]) and torch.equal(out.image[1], out.image[2])
+    assert out.ot.targets[1].shape[1] == 3 * 36
+    with pytest.raises(ValueError, match="one per scale"):
+        SemiDualPatchOT(grey, n_scales=2, patch=[4])
+    with pytest.raises(ValueError, match="n_iter"):
+        semidual_finish(start, grey, n_iter=0)
+
+
+def test_synthesize_texture_finish_flag():
+    ex = _exemplar()
+    kw = dict(n_iter=8, n_components=2, n_patches=256, diagnose=False, refine_n_iter=0)
+    off = synthesize_texture(ex, (32, 32), finish_n_iter=0, generator=torch.Generator().manual_seed(0), **kw)
+    on = synthesize_texture(ex, (32, 32), finish_n_iter=5, generator=torch.Generator().manual_seed(0), **kw)
+    again = synthesize_texture(ex, (32, 32), finish_n_iter=5, generator=torch.Generator().manual_seed(0), **kw)
+    assert not off.finished and off.finish_losses is None and torch.equal(off.image, off.unrefined)
+    assert on.finished and on.finish_losses is not None and on.finish_losses.shape[0] == 5
+    assert on.unrefined is not None and torch.equal(on.unrefined, off.image)  # the MW2 stage is untouched
+    assert not torch.equal(on.image, off.image)
+    assert torch.equal(on.image, again.image)
+    steps: list[int] = []
+    synthesize_texture(ex, (32, 32), finish_n_iter=3, generator=torch.Generator().manual_seed(0),
+                       callback=lambda step, per_scale, image: steps.append(step), **kw)
+    assert steps == list(range(11))  # the finish's steps count on after the MW2 flow's
+    with pytest.raises(ValueError, match="finish_n_iter"):
+        synthesize_texture(ex, (32, 32), finish_n_iter=-1, **kw)
+
+
+def test_mix_of_two_exemplars_skips_the_finish():
+    a, b = _exemplar(seed=0), _exemplar(seed=1).flip(-1)
+    r = synthesize_texture([a, b], (32, 32), mix=[0.5, 0.5], n_iter=3, n_components=2, n_patches=256,
+                           diagnose=False, finish_n_iter=5, generator=torch.Generator().manual_seed(0))
+    assert not r.finished
+
+
+def test_benchmark_baseline_is_the_library_class():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_texture
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert bench_texture.SemiDualPatchOT is SemiDualPatchOT and bench_texture.SCALES == 4
+
