@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .patches import gaussian_pyramid
-from .validation import check_positive_int
+from .validation import check_positive_int, single_image
 
 __all__ = ["nearest_patches", "project_patches", "refine_texture", "resize_image", "refine_n_scales",
            "REFINE_PATCH", "REFINE_ITERS", "REFINE_STRIDE", "ROBUST"]
@@ -62,16 +62,6 @@ PAIR_BUDGET = 1 << 23     # query × bank distances held at once (32 MB in float
 STRIP_QUERIES = 4096      # output patches unfolded at once
 MAX_ROBUST = 16           # robust >= -16: weights up to EPS^-9 = 1e54 stay finite in float64
 EPS = 1e-6                # ε of the robust weights (squared distance, per patch)
-
-
-def _check_image(img: Tensor, name: str) -> Tensor:
-    """``[3, H, W]`` or ``[1, 3, H, W]`` finite float tensor → ``[1, 3, H, W]``."""
-    if not isinstance(img, Tensor) or img.dim() not in (3, 4) or (img.dim() == 4 and img.shape[0] != 1):
-        shape = tuple(img.shape) if isinstance(img, Tensor) else type(img).__name__
-        raise ValueError(f"{name} must be an image tensor [C, H, W] or [1, C, H, W], got {shape}")
-    if not img.is_floating_point() or not bool(torch.isfinite(img).all()):
-        raise ValueError(f"{name} must be a finite float tensor, got dtype {img.dtype}")
-    return img if img.dim() == 4 else img.unsqueeze(0)
 
 
 @torch.no_grad()
@@ -161,7 +151,7 @@ def project_patches(image: Tensor, exemplar: Tensor, *, patch: int = REFINE_PATC
         ``(image [1, C, H, W], energy [n_iter])``: the projected image and the mean squared patch distance
         ``‖R_j x − z_j‖²`` of each iteration's matches.
     """
-    x, u = _check_image(image, "image"), _check_image(exemplar, "exemplar")
+    x, u = single_image(image, "image"), single_image(exemplar, "exemplar")
     check_positive_int("patch", patch)
     check_positive_int("n_iter", n_iter)
     check_positive_int("stride", stride)
@@ -240,7 +230,7 @@ def refine_texture(image: Tensor, exemplar: Tensor, *, patch: int = REFINE_PATCH
         >>> bool((out - exemplar).abs().max() < 1e-5)
         True
     """
-    x, u = _check_image(image, "image"), _check_image(exemplar, "exemplar")
+    x, u = single_image(image, "image"), single_image(exemplar, "exemplar")
     if x.shape[1] != u.shape[1]:
         raise ValueError(f"image and exemplar must have the same channels, got {x.shape[1]} and {u.shape[1]}")
     check_positive_int("patch", patch)

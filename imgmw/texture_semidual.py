@@ -39,7 +39,7 @@ from torch import Tensor
 
 from .image import is_grey
 from .patches import extract_patches, gaussian_pyramid, patch_grid, random_patches
-from .validation import check_positive_int
+from .validation import check_positive_int, single_image
 
 __all__ = ["SemiDualPatchOT", "semidual_cost", "semidual_finish", "FinishResult", "TARGET_PATCHES", "PSI_STEPS",
            "PSI_BATCH", "PSI_LR", "IMAGE_PATCHES", "IMAGE_LR", "SCALES", "PATCH"]
@@ -53,16 +53,6 @@ IMAGE_LR = 0.01             # Adam step on the image (the baseline's)
 SCALES = 4                  # pyramid levels of the baseline
 PATCH = 4                   # patch side
 CHUNK = 2048                # rows of the n × J distance matrix computed at once
-
-
-def _check_image(img: Tensor, name: str) -> Tensor:
-    """``[C, H, W]`` or ``[1, C, H, W]`` finite float tensor → ``[1, C, H, W]``."""
-    if not isinstance(img, Tensor) or img.dim() not in (3, 4) or (img.dim() == 4 and img.shape[0] != 1):
-        shape = tuple(img.shape) if isinstance(img, Tensor) else type(img).__name__
-        raise ValueError(f"{name} must be an image tensor [C, H, W] or [1, C, H, W], got {shape}")
-    if not img.is_floating_point() or not bool(torch.isfinite(img).all()):
-        raise ValueError(f"{name} must be a finite float tensor, got dtype {img.dtype}")
-    return img if img.dim() == 4 else img.unsqueeze(0)
 
 
 class SemiDualPatchOT:
@@ -86,7 +76,7 @@ class SemiDualPatchOT:
                  patch: int | Sequence[int] = PATCH, n_targets: int = TARGET_PATCHES, psi_steps: int = PSI_STEPS,
                  psi_batch: int = PSI_BATCH, psi_lr: float = PSI_LR, image_patches: int = IMAGE_PATCHES,
                  periodic: bool = False) -> None:
-        u = _check_image(exemplar, "exemplar").detach()
+        u = single_image(exemplar, "exemplar").detach()
         for name, value in (("n_scales", n_scales), ("n_targets", n_targets), ("psi_steps", psi_steps),
                             ("psi_batch", psi_batch), ("image_patches", image_patches)):
             check_positive_int(name, value)
@@ -158,7 +148,7 @@ def semidual_cost(ot: SemiDualPatchOT, image: Tensor, psi: Sequence[Tensor] | No
 
     ``psi`` defaults to ``ot.psi``; with ``ψ = 0`` it is the mean squared distance of every patch to its
     nearest target patch."""
-    levels = gaussian_pyramid(_check_image(image, "image").detach(), ot.n_scales, ot.periodic)
+    levels = gaussian_pyramid(single_image(image, "image").detach(), ot.n_scales, ot.periodic)
     out = []
     for s, level in enumerate(levels):
         ps = (ot.psi if psi is None else psi)[s]
@@ -209,8 +199,8 @@ def semidual_finish(image: Tensor, exemplar: Tensor, *, n_iter: int, lr: float =
     check_positive_int("n_iter", n_iter)
     if not isinstance(psi_warmup, int) or psi_warmup < 0:
         raise ValueError(f"psi_warmup must be an int >= 0, got {psi_warmup!r}")
-    x0 = _check_image(image, "image").detach().clamp(0, 1)
-    u = _check_image(exemplar, "exemplar").detach().to(x0)
+    x0 = single_image(image, "image").detach().clamp(0, 1)
+    u = single_image(exemplar, "exemplar").detach().to(x0)
     start = time.perf_counter()
     ot = SemiDualPatchOT(u, generator, n_scales=n_scales, patch=patch, n_targets=n_targets, psi_steps=psi_steps,
                          psi_batch=psi_batch, psi_lr=psi_lr, image_patches=image_patches, periodic=periodic)

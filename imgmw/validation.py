@@ -6,7 +6,8 @@ from torch import Tensor
 
 from .linalg import all_finite
 
-__all__ = ["check_points", "point_weights", "valid_counts", "check_valid_counts", "check_reg_covar", "check_choice"]
+__all__ = ["check_points", "point_weights", "valid_counts", "check_valid_counts", "check_reg_covar", "check_choice",
+           "single_image"]
 
 
 def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
@@ -93,3 +94,14 @@ def check_valid_counts(n_valid: Tensor, n_components: int) -> None:
         raise ValueError(
             f"n_components={n_components} exceeds the number of valid points ({int(n_valid.min())}) "
             "of some batch element; use fewer components or more points")
+
+
+def single_image(img: Tensor, name: str) -> Tensor:
+    """A finite float image ``[C, H, W]`` or ``[1, C, H, W]`` as ``[1, C, H, W]``; otherwise a ``ValueError``
+    naming ``name`` and the shape or dtype (texture refinement and the semi-dual finish take one image)."""
+    if not isinstance(img, Tensor) or img.dim() not in (3, 4) or (img.dim() == 4 and img.shape[0] != 1):
+        shape = tuple(img.shape) if isinstance(img, Tensor) else type(img).__name__
+        raise ValueError(f"{name} must be an image tensor [C, H, W] or [1, C, H, W], got {shape}")
+    if not img.is_floating_point() or not bool(torch.isfinite(img).all()):
+        raise ValueError(f"{name} must be a finite float tensor, got dtype {img.dtype}")
+    return img if img.dim() == 4 else img.unsqueeze(0)
