@@ -197,8 +197,12 @@ def semidual_finish(image: Tensor, exemplar: Tensor, *, n_iter: int, lr: float =
         :class:`FinishResult` (``image [3, H, W]`` in ``image``'s dtype and device).
     """
     check_positive_int("n_iter", n_iter)
-    if not isinstance(psi_warmup, int) or psi_warmup < 0:
+    if not isinstance(psi_warmup, int) or isinstance(psi_warmup, bool) or psi_warmup < 0:
         raise ValueError(f"psi_warmup must be an int >= 0, got {psi_warmup!r}")
+    if schedule not in ("constant", "linear"):
+        raise ValueError(f"schedule must be 'constant' or 'linear', got {schedule!r}")
+    if not (isinstance(lr, (int, float)) and 0 < lr < math.inf):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
     x0 = single_image(image, "image").detach().clamp(0, 1)
     u = single_image(exemplar, "exemplar").detach().to(x0)
     start = time.perf_counter()
@@ -212,10 +216,6 @@ def semidual_finish(image: Tensor, exemplar: Tensor, *, n_iter: int, lr: float =
     def rgb(x: Tensor) -> Tensor:
         return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
-    if schedule not in ("constant", "linear"):
-        raise ValueError(f"schedule must be 'constant' or 'linear', got {schedule!r}")
-    if not (isinstance(lr, (int, float)) and 0 < lr < math.inf):
-        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
     # Its own Adam loop rather than imgmw.flow.run_flow: H rises while ψ ascends (a max over ψ inside the min over
     # x), which run_flow's divergence rules (a loss growing 10x above its start) would take for a divergence.
     x = var0.clone().requires_grad_(True)

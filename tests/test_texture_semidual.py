@@ -115,3 +115,18 @@ def test_benchmark_baseline_is_the_library_class():
         sys.path.remove(str(ROOT / "benchmarks"))
     assert bench_texture.SemiDualPatchOT is SemiDualPatchOT and bench_texture.SCALES == 4
 
+
+
+@pytest.mark.parametrize("kwargs, match", [({"lr": 0.0}, "lr"), ({"lr": float("nan")}, "lr"),
+                                           ({"schedule": "cosine"}, "schedule"), ({"psi_warmup": True}, "psi_warmup"),
+                                           ({"psi_warmup": -1}, "psi_warmup")])
+def test_finish_rejects_bad_settings_before_any_work(monkeypatch, kwargs, match):
+    import imgmw.texture_semidual as semidual
+
+    def no_work(*args, **kw):
+        raise AssertionError("the targets were drawn before the settings were checked")
+
+    monkeypatch.setattr(semidual, "SemiDualPatchOT", no_work)
+    ex = _exemplar(24)
+    with pytest.raises(ValueError, match=match):
+        semidual_finish(ex.clone(), ex, n_iter=2, **kwargs)
