@@ -16,8 +16,9 @@ with it and 0.150 without, and a 256² sample's 4×4 patch sliced-W2 to 0.0095 a
 without normalisation, 0.0140 against 0.0132 at 5e-3). Without normalisation, training on 256² samples instead
 of 128² scored worse at equal CPU time (0.0152 against 0.0132: fewer steps). With ``apps.train_generator
 --data texture``'s defaults (3000 steps, about 380 s on two cores, 410 s on one) a 256² sample scored patch
-sliced-W2 / structure distance 0.0081 / 0.0653 on wood, 0.0073 / 0.0503 on brick and 0.0064 / 0.1299 on gravel,
-against ``texture_synth``'s 0.0074 / 0.0674, 0.0074 / 0.0565 and 0.0051 / 0.1300.
+sliced-W2 / structure distance 0.0081 / 0.0653 on wood, 0.0073 / 0.0503 on brick and 0.0064 / 0.1299 on gravel
+(RGB networks; the one-channel networks of grey exemplars: 0.0093 / 0.0466 on brick, 0.0060 / 0.1320 on gravel),
+against ``texture_synth``'s 0.0074 / 0.0674, 0.0074 / 0.0565 and 0.0051 / 0.1300 (the README has all seven).
 
 Sampling (:meth:`TextureGenerator.sample`) runs without autograd on channels-last tensors: a 512² sample of the
 default network takes 0.36 s of CPU time on one thread, against 0.55 s for the autograd path's forward
