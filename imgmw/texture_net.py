@@ -87,13 +87,10 @@ class _Block(nn.Module):
         self.norm2 = nn.InstanceNorm2d(c_out, affine=True)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.is_grad_enabled():  # sampling: channels-last tensors (see TextureGenerator.forward)
+            return _norm_act_(self.conv2(_norm_act_(self.conv1(x), self.norm1)), self.norm2)
         x = F.leaky_relu(self.norm1(self.conv1(x)), 0.2)
         return F.leaky_relu(self.norm2(self.conv2(x)), 0.2)
-
-    def forward_fast(self, x: Tensor) -> Tensor:
-        """:meth:`forward` without autograd, on channels-last tensors (see :meth:`TextureGenerator.forward`)."""
-        x = _norm_act_(self.conv1(x), self.norm1)
-        return _norm_act_(self.conv2(x), self.norm2)
 
 
 class TextureGenerator(nn.Module):
@@ -175,22 +172,17 @@ class TextureGenerator(nn.Module):
         fast = not torch.is_grad_enabled()
         if fast:
             noise = [z.contiguous(memory_format=torch.channels_last) for z in noise]
-        x = self._block(self.noise_blocks[-1], noise[-1], fast)
+        x = self.noise_blocks[-1](noise[-1])
         for s in range(self.n_scales - 2, -1, -1):
             up = F.interpolate(x, scale_factor=2, mode="nearest")
-            merged = torch.cat([up, self._block(self.noise_blocks[s], noise[s], fast)], dim=1)
-            x = self._block(self.merge_blocks[self.n_scales - 2 - s], merged, fast)
+            merged = torch.cat([up, self.noise_blocks[s](noise[s])], dim=1)
+            x = self.merge_blocks[self.n_scales - 2 - s](merged)
         out = torch.sigmoid(self.to_rgb(x))
         if fast:
             out = out.contiguous()
         if size is not None:
             out = out[..., :size[0], :size[1]]
         return out.expand(-1, 3, -1, -1) if self.out_channels == 1 else out
-
-    @staticmethod
-    def _block(block: nn.Module, x: Tensor, fast: bool) -> Tensor:
-        assert isinstance(block, _Block)
-        return block.forward_fast(x) if fast else block(x)
 
     @torch.no_grad()
     def sample(self, n: int, size: tuple[int, int], generator: torch.Generator | None = None) -> Tensor:
