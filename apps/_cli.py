@@ -69,6 +69,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (0 <= value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
 def check_pixel_adam_lr(lr: float | None) -> None:
     """Adam moves every pixel by about ``lr`` per step whatever the gradient's size, and pixels live in
     [0, 1]: ``lr >= 1`` throws them to the clamp at every step (the result is saturated noise)."""

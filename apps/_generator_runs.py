@@ -133,14 +133,14 @@ def _plot_points(path: Path, real, generated) -> None:
 class TextureJob:
     """Convolutional texture network against one exemplar (:class:`imgmw.texture_net.TextureGeneratorTrainer`)."""
 
-    loss_label = "Σ_s MW2²(fit of the sample's patches, exemplar's)"
+    loss_label = "Σ_s MW2²(fit of the sample's patches, exemplar's) + λ · nearest-patch energy"
 
     def __init__(self, args: argparse.Namespace, device: torch.device, group=None) -> None:
-        from imgmw.texture import PatchMW2Loss
         from imgmw.image import is_grey
+        from imgmw.patch_energy import NearestPatchEnergy
+        from imgmw.texture import DEFAULT_PATCHES, PatchMW2Loss, check_patch_counts, texture_n_scales
         from imgmw.texture_net import TextureGenerator, TextureGeneratorTrainer
-
-        from imgmw.texture import DEFAULT_PATCHES, check_patch_counts, texture_n_scales
+        from imgmw.texture_refine import refine_n_scales
 
         self.args = args
         self.exemplar = load_image(args.image).to(device)
@@ -162,8 +162,16 @@ class TextureJob:
             net = TextureGenerator(channels=args.hidden, noise_channels=args.z_dim, periodic=args.tileable,
                                    out_channels=1 if self.grey else 3).to(device)
         self.spec = {"kind": "texture", "config": net.config()}
+        nearest = None
+        if args.nearest_weight > 0:
+            try:
+                nearest = NearestPatchEnergy(self.exemplar, n_scales=refine_n_scales(hw, size), periodic=args.tileable,
+                                             generator=gen)
+            except ValueError as err:
+                raise AppError(f"--image {args.image}: {err} (use --nearest-weight 0)") from None
         self.trainer = TextureGeneratorTrainer(net, self.loss, size=(args.size, args.size), batch=args.batch,
-                                               lr=args.lr, seed=args.seed, total_steps=args.iters, process_group=group)
+                                               lr=args.lr, seed=args.seed, total_steps=args.iters, process_group=group,
+                                               nearest=nearest, nearest_weight=args.nearest_weight)
 
     def _sample(self, size: int, seed: int) -> torch.Tensor:
         net = self.trainer.net

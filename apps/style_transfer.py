@@ -27,23 +27,12 @@ from pathlib import Path
 from collections.abc import Sequence
 
 from apps._cli import (AppError, AppParser, add_common_args, check_input_file, check_pixel_adam_lr,
-                       non_negative_int, positive_float, positive_int, resolve_device, run, settings, staged_output,
-                       write_json)
+                       non_negative_float, non_negative_int, positive_float, positive_int, resolve_device, run,
+                       settings, staged_output, write_json)
 
 NAME = "style_transfer"
 DATA = Path(__file__).resolve().parent.parent / "data"
 DEFAULT_CONTENT, DEFAULT_STYLE = DATA / "chelsea.jpg", DATA / "wood.png"
-
-
-def non_negative_float(text: str) -> float:
-    """argparse type: a finite number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not (0 <= value < float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from .distributed import check_process_group, rank
 from .flow import StepTrainer, guarded_step
+from .patch_energy import NearestPatchEnergy
 from .texture import PatchMW2Loss
 
 __all__ = ["TextureGenerator", "TextureGeneratorTrainer", "LR_FLOOR"]
@@ -203,14 +204,22 @@ class TextureGeneratorTrainer(StepTrainer):
         lr: Adam's step size, decayed linearly to ``LR_FLOOR·lr`` over ``total_steps`` (constant for ``None``);
         seed: seeds the noise (``seed + rank`` on each rank of ``process_group``, the group
             of a DistributedDataParallel run whose loss was built with the same group).
+        nearest: a :class:`imgmw.patch_energy.NearestPatchEnergy` of the same exemplar, added to the loss with
+            weight ``nearest_weight`` (``None``, the default: the MW2 loss alone). Its queries are drawn from its
+            own generator; give it the loss's (``loss.generator``) so that the checkpointed state covers both.
     """
 
     def __init__(self, net: TextureGenerator, loss: PatchMW2Loss, *, size: tuple[int, int] = (128, 128),
                  batch: int = 1, lr: float = 5e-3, seed: int = 0, total_steps: int | None = None,
-                 process_group=None) -> None:
+                 process_group=None, nearest: NearestPatchEnergy | None = None,
+                 nearest_weight: float = 1.0) -> None:
         if not isinstance(batch, int) or batch < 1:
             raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
+        if isinstance(nearest_weight, bool) or not (isinstance(nearest_weight, (int, float))
+                                                     and 0 <= nearest_weight < math.inf):
+            raise ValueError(f"nearest_weight must be a finite number >= 0, got {nearest_weight!r}")
         self.net, self.loss, self.size, self.batch = net, loss, net.noise_shape(size), batch
+        self.nearest, self.nearest_weight = nearest, float(nearest_weight)
         param = next(net.parameters())
         self.device, self.dtype = param.device, param.dtype
         group = check_process_group(process_group)
@@ -224,13 +233,17 @@ class TextureGeneratorTrainer(StepTrainer):
         self.history: list[float] = []
 
     def step(self) -> float:
-        """One step on fresh noise; returns ``Σ_s MW2²`` of this step's samples."""
+        """One step on fresh noise; returns the objective of this step's samples, ``Σ_s MW2²`` plus
+        ``nearest_weight ×`` the nearest-patch energy when there is one."""
         self.net.train()
         if self.total_steps:
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr * max(LR_FLOOR, 1.0 - self.step_count / self.total_steps)
         image = self.model(self.net.noise(self.batch, self.size, self.rng, self.device, self.dtype))
-        value = guarded_step(self.loss(image), self.optimizer, list(self.net.parameters()), self.history)
+        objective = self.loss(image)
+        if self.nearest is not None and self.nearest_weight > 0:
+            objective = objective + self.nearest_weight * self.nearest(image)
+        value = guarded_step(objective, self.optimizer, list(self.net.parameters()), self.history)
         self.step_count += 1
         return value
 

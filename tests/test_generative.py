@@ -371,3 +371,24 @@ def test_generate_bad_checkpoints_exit_2(tmp_path, capsys):
                            (other, "not a generator checkpoint"), (broken, "do not load")):
         out = tmp_path / "never"
         assert_clean_failure(_generate, capsys, [str(path)], out, fragment)
+
+
+def test_texture_nearest_weight_changes_training_and_must_match_on_resume(tmp_path, capsys):
+    """--nearest-weight adds the nearest-exemplar-patch energy: the same seed then gives another first-step
+    objective (larger by the weighted energy); it is a resume setting, and a negative weight is refused."""
+    first = {}
+    for weight in ("0", "100"):
+        run_dir = tmp_path / f"w{weight}"
+        assert _main(["--data", "texture", "--size", "48", "--iters", "2", "--nearest-weight", weight, "--output",
+                      str(run_dir), "--quiet"]) == 0
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert metrics["settings"]["nearest_weight"] == float(weight)
+        first[weight] = load_checkpoint(run_dir / "checkpoint.pt")["trainer"]["history"][0]
+    assert first["100"] > first["0"] + 0.1
+    argv = ["--data", "texture", "--size", "48", "--iters", "3", "--output", str(tmp_path / "w100"), "--quiet",
+            "--resume"]
+    capsys.readouterr()
+    assert _main(argv + ["--nearest-weight", "10"]) == 2
+    assert "--nearest-weight" in capsys.readouterr().err
+    assert _main(argv + ["--nearest-weight", "100"]) == 0
+    _assert_clean_failure(capsys, ["--data", "texture", "--nearest-weight", "-1"], tmp_path / "never", "-1")
