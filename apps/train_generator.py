@@ -53,7 +53,7 @@ DEFAULTS = {  # per data set: k, batch, em, target, hidden, z_dim, lr
     "gmm2d": dict(iters=1500, k=8, batch=512, em="warm", target="batch", hidden=128, z_dim=8, lr=1e-3),
     "patches": dict(iters=1500, k=4, batch=512, em="unrolled", target="batch", hidden=128, z_dim=8, lr=1e-3),
     "digits": dict(iters=600, k=128, batch=4096, em="warm", target="components", hidden=256, z_dim=16, lr=3e-3),
-    "texture": dict(iters=3000, k=4, batch=1, em="warm", target="data", hidden=8, z_dim=3, lr=5e-3),
+    "texture": dict(iters=1500, k=4, batch=1, em="warm", target="data", hidden=8, z_dim=3, lr=5e-3, size=192),
 }
 # Settings a checkpoint must share with the command line to be resumed.
 RESUME_KEYS = ("data", "image", "patch", "max_side", "k", "batch", "lr", "z_dim", "hidden", "em", "em_steps", "seed",
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--target batch: fit of the generated batch, warm = EM steps from the previous step's fit "
                         "(gmm2d), unrolled = k-means++ and EM steps, differentiated through all (patches)")
     p.add_argument("--em-steps", type=positive_int, help="--target batch: differentiable EM steps per fit (1 or 5)")
-    p.add_argument("--size", type=positive_int, default=128, help="--data texture: side of the training samples")
+    p.add_argument("--size", type=positive_int, help="--data texture: side of the training samples (default 192)")
     p.add_argument("--tileable", action="store_true", help="--data texture: circular padding, samples tile")
     p.add_argument("--nearest-weight", type=non_negative_float, default=0.0,
                    help="--data texture: weight of the nearest-exemplar-patch energy beside the MW2 loss (default 0: "
@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-samples", type=positive_int, default=2000,
                    help="generated and held-out samples of the sliced-W2 evaluation (default 2000)")
     p.add_argument("--resume", action="store_true", help=f"continue from OUTPUT/{CHECKPOINT} up to --iters steps")
-    add_common_args(p, NAME, iters=None, iters_help="training steps (default 1500; texture 3000; digits 600)")
+    add_common_args(p, NAME, iters=None, iters_help="training steps (default 1500; digits 600)")
     return p
 
 

@@ -1,6 +1,6 @@
 """Generators trained with MW2 against the same generators trained with other losses, at equal training time.
 
-Texture (per exemplar): the same :class:`imgmw.texture_net.TextureGenerator` (same seed, 128×128 training
+Texture (per exemplar): the same :class:`imgmw.texture_net.TextureGenerator` (same seed, 192×192 training
 samples, Adam lr 5e-3 decayed linearly in time to ``LR_FLOOR`` of it, fresh noise every step) trained for
 ``--seconds`` of wall time with
   * **mw2**: :class:`imgmw.texture.PatchMW2Loss` (the app's default loss, what ``apps.train_generator --data
@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_texture import SCALES, SemiDualPatchOT  # noqa: E402  (the baseline of the optimisation benchmark)
 
 PATCH = 4
-TRAIN_SIZE = 128
+TRAIN_SIZE = 192  # apps.train_generator --data texture's training size
 EVAL_SIZE = 256
 SW_PATCHES = 4096
 SW_DIRECTIONS = 64

@@ -14,11 +14,15 @@ network train: measured on ``data/wood.png`` (1000 steps, Adam 5e-3, one thread)
 with it and 0.150 without, and a 256² sample's 4×4 patch sliced-W2 to 0.0095 against 0.0132 (``texture_synth``:
 0.0074); on ``data/brick.png`` 0.0097 (synth 0.0074). Adam's step: 5e-3 gave 0.0095, 1e-2 0.0106 (and 2e-3,
 without normalisation, 0.0140 against 0.0132 at 5e-3). Without normalisation, training on 256² samples instead
-of 128² scored worse at equal CPU time (0.0152 against 0.0132: fewer steps). With ``apps.train_generator
---data texture``'s defaults (3000 steps, about 380 s on two cores, 410 s on one) a 256² sample scored patch
-sliced-W2 / structure distance 0.0081 / 0.0653 on wood, 0.0073 / 0.0503 on brick and 0.0064 / 0.1299 on gravel
-(RGB networks; the one-channel networks of grey exemplars: 0.0093 / 0.0466 on brick, 0.0060 / 0.1320 on gravel),
-against ``texture_synth``'s 0.0074 / 0.0674, 0.0074 / 0.0565 and 0.0051 / 0.1300 (the README has all seven).
+of 128² scored worse at equal CPU time (0.0152 against 0.0132: fewer steps). With normalisation the training
+size pays: on ``data/bricks.png`` (1500 steps, one thread, mean of 256² samples of noise seeds 1–3, patch
+sliced-W2 / structure distance) 128² training scored 0.0236 / 0.0728, 192² 0.0211 / 0.0645 (1.4× the CPU time),
+256² 0.0208 / 0.0649 (2×); eight components per scale instead of four gave 0.0222 / 0.0671 at 128² and
+0.0195 / 0.0557 at 192², but in the app's runs at 192² they scored worse on ``data/gravel.png`` and
+``data/wood.png`` (patch sliced-W2 0.0076 and 0.0095, against 0.0055 and 0.0081 for the earlier default), so
+``apps.train_generator --data texture`` trains 1500 steps at 192² with four
+(about 320 s on one thread, against 410 s for the earlier 3000 steps at 128²; the README has the scores on all
+seven bundled exemplars).
 
 Sampling (:meth:`TextureGenerator.sample`) runs without autograd on channels-last tensors: a 512² sample of the
 default network takes 0.36 s of CPU time on one thread, against 0.55 s for the autograd path's forward

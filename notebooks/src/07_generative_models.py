@@ -175,11 +175,11 @@ show(fig)
 # The generated digits are recognisable but grainier than real ones, and the classifier is less sure of
 # them; the classes are as varied as the real ones. The texture samples above have the exemplar's colours
 # and grain direction but are blurrier than a per-image synthesis (notebook 4): 400 steps at 64×64 is a short
-# training (the app's default is 3000 steps at 128×128).
+# training (the app's default is 1500 steps at 192×192).
 #
 # ## What next
 #
-# - `python -m apps.train_generator --data texture --image data/wood.png` (3000 steps at 128×128), then
+# - `python -m apps.train_generator --data texture --image data/wood.png` (1500 steps at 192×192), then
 #   `python -m apps.generate outputs/train_generator/checkpoint.pt --size 512` samples it; `--tileable`
 #   trains a generator of seamless tiles.
 # - `python -m apps.train_generator --data digits` (600 steps against the 128 components of one fit, plus a

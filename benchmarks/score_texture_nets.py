@@ -1,0 +1,53 @@
+"""Score trained texture networks as the README's texture-network table does.
+
+For each ``apps.train_generator --data texture`` output directory: the app's own scores of its sample (from
+``metrics.json``) and the mean over 256×256 samples of noise seeds 1–3 (as ``bench_generative.py`` scores its
+networks), patch sliced-W2 / structure distance (:mod:`imgmw.metrics`) to the exemplar the run was trained on,
+with the training time.
+
+Usage: PYTHONPATH=. python benchmarks/score_texture_nets.py RUN_DIR [RUN_DIR ...] [--threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+SIZE = 256
+SEEDS = (1, 2, 3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path, help="output directories of apps.train_generator --data texture")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+
+    import torch
+
+    from imgmw.generative import load_checkpoint
+    from imgmw.image import load_image
+    from imgmw.metrics import patch_sliced_w2, structure_distance
+    from imgmw.texture_net import TextureGenerator
+
+    torch.set_num_threads(args.threads)
+    print(f"{'run':>24} {'exemplar':>18} {'app sample':>15} {f'seeds {SEEDS}':>15} {'training':>9}")
+    for run in args.runs:
+        metrics = json.loads((run / "metrics.json").read_text())
+        state = load_checkpoint(run / "checkpoint.pt")
+        net = TextureGenerator(**state["generator"]["config"])
+        net.load_state_dict(state["trainer"]["net"])
+        image = Path(metrics["settings"]["image"])
+        exemplar = load_image(image)
+        scores = []
+        for seed in SEEDS:
+            sample = net.sample(1, (SIZE, SIZE), torch.Generator().manual_seed(seed))[0]
+            scores.append((patch_sliced_w2(sample, exemplar), structure_distance(sample, exemplar)))
+        psw, structure = (sum(s[i] for s in scores) / len(scores) for i in range(2))
+        app = metrics["trained"]
+        print(f"{run.name:>24} {image.name:>18} {app['patch_sliced_w2']:.4f}/{app['structure_distance']:.4f}".rjust(59)
+              + f" {psw:.4f}/{structure:.4f}".rjust(16) + f" {metrics['seconds_train']:>8.0f}s")
+
+
+if __name__ == "__main__":
+    main()
