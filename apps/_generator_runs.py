@@ -133,7 +133,7 @@ def _plot_points(path: Path, real, generated) -> None:
 class TextureJob:
     """Convolutional texture network against one exemplar (:class:`imgmw.texture_net.TextureGeneratorTrainer`)."""
 
-    loss_label = "Σ_s MW2²(fit of the sample's patches, exemplar's) + λ · nearest-patch energy"
+    loss_label = "Σ_s MW2²(fit of the sample's patches, exemplar's)"
 
     def __init__(self, args: argparse.Namespace, device: torch.device, group=None) -> None:
         from imgmw.image import is_grey
@@ -164,6 +164,7 @@ class TextureJob:
         self.spec = {"kind": "texture", "config": net.config()}
         nearest = None
         if args.nearest_weight > 0:
+            self.loss_label += f" + {args.nearest_weight:g} · nearest-patch energy"
             try:
                 nearest = NearestPatchEnergy(self.exemplar, n_scales=refine_n_scales(hw, size), periodic=args.tileable,
                                              generator=gen)

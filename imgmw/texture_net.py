@@ -36,7 +36,8 @@ Training (:class:`TextureGeneratorTrainer`) minimises, by Adam over the weights,
     L(θ) = Σ_s MW2²( EM_K(P_s(G_θ(z))), ν_s )
 
 with :class:`imgmw.texture.PatchMW2Loss` (fresh noise ``z`` every step, warm-started EM fits of the generated
-patches, the exemplar's per-scale patch mixtures ``ν_s``), at a fixed training size.
+patches, the exemplar's per-scale patch mixtures ``ν_s``), at a fixed training size; optionally plus
+``λ·E(G_θ(z))``, the nearest-exemplar-patch energy of :mod:`imgmw.patch_energy`.
 """
 from __future__ import annotations
 
