@@ -1,7 +1,7 @@
 """Train a generator with an EM-MW2 loss: an MLP on vectors, or a feed-forward texture network.
 
     python -m apps.train_generator [--data gmm2d|patches|digits] [--iters N] [--resume]
-    python -m apps.train_generator --data texture --image EXEMPLAR [--size 128] [--tileable]
+    python -m apps.train_generator --data texture --image EXEMPLAR [--size 192] [--tileable]
 
 Vector data sets (no download): gmm2d, a ring of 8 Gaussians in 2-D; patches, 4x4 colour patches (D=48) of
 --image; digits, scikit-learn's bundled 8x8 digits (D=64). The generator is an MLP z -> x trained by Adam
@@ -55,9 +55,11 @@ DEFAULTS = {  # per data set: k, batch, em, target, hidden, z_dim, lr
     "digits": dict(iters=600, k=128, batch=4096, em="warm", target="components", hidden=256, z_dim=16, lr=3e-3),
     "texture": dict(iters=1500, k=4, batch=1, em="warm", target="data", hidden=8, z_dim=3, lr=5e-3, size=192),
 }
-# Settings a checkpoint must share with the command line to be resumed.
+# Settings a checkpoint must share with the command line to be resumed (the texture ones only for --data texture:
+# vector runs ignore them, and older vector checkpoints recorded --size 128).
 RESUME_KEYS = ("data", "image", "patch", "max_side", "k", "batch", "lr", "z_dim", "hidden", "em", "em_steps", "seed",
-               "target", "size", "tileable")
+               "target")
+TEXTURE_RESUME_KEYS = ("size", "tileable")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,7 +120,8 @@ def _resume(trainer, path: Path, args: argparse.Namespace, device, group) -> dic
     torchrun another number of processes (each rank continues its own noise stream)."""
     from imgmw.distributed import rank, world_size
 
-    state = read_resume_checkpoint(path, args, ("trainer", "extra"), RESUME_KEYS, device)
+    keys = RESUME_KEYS + TEXTURE_RESUME_KEYS if args.data == "texture" else RESUME_KEYS
+    state = read_resume_checkpoint(path, args, ("trainer", "extra"), keys, device)
     if state["settings"].get("nearest_weight", 0.0) != args.nearest_weight:  # absent: written before the flag
         raise AppError(f"--resume: checkpoint {path} was trained with different --nearest-weight")
     trainer.load_state_dict(state["trainer"])

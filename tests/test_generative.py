@@ -194,6 +194,10 @@ def test_app_default_data_writes_outputs_and_resumes(tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 6 and metrics["resumed_from_step"] == 0 and metrics["dimension"] == 2
     assert metrics["sw2_real_train_vs_held_out"] < metrics["sw2_untrained"]
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert state["settings"]["size"] is None  # a texture-only flag
+    state["settings"]["size"] = 128           # as vector checkpoints recorded it before --size became texture-only
+    save_checkpoint(out / "checkpoint.pt", state)
     assert _main(_tiny(out, "--resume", iters=10)) == 0
     resumed = json.loads((out / "metrics.json").read_text())
     assert resumed["steps"] == 10 and resumed["resumed_from_step"] == 6
