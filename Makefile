@@ -34,10 +34,10 @@ venv: $(VENV)/.installed-base
 demo: $(VENV)/.installed-base
 	$(PY) -m apps.texture_synth
 
-# Static checks, part of `make test`: ruff over the tree and mypy over imgmw/ (settings in pyproject.toml).
+# Static checks, part of `make test`: ruff over the tree and mypy over imgmw/ and apps/ (settings in pyproject.toml).
 lint: $(VENV)/.installed-test
 	$(PY) -m ruff check .
-	$(PY) -m mypy imgmw
+	$(PY) -m mypy imgmw apps
 
 # pytest exits 5 when it collected nothing: that must never pass.
 test: lint

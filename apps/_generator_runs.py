@@ -94,8 +94,9 @@ class VectorJob:
         if len(data.shape) == 1:
             _plot_points(samples_png, self.held_out, generated)
         else:
-            scale = max(1, 32 // data.shape[-1])
-            grids = [sample_grid(s[:64], data.shape, columns=8, scale=scale) for s in (self.held_out, generated)]
+            c, h, w = data.shape
+            scale = max(1, 32 // w)
+            grids = [sample_grid(s[:64], (c, h, w), columns=8, scale=scale) for s in (self.held_out, generated)]
             save_image(side_by_side(grids), samples_png)
         return metrics
 
@@ -144,7 +145,7 @@ class TextureJob:
 
         self.args = args
         self.exemplar = load_image(args.image).to(device)
-        hw, size = tuple(self.exemplar.shape[-2:]), (args.size, args.size)
+        hw, size = (self.exemplar.shape[-2], self.exemplar.shape[-1]), (args.size, args.size)
         n_scales = texture_n_scales(hw, hw, args.patch)
         try:
             check_patch_counts(hw, size, args.patch, n_scales, args.k, DEFAULT_PATCHES, args.tileable,

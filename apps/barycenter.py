@@ -133,11 +133,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                                           lr=args.lr, init=args.init, generator=gen, em=em, callback=progress)
         bar.close()
         t_flow = time.perf_counter()
-        report = barycentre_report(points, em.state, targets, weights, n_components=args.k, reg_covar=reg,
+        fit = em.state
+        if fit is None:
+            raise RuntimeError("the barycentre flow ended without an EM fit")
+        report = barycentre_report(points, fit, targets, weights, n_components=args.k, reg_covar=reg,
                                    generator=gen)
         written = []
         if args.mode == "points":
-            plot_barycentre(out / "barycenter.png", targets, points, em.state, history, gen)
+            plot_barycentre(out / "barycenter.png", targets, points, fit, history, gen)
             written.append("barycenter.png")
         else:
             save_image(_palette_strip(points, args.colorspace), out / "palette.png")
@@ -147,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        out / "comparison.png")
             written += ["palette.png", "comparison.png"]
             if recolor_source is not None:
-                recoloured, _ = recolour_to_gmm(recolor_source, em.state, colorspace=args.colorspace,
+                recoloured, _ = recolour_to_gmm(recolor_source, fit, colorspace=args.colorspace,
                                                 n_iter=args.recolor_iters, generator=gen)
                 save_image(recoloured, out / "recolored.png")
                 written.append("recolored.png")

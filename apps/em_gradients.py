@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _parse(argv: list[str] | None) -> argparse.Namespace:
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
@@ -84,7 +85,8 @@ class _Bars:
     """The studies' ``progress(description, done, total)`` hook drawn as tqdm bars, one per description."""
 
     def __init__(self, quiet: bool) -> None:
-        self.quiet, self.bars = quiet, {}
+        self.quiet = quiet
+        self.bars: dict[str, Any] = {}
 
     def __call__(self, desc: str, done: int, total: int) -> None:
         if self.quiet:
@@ -147,7 +149,7 @@ def _write(out: Path, results: dict, figures: dict) -> list[str]:
 
 
 # --------------------------------------------------------------------------- entry point
-def _main(argv: list[str] | None) -> int:
+def _main(argv: Sequence[str] | None) -> int:
     args = _parse(argv)
     out = args.output if args.output is not None else Path("outputs") / PROG / args.command
     check_output(out)  # before the study: an unusable --output is reported at once
@@ -157,7 +159,7 @@ def _main(argv: list[str] | None) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (2: one line on stderr for a bad command line, an
     unusable --output or a diverging flow; 130: interrupted)."""
     try:

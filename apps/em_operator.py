@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from apps._cli import (AppError, AppParser, Interrupted, check_output, non_negative_int, positive_float,
@@ -173,7 +174,7 @@ def _run(args: argparse.Namespace, device) -> int:
     return 0
 
 
-def _main(argv: list[str] | None) -> int:
+def _main(argv: Sequence[str] | None) -> int:
     """Train (or resume), evaluate, and write checkpoint, plot and metrics (torch uses ``--threads``)."""
     args = build_parser().parse_args(argv)
     _check_args(args)
@@ -187,7 +188,7 @@ def _main(argv: list[str] | None) -> int:
         torch.set_num_threads(threads)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (2: one line on stderr for a bad command line, input or
     divergence; 130: interrupted)."""
     try:

@@ -76,10 +76,13 @@ def _load(path: Path, device) -> dict[str, Any]:
 
 
 def _network(state: dict[str, Any], path: Path, device):
+    from torch import nn
+
     from imgmw.generative import make_generator
     from imgmw.texture_net import TextureGenerator
 
     spec = state["generator"]
+    net: nn.Module
     try:
         if spec["kind"] == "texture":
             net = TextureGenerator(**spec["config"])

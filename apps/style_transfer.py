@@ -95,8 +95,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         extractor = make_extractor(**target.extractor)
     else:
         extractor = make_extractor(args.features, weights=args.weights, download=args.download, patch=args.patch)
-    extractor.check_size(*content.shape[-2:], what=f"content ({args.content}, after --size {args.size})")
-    extractor.check_size(*style.shape[-2:], what=f"style ({args.style}, after --size {args.size})")
+    extractor.check_size(content.shape[-2], content.shape[-1],
+                         what=f"content ({args.content}, after --size {args.size})")
+    extractor.check_size(style.shape[-2], style.shape[-1], what=f"style ({args.style}, after --size {args.size})")
     generator = torch.Generator(device=device).manual_seed(args.seed)
     t_start = time.perf_counter()
     with staged_output(args.output) as out:

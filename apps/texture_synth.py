@@ -180,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     hw = (min(e.shape[-2] for e in exemplars), min(e.shape[-1] for e in exemplars))  # too small: ValueError
     n_scales = texture_n_scales(hw, size, args.patch, args.scales)
     for exemplar in exemplars:  # before the fits, in flag words
-        check_patch_counts(tuple(exemplar.shape[-2:]), size, args.patch, n_scales, args.k, args.n_patches,
+        check_patch_counts((exemplar.shape[-2], exemplar.shape[-1]), size, args.patch, n_scales, args.k, args.n_patches,
                            args.tileable, names=FLAG_NAMES)
     args.lr = args.lr or (ADAM_LR if args.optimizer == "adam" else 1.0)
     args.refine_iters = REFINE_ITERS if args.refine_iters is None else args.refine_iters

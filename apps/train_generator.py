@@ -166,7 +166,8 @@ def _train(args: argparse.Namespace, group, device) -> int:
     start = trainer.step_count
 
     def checkpoint_state() -> dict[str, Any]:
-        state = {"trainer": trainer.state_dict(), "settings": settings(args), "extra": extra, "generator": job.spec}
+        state: dict[str, Any] = {"trainer": trainer.state_dict(), "settings": settings(args), "extra": extra,
+                                 "generator": job.spec}
         if group is not None:  # every rank's noise generator, so that a resumed run draws what this one would
             state["rng_per_rank"] = [t.clone() for t in all_gather_stack(trainer.rng.get_state(), group)]
         return state
@@ -196,7 +197,7 @@ def _train(args: argparse.Namespace, group, device) -> int:
         bar.close()
         t_train = time.perf_counter() - t_train
         state = checkpoint_state()
-        if not main_rank:
+        if out is None:  # not rank 0: the main rank writes the outputs
             return 0
         save_checkpoint(out / CHECKPOINT, state)
         metrics = {"settings": settings(args), "device": str(device), "processes": world_size(group),
