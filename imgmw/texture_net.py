@@ -22,7 +22,13 @@ sliced-W2 / structure distance) 128² training scored 0.0236 / 0.0728, 192² 0.0
 ``data/wood.png`` (patch sliced-W2 0.0076 and 0.0095, against 0.0055 and 0.0081 for the earlier default), so
 ``apps.train_generator --data texture`` trains 1500 steps at 192² with four
 (about 320 s on one thread, against 410 s for the earlier 3000 steps at 128²; the README has the scores on all
-seven bundled exemplars).
+seven bundled exemplars) and one sample per step. Two samples per step (``--batch 2``: two fits, their losses
+averaged), in the app's runs on all seven (patch sliced-W2 / structure distance, seeds 1–3, against one sample):
+wood 0.0079 / 0.0653 (0.0079 / 0.0663), brick 0.0101 / 0.0545 (0.0084 / 0.0477), gravel 0.0053 / 0.1314
+(0.0058 / 0.1310), hubble 0.0178 / 0.0357 (0.0184 / 0.0375), bricks 0.0190 / 0.0654 (0.0209 / 0.0665),
+stripes 0.0425 / 0.1000 (0.0455 / 0.0971), veins 0.0113 / 0.0507 (0.0130 / 0.0530): patch sliced-W2 3–13 %
+lower on five, the same on wood and 20 % higher on brick (1.36× texture_synth's), for 1.8× the time (585–645 s on
+one thread), so the default stays one.
 
 Sampling (:meth:`TextureGenerator.sample`) runs without autograd on channels-last tensors: a 512² sample of the
 default network takes 0.36 s of CPU time on one thread, against 0.55 s for the autograd path's forward
