@@ -43,8 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from apps._cli import (AppError, AppParser, Interrupted, add_common_args, non_negative_float, positive_float,
-                       positive_int,
-                       process_group_for, read_resume_checkpoint, run, settings, staged_output, write_json)
+                       positive_int, process_group_for, read_resume_checkpoint, run, settings, staged_output,
+                       write_json)
 
 NAME = "train_generator"
 DATA = Path(__file__).resolve().parent.parent / "data"

@@ -20,9 +20,9 @@ sliced-W2 / structure distance) 128² training scored 0.0236 / 0.0728, 192² 0.0
 256² 0.0208 / 0.0649 (2×); eight components per scale instead of four gave 0.0222 / 0.0671 at 128² and
 0.0195 / 0.0557 at 192², but in the app's runs at 192² they scored worse on ``data/gravel.png`` and
 ``data/wood.png`` (patch sliced-W2 0.0076 and 0.0095, against 0.0055 and 0.0081 for the earlier default), so
-``apps.train_generator --data texture`` trains 1500 steps at 192² with four
+``apps.train_generator --data texture`` trains 1500 steps at 192² with four components and one sample per step
 (about 320 s on one thread, against 410 s for the earlier 3000 steps at 128²; the README has the scores on all
-seven bundled exemplars) and one sample per step. Two samples per step (``--batch 2``: two fits, their losses
+seven bundled exemplars). Two samples per step (``--batch 2``: two fits, their losses
 averaged), in the app's runs on all seven (patch sliced-W2 / structure distance, seeds 1–3, against one sample):
 wood 0.0079 / 0.0653 (0.0079 / 0.0663), brick 0.0101 / 0.0545 (0.0084 / 0.0477), gravel 0.0053 / 0.1314
 (0.0058 / 0.1310), hubble 0.0178 / 0.0357 (0.0184 / 0.0375), bricks 0.0190 / 0.0654 (0.0209 / 0.0665),
