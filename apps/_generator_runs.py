@@ -137,6 +137,7 @@ class TextureJob:
     loss_label = "Σ_s MW2²(fit of the sample's patches, exemplar's)"
 
     def __init__(self, args: argparse.Namespace, device: torch.device, group=None) -> None:
+        from imgmw.colour_loss import SlicedColourLoss
         from imgmw.image import is_grey
         from imgmw.patch_energy import NearestPatchEnergy
         from imgmw.texture import DEFAULT_PATCHES, PatchMW2Loss, check_patch_counts, texture_n_scales
@@ -171,9 +172,14 @@ class TextureJob:
                                              generator=gen)
             except ValueError as err:
                 raise AppError(f"--image {args.image}: {err} (use --nearest-weight 0)") from None
+        colour = None
+        if args.colour_weight > 0:
+            self.loss_label += f" + {args.colour_weight:g} · sliced colour W2²"
+            colour = SlicedColourLoss(self.exemplar, seed=args.seed)
         self.trainer = TextureGeneratorTrainer(net, self.loss, size=(args.size, args.size), batch=args.batch,
                                                lr=args.lr, seed=args.seed, total_steps=args.iters, process_group=group,
-                                               nearest=nearest, nearest_weight=args.nearest_weight)
+                                               nearest=nearest, nearest_weight=args.nearest_weight, colour=colour,
+                                               colour_weight=args.colour_weight)
 
     def _sample(self, size: int, seed: int) -> torch.Tensor:
         net = self.trainer.net

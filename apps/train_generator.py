@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nearest-weight", type=non_negative_float, default=0.0,
                    help="--data texture: weight of the nearest-exemplar-patch energy beside the MW2 loss (default 0: "
                         "the MW2 loss alone; 100-400 for exemplars with long straight structures, see the README)")
+    p.add_argument("--colour-weight", type=non_negative_float,
+                   help="--data texture: weight of the sliced W2² between the sample's and the exemplar's pixel "
+                        "colours beside the MW2 loss (default 0: the MW2 loss alone)")
     p.add_argument("--eval-samples", type=positive_int, default=2000,
                    help="generated and held-out samples of the sliced-W2 evaluation (default 2000)")
     p.add_argument("--resume", action="store_true", help=f"continue from OUTPUT/{CHECKPOINT} up to --iters steps")
@@ -107,6 +110,8 @@ def _check_args(args: argparse.Namespace) -> None:
     for key, value in DEFAULTS[args.data].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.colour_weight is None:  # a texture network's term only
+        args.colour_weight = 0.0
     args.em_steps = (1 if args.em == "warm" else 5) if args.em_steps is None else args.em_steps
     if args.data != "texture" and args.target != "data" and args.batch < args.k * (1 + (args.target == "components")):
         raise AppError(f"--batch ({args.batch}) must be at least --k ({args.k}), twice that with --target components")
@@ -122,8 +127,9 @@ def _resume(trainer, path: Path, args: argparse.Namespace, device, group) -> dic
 
     keys = RESUME_KEYS + TEXTURE_RESUME_KEYS if args.data == "texture" else RESUME_KEYS
     state = read_resume_checkpoint(path, args, ("trainer", "extra"), keys, device)
-    if state["settings"].get("nearest_weight", 0.0) != args.nearest_weight:  # absent: written before the flag
-        raise AppError(f"--resume: checkpoint {path} was trained with different --nearest-weight")
+    for flag in ("nearest_weight", "colour_weight"):  # absent: written before the flag, trained without the term
+        if state["settings"].get(flag, 0.0) != getattr(args, flag):
+            raise AppError(f"--resume: checkpoint {path} was trained with different --{flag.replace('_', '-')}")
     trainer.load_state_dict(state["trainer"])
     per_rank = state.get("rng_per_rank")
     if group is not None:

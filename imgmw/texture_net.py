@@ -56,6 +56,7 @@ from torch import Tensor, nn
 
 from .distributed import check_process_group, rank
 from .flow import StepTrainer, guarded_step
+from .colour_loss import SlicedColourLoss
 from .patch_energy import NearestPatchEnergy
 from .texture import PatchMW2Loss
 
@@ -218,19 +219,23 @@ class TextureGeneratorTrainer(StepTrainer):
         nearest: a :class:`imgmw.patch_energy.NearestPatchEnergy` of the same exemplar, added to the loss with
             weight ``nearest_weight`` (``None``, the default: the MW2 loss alone). Its queries are drawn from its
             own generator; give it the loss's (``loss.generator``) so that the checkpointed state covers both.
+        colour: a :class:`imgmw.colour_loss.SlicedColourLoss` of the same exemplar, added with weight
+            ``colour_weight`` (``None``, the default: no colour term).
     """
 
     def __init__(self, net: TextureGenerator, loss: PatchMW2Loss, *, size: tuple[int, int] = (128, 128),
                  batch: int = 1, lr: float = 5e-3, seed: int = 0, total_steps: int | None = None,
                  process_group=None, nearest: NearestPatchEnergy | None = None,
-                 nearest_weight: float = 1.0) -> None:
+                 nearest_weight: float = 1.0, colour: SlicedColourLoss | None = None,
+                 colour_weight: float = 1.0) -> None:
         if not isinstance(batch, int) or batch < 1:
             raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
-        if isinstance(nearest_weight, bool) or not (isinstance(nearest_weight, (int, float))
-                                                     and 0 <= nearest_weight < math.inf):
-            raise ValueError(f"nearest_weight must be a finite number >= 0, got {nearest_weight!r}")
+        for name, weight in (("nearest_weight", nearest_weight), ("colour_weight", colour_weight)):
+            if isinstance(weight, bool) or not (isinstance(weight, (int, float)) and 0 <= weight < math.inf):
+                raise ValueError(f"{name} must be a finite number >= 0, got {weight!r}")
         self.net, self.loss, self.size, self.batch = net, loss, net.noise_shape(size), batch
         self.nearest, self.nearest_weight = nearest, float(nearest_weight)
+        self.colour, self.colour_weight = colour, float(colour_weight)
         param = next(net.parameters())
         self.device, self.dtype = param.device, param.dtype
         group = check_process_group(process_group)
@@ -245,7 +250,8 @@ class TextureGeneratorTrainer(StepTrainer):
 
     def step(self) -> float:
         """One step on fresh noise; returns the objective of this step's samples, ``Σ_s MW2²`` plus
-        ``nearest_weight ×`` the nearest-patch energy when there is one."""
+        ``nearest_weight ×`` the nearest-patch energy and ``colour_weight ×`` the sliced colour loss when they
+        are given."""
         self.net.train()
         if self.total_steps:
             for group in self.optimizer.param_groups:
@@ -254,6 +260,8 @@ class TextureGeneratorTrainer(StepTrainer):
         objective = self.loss(image)
         if self.nearest is not None and self.nearest_weight > 0:
             objective = objective + self.nearest_weight * self.nearest(image)
+        if self.colour is not None and self.colour_weight > 0:
+            objective = objective + self.colour_weight * self.colour(image)
         value = guarded_step(objective, self.optimizer, list(self.net.parameters()), self.history)
         self.step_count += 1
         return value

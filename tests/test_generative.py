@@ -377,22 +377,25 @@ def test_generate_bad_checkpoints_exit_2(tmp_path, capsys):
         assert_clean_failure(_generate, capsys, [str(path)], out, fragment)
 
 
-def test_texture_nearest_weight_changes_training_and_must_match_on_resume(tmp_path, capsys):
-    """--nearest-weight adds the nearest-exemplar-patch energy: the same seed then gives another first-step
-    objective (larger by the weighted energy); it is a resume setting, and a negative weight is refused."""
+@pytest.mark.parametrize("flag", ["--nearest-weight", "--colour-weight"])
+def test_texture_loss_term_weights_change_training_and_must_match_on_resume(tmp_path, capsys, flag):
+    """--nearest-weight (the nearest-exemplar-patch energy) and --colour-weight (the sliced colour W2²) add their
+    term to the MW2 loss: the same seed then gives another first-step objective (larger by the weighted term); each
+    is a resume setting, and a negative weight is refused."""
+    key = flag[2:].replace("-", "_")
     first = {}
     for weight in ("0", "100"):
         run_dir = tmp_path / f"w{weight}"
-        assert _main(["--data", "texture", "--size", "48", "--iters", "2", "--nearest-weight", weight, "--output",
+        assert _main(["--data", "texture", "--size", "48", "--iters", "2", flag, weight, "--output",
                       str(run_dir), "--quiet"]) == 0
         metrics = json.loads((run_dir / "metrics.json").read_text())
-        assert metrics["settings"]["nearest_weight"] == float(weight)
+        assert metrics["settings"][key] == float(weight)
         first[weight] = load_checkpoint(run_dir / "checkpoint.pt")["trainer"]["history"][0]
     assert first["100"] > first["0"] + 0.1
     argv = ["--data", "texture", "--size", "48", "--iters", "3", "--output", str(tmp_path / "w100"), "--quiet",
             "--resume"]
     capsys.readouterr()
-    assert _main(argv + ["--nearest-weight", "10"]) == 2
-    assert "--nearest-weight" in capsys.readouterr().err
-    assert _main(argv + ["--nearest-weight", "100"]) == 0
-    _assert_clean_failure(capsys, ["--data", "texture", "--nearest-weight", "-1"], tmp_path / "never", "-1")
+    assert _main(argv + [flag, "10"]) == 2
+    assert flag in capsys.readouterr().err
+    assert _main(argv + [flag, "100"]) == 0
+    _assert_clean_failure(capsys, ["--data", "texture", flag, "-1"], tmp_path / "never", "-1")
