@@ -32,7 +32,9 @@ class SlicedColourLoss(nn.Module):
 
     Args:
         exemplar: ``[C, h, w]`` or ``[1, C, h, w]``; its dtype and device are the loss's.
-        n_directions: ``P``, directions uniform on the sphere of ``R^C``, drawn once from ``seed``.
+        n_directions: ``P``, directions uniform on the sphere of ``R^C``, drawn once from ``seed``. The cost is the
+            sort of ``P × N`` projections per image: on one CPU thread torch sorted 16 × 36864 (a 192² sample) in
+            0.058 s and 64 × 36864 in 0.33 s, against about 0.2 s for the rest of a texture network's step.
         n_quantiles: exemplar quantiles kept per direction (all pixels are sorted once).
         seed: seeds the directions.
     """
@@ -40,7 +42,7 @@ class SlicedColourLoss(nn.Module):
     directions: Tensor
     quantiles: Tensor
 
-    def __init__(self, exemplar: Tensor, *, n_directions: int = 64, n_quantiles: int = 4096, seed: int = 0) -> None:
+    def __init__(self, exemplar: Tensor, *, n_directions: int = 16, n_quantiles: int = 4096, seed: int = 0) -> None:
         super().__init__()
         if not isinstance(exemplar, Tensor) or exemplar.dim() not in (3, 4) \
                 or (exemplar.dim() == 4 and exemplar.shape[0] != 1):
