@@ -19,9 +19,12 @@ held-out real samples; for digits also a logistic-regression classifier's confid
 --data texture trains a multi-scale convolutional texture network (imgmw.texture_net) with the multi-scale
 patch MW2 loss of apps.texture_synth against --image; apps.generate then samples any size in one pass. A grey
 --image (three equal channels) trains a one-channel network whose samples are grey, as texture_synth's are.
---nearest-weight W > 0 adds W times the nearest-exemplar-patch energy (imgmw.patch_energy: mean squared distance
-of the sample's 8x8 patches, at up to 3 pyramid levels, to their nearest exemplar patches) to the MW2 loss: it keeps
-stripes sharp where the Gaussians blend them, at about 1.8x the time per step.
+Beside the MW2 loss the network minimises --colour-weight (default 1000) times the sliced W2² between the
+sample's pixel colours and the exemplar's (imgmw.colour_loss): the rare bright stars of a night sky and the flat
+colours of stripes, which four Gaussians per scale blend away. --nearest-weight W > 0 adds W times the
+nearest-exemplar-patch energy (imgmw.patch_energy: mean squared distance of the sample's 8x8 patches, at up to 3
+pyramid levels, to their nearest exemplar patches): it keeps stripes connected where the Gaussians break them, at
+about 1.6x the time per step (data/stripes.png: --colour-weight 100 --nearest-weight 400, see the README).
 
 Under torchrun (torchrun --standalone --nproc_per_node N -m apps.train_generator ...) the network is wrapped in
 DistributedDataParallel: every process generates --batch samples from its own noise, the MW2 loss fits the
@@ -49,11 +52,12 @@ from apps._cli import (AppError, AppParser, Interrupted, add_common_args, non_ne
 NAME = "train_generator"
 DATA = Path(__file__).resolve().parent.parent / "data"
 CHECKPOINT = "checkpoint.pt"
-DEFAULTS = {  # per data set: k, batch, em, target, hidden, z_dim, lr
+DEFAULTS = {  # per data set: iters, k, batch, em, target, hidden, z_dim, lr (texture: size, colour_weight)
     "gmm2d": dict(iters=1500, k=8, batch=512, em="warm", target="batch", hidden=128, z_dim=8, lr=1e-3),
     "patches": dict(iters=1500, k=4, batch=512, em="unrolled", target="batch", hidden=128, z_dim=8, lr=1e-3),
     "digits": dict(iters=600, k=128, batch=4096, em="warm", target="components", hidden=256, z_dim=16, lr=3e-3),
-    "texture": dict(iters=1500, k=4, batch=1, em="warm", target="data", hidden=8, z_dim=3, lr=5e-3, size=192),
+    "texture": dict(iters=1500, k=4, batch=1, em="warm", target="data", hidden=8, z_dim=3, lr=5e-3, size=192,
+                    colour_weight=1000.0),
 }
 # Settings a checkpoint must share with the command line to be resumed (the texture ones only for --data texture:
 # vector runs ignore them, and older vector checkpoints recorded --size 128).
@@ -91,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the MW2 loss alone; 100-400 for exemplars with long straight structures, see the README)")
     p.add_argument("--colour-weight", type=non_negative_float,
                    help="--data texture: weight of the sliced W2² between the sample's and the exemplar's pixel "
-                        "colours beside the MW2 loss (default 0: the MW2 loss alone)")
+                        "colours beside the MW2 loss (default 1000; 0: the MW2 loss alone)")
     p.add_argument("--eval-samples", type=positive_int, default=2000,
                    help="generated and held-out samples of the sliced-W2 evaluation (default 2000)")
     p.add_argument("--resume", action="store_true", help=f"continue from OUTPUT/{CHECKPOINT} up to --iters steps")

@@ -3,8 +3,8 @@
 Texture (per exemplar): the same :class:`imgmw.texture_net.TextureGenerator` (same seed, 192×192 training
 samples, Adam lr 5e-3 decayed linearly in time to ``LR_FLOOR`` of it, fresh noise every step) trained for
 ``--seconds`` of wall time with
-  * **mw2**: :class:`imgmw.texture.PatchMW2Loss` (the app's default loss, what ``apps.train_generator --data
-    texture`` trains);
+  * **mw2**: :class:`imgmw.texture.PatchMW2Loss` plus ``COLOUR_WEIGHT`` × :class:`imgmw.colour_loss.SlicedColourLoss`
+    (the app's default loss, what ``apps.train_generator --data texture`` trains);
   * **sliced**: multi-scale patch sliced W2 (4×4 patches, 4 scales, 4096 random patches of the sample and of
     the exemplar per scale and step, 64 random directions per step), the loss of sliced-Wasserstein texture
     networks;
@@ -52,6 +52,7 @@ EVAL_SIZE = 256
 SW_PATCHES = 4096
 SW_DIRECTIONS = 64
 LR = 5e-3  # the texture network's step size, as apps.train_generator --data texture
+COLOUR_WEIGHT = 1000.0  # the sliced colour term's weight, as apps.train_generator --data texture
 DIGITS_LR = 3e-3
 
 
@@ -98,11 +99,13 @@ class SemiDualLoss:
 
 
 def _texture_loss(kind: str, exemplar: torch.Tensor, seed: int):
+    from imgmw.colour_loss import SlicedColourLoss
     from imgmw.texture import PatchMW2Loss
 
     gen = torch.Generator().manual_seed(seed)
     if kind == "mw2":
-        return PatchMW2Loss(exemplar, patch=PATCH, generator=gen)
+        mw2, colour = PatchMW2Loss(exemplar, patch=PATCH, generator=gen), SlicedColourLoss(exemplar, seed=seed)
+        return lambda image: mw2(image) + COLOUR_WEIGHT * colour(image)
     return SlicedPatchLoss(exemplar, gen) if kind == "sliced" else SemiDualLoss(exemplar, gen)
 
 

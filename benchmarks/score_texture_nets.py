@@ -3,7 +3,7 @@
 For each ``apps.train_generator --data texture`` output directory: the app's own scores of its sample (from
 ``metrics.json``) and the mean over 256×256 samples of noise seeds 1–3 (as ``bench_generative.py`` scores its
 networks), patch sliced-W2 / structure distance (:mod:`imgmw.metrics`) to the exemplar the run was trained on,
-with the training time.
+with the training time and the time of a 512×512 sample (min of 5 after a warm-up, measured here).
 
 Usage: PYTHONPATH=. python benchmarks/score_texture_nets.py RUN_DIR [RUN_DIR ...] [--threads 1]
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 SIZE = 256
@@ -31,7 +32,7 @@ def main() -> None:
     from imgmw.texture_net import TextureGenerator
 
     torch.set_num_threads(args.threads)
-    print(f"{'run':>24} {'exemplar':>18} {'app sample':>15} {f'seeds {SEEDS}':>15} {'training':>9}")
+    print(f"{'run':>24} {'exemplar':>18} {'app sample':>15} {f'seeds {SEEDS}':>15} {'training':>9} {'512² sample':>11}")
     for run in args.runs:
         metrics = json.loads((run / "metrics.json").read_text())
         state = load_checkpoint(run / "checkpoint.pt")
@@ -44,9 +45,15 @@ def main() -> None:
             sample = net.sample(1, (SIZE, SIZE), torch.Generator().manual_seed(seed))[0]
             scores.append((patch_sliced_w2(sample, exemplar), structure_distance(sample, exemplar)))
         psw, structure = (sum(s[i] for s in scores) / len(scores) for i in range(2))
+        net.sample(1, (512, 512))  # warm-up
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            net.sample(1, (512, 512))
+            times.append(time.perf_counter() - start)
         app = metrics["trained"]
         print(f"{run.name:>24} {image.name:>18} {app['patch_sliced_w2']:.4f}/{app['structure_distance']:.4f}".rjust(59)
-              + f" {psw:.4f}/{structure:.4f}".rjust(16) + f" {metrics['seconds_train']:>8.0f}s")
+              + f" {psw:.4f}/{structure:.4f}".rjust(16) + f" {metrics['seconds_train']:>8.0f}s {min(times):>10.3f}s")
 
 
 if __name__ == "__main__":
