@@ -27,6 +27,13 @@ from .metrics import random_directions
 __all__ = ["SlicedColourLoss"]
 
 
+def _grid_index(n: int, m: int, device: torch.device) -> Tensor:
+    """``[n]``: ``⌊(i + ½)·m/n⌋``, the index among ``m`` sorted values (or kept quantiles) of the quantile at the
+    midpoint ``(i + ½)/n`` (computed in float64, so exact for any image size)."""
+    position = (torch.arange(n, device=device, dtype=torch.float64) + 0.5) * (m / n)
+    return position.long().clamp_max(m - 1)
+
+
 class SlicedColourLoss(nn.Module):
     """Sliced W2² of pixel colours against an exemplar (see the module docstring).
 
@@ -56,16 +63,12 @@ class SlicedColourLoss(nn.Module):
         pixels = exemplar.reshape(exemplar.shape[-3], -1)                              # [C, M]
         theta = random_directions(n_directions, pixels.shape[0], seed, device=pixels.device, dtype=pixels.dtype)
         projected = torch.sort(theta @ pixels, dim=1).values                           # [P, M]
-        m = projected.shape[1]
-        midpoints = ((torch.arange(n_quantiles, device=pixels.device) + 0.5) * (m / n_quantiles)).long()
         self.register_buffer("directions", theta)
-        self.register_buffer("quantiles", projected[:, midpoints.clamp_max(m - 1)])   # [P, Q]
+        self.register_buffer("quantiles", projected[:, _grid_index(n_quantiles, projected.shape[1], pixels.device)])
 
     def target_quantiles(self, n: int) -> Tensor:
         """``[P, n]``: the exemplar's ``F_p⁻¹((i + ½)/n)``, read as the kept quantile ``j = ⌊(i + ½)·Q/n⌋``."""
-        q = self.quantiles.shape[1]
-        index = ((torch.arange(n, device=self.quantiles.device) + 0.5) * (q / n)).long().clamp_max(q - 1)
-        return self.quantiles[:, index]
+        return self.quantiles[:, _grid_index(n, self.quantiles.shape[1], self.quantiles.device)]
 
     def forward(self, image: Tensor) -> Tensor:
         """Mean over the batch of ``L(x)`` for ``image [B, C, H, W]`` (``C`` the exemplar's): a scalar."""

@@ -63,9 +63,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .colour_loss import SlicedColourLoss
 from .distributed import check_process_group, rank
 from .flow import StepTrainer, guarded_step
-from .colour_loss import SlicedColourLoss
 from .patch_energy import NearestPatchEnergy
 from .texture import PatchMW2Loss
 
