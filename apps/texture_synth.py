@@ -2,9 +2,9 @@
 
 From a Gaussian random field, the pixels are optimised so that at every pyramid scale a Gaussian mixture of their
 ``p×p`` patches matches the exemplar's in MW2; then a projection onto 8×8 exemplar patches (``--refine-iters 0``:
-none) reconnects structures, and an optional short semi-dual patch optimal transport phase (``--finish-iters 60``)
-spreads the result over all exemplar patches (:mod:`imgmw.texture`, :mod:`imgmw.texture_refine`,
-:mod:`imgmw.texture_semidual`).
+none) reconnects structures, and a short semi-dual patch optimal transport phase with a sliced colour term
+(``--finish-iters``, default 60; 0: none) spreads the result over all exemplar patches and colours
+(:mod:`imgmw.texture`, :mod:`imgmw.texture_refine`, :mod:`imgmw.texture_semidual`).
 
 Writes ``texture.png``, ``comparison.png`` (exemplar | result [| 2×2 tiling]), ``loss.png`` and ``metrics.json``
 (settings, timings, losses; per exemplar: patch sliced-W2, structure distance, near-copy fraction of the noise,
@@ -26,7 +26,8 @@ from pathlib import Path
 from collections.abc import Sequence
 
 from apps._cli import AppError, AppParser, add_common_args, check_input_file, check_pixel_adam_lr, \
-    non_negative_int, positive_float, positive_int, resolve_device, run, settings, staged_output, write_json
+    non_negative_float, non_negative_int, positive_float, positive_int, resolve_device, run, settings, staged_output, \
+    write_json
 
 PROG = "texture_synth"
 DEFAULT_EXEMPLAR = Path(__file__).resolve().parent.parent / "data" / "wood.png"
@@ -56,8 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refine-iters", type=non_negative_int, default=None,
                    help="patch-projection iterations per level after the MW2 flow (default 3; 0: none)")
     p.add_argument("--finish-iters", type=non_negative_int, default=None,
-                   help="semi-dual patch OT iterations after the projection (default 0: none; 60 with --iters 150 "
-                        "connects veins and brick joints, at some cost in patch statistics)")
+                   help="semi-dual patch OT iterations after the projection (default: imgmw.texture.FINISH_ITERS; "
+                        "0: none, the projection then kept only if it does not raise the patch sliced-W2)")
+    p.add_argument("--finish-colour-weight", type=non_negative_float, default=None, metavar="W",
+                   help="weight of the sliced colour W2² in the finish (default: imgmw.texture.FINISH_COLOUR_WEIGHT; "
+                        "0: none); it keeps rare bright colours that the finish would fade")
     p.add_argument("--prior", type=Path, default=None, metavar="PRIOR.pt",
                    help="target the per-scale patch mixtures of an apps.fit_prior prior (its patch, scales, K)")
     p.add_argument("--fixed-weights", action="store_true", help="keep uniform mixture weights (the paper's choice)")
@@ -171,8 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     from imgmw.image import load_image
-    from imgmw.texture import (ADAM_LR, FINISH_ITERS, MW2_ITERS, REFINE_ITERS, check_patch_counts, synthesize_texture,
-                               texture_n_scales)
+    from imgmw.texture import (ADAM_LR, FINISH_COLOUR_WEIGHT, FINISH_ITERS, MW2_ITERS, REFINE_ITERS, check_patch_counts,
+                               synthesize_texture, texture_n_scales)
 
     device = resolve_device(args.device)
     targets = None if args.prior is None else _load_prior(args)
@@ -185,6 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.lr = args.lr or (ADAM_LR if args.optimizer == "adam" else 1.0)
     args.refine_iters = REFINE_ITERS if args.refine_iters is None else args.refine_iters
     args.finish_iters = FINISH_ITERS if args.finish_iters is None else args.finish_iters
+    args.finish_colour_weight = FINISH_COLOUR_WEIGHT if args.finish_colour_weight is None else args.finish_colour_weight
     args.iters = MW2_ITERS if args.iters is None else args.iters
 
     with staged_output(args.output) as stage:
@@ -195,7 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 n_scales=args.scales, n_patches=args.n_patches, n_iter=args.iters, lr=args.lr,
                 optimizer=args.optimizer, periodic=args.tileable, mix=args.mix, fixed_weights=args.fixed_weights,
                 stages=args.stages, generator=torch.Generator().manual_seed(args.seed), callback=callback,
-                targets=targets, refine_n_iter=args.refine_iters, finish_n_iter=args.finish_iters)
+                targets=targets, refine_n_iter=args.refine_iters, finish_n_iter=args.finish_iters,
+                finish_colour_weight=args.finish_colour_weight)
         finally:
             bar.close()
         scores = _write(args, stage, exemplars, result, size, device, start)

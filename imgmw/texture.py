@@ -21,8 +21,9 @@ Pieces:
 * :class:`PatchMW2Loss` — ``L`` as an ``nn.Module`` (exposes the per-scale terms).
 * :func:`synthesize_texture` — the optimisation (:func:`imgmw.flow.run_flow`: Adam with a decaying step,
   or L-BFGS, on the pixels, clamped to [0, 1]), then a projection onto the exemplar's 8×8 patches
-  (:mod:`imgmw.texture_refine`), kept when it does not raise the 4×4 patch sliced-W2, and an optional short
-  semi-dual patch OT finish from the projection (:mod:`imgmw.texture_semidual`, ``finish_n_iter``).
+  (:mod:`imgmw.texture_refine`) and a short semi-dual patch OT finish from it with a sliced colour term
+  (:mod:`imgmw.texture_semidual`, ``finish_n_iter``, ``finish_colour_weight``); without the finish the
+  projection is kept only when it does not raise the 4×4 patch sliced-W2.
 * :func:`texture_scores` — the quality measures the app and the benchmarks report.
 """
 from __future__ import annotations
@@ -54,7 +55,7 @@ from .warm import FitPolicy
 __all__ = ["gaussian_random_field", "fit_patch_gmms", "PatchMW2Loss", "synthesize_texture",
            "texture_n_scales", "SynthesisResult", "OPTIMIZERS", "MIN_COARSE_SIDE", "DEFAULT_PATCHES", "TEXTURE_POLICY",
            "ADAM_LR", "patch_positions", "check_patch_counts", "texture_scores", "MW2_ITERS", "FINISH_ITERS",
-           "FINISH_LR", "FINISH_PSI_STEPS", "FINISH_WARMUP"]
+           "FINISH_LR", "FINISH_PSI_STEPS", "FINISH_WARMUP", "FINISH_COLOUR_WEIGHT"]
 
 OPTIMIZERS = ("adam", "lbfgs")
 MIN_COARSE_SIDE = 16          # the paper's rule: the coarsest pyramid level keeps sides >= 16 px
@@ -66,11 +67,12 @@ DEFAULT_PATCHES = 2048        # patches drawn per scale per optimiser step
 COARSE_SHARE = 0.4  # synthesize_texture(stages > 1): fraction of the steps spent at the coarsest size
 REFINE_KEEP = 1.0             # keep the projection if its patch sliced-W2 is <= REFINE_KEEP × the MW2 result's
 ADAM_LR = 0.03                # initial Adam step (decayed linearly to 0), see synthesize_texture
-MW2_ITERS = 300               # default MW2 flow steps of synthesize_texture (150 suffice before a finish)
-FINISH_ITERS = 0              # semi-dual patch OT iterations after the projection (0: none; 60 for structure)
+MW2_ITERS = 300               # default MW2 flow steps of synthesize_texture
+FINISH_ITERS = 60             # semi-dual patch OT iterations after the projection (0: none)
 FINISH_LR = 0.02              # their Adam step, decayed linearly to 0
 FINISH_PSI_STEPS = 5          # ψ ascent steps per finish iteration (the baseline: 10)
 FINISH_WARMUP = 50            # ψ ascent steps before the first finish iteration
+FINISH_COLOUR_WEIGHT = 50.0   # weight of the sliced colour W2² in the finish's image step (0: none)
 EIG_FLOOR = 1e-10             # relative eigenvalue floor of the colour pseudo-inverse square root
 
 
@@ -547,7 +549,8 @@ def synthesize_texture(exemplar: Tensor | Sequence[Tensor], size: tuple[int, int
                        diagnose: bool = True, generator: torch.Generator | None = None,
                        callback: Callable[[int, Tensor, Tensor], None] | None = None,
                        targets: Sequence[GMM] | None = None, refine_n_iter: int = REFINE_ITERS,
-                       finish_n_iter: int = FINISH_ITERS) -> SynthesisResult:
+                       finish_n_iter: int = FINISH_ITERS,
+                       finish_colour_weight: float = FINISH_COLOUR_WEIGHT) -> SynthesisResult:
     """Synthesise an ``H × W`` texture like ``exemplar`` by minimising :class:`PatchMW2Loss`.
 
     ``refine_n_iter``: iterations per level of the final patch projection onto the exemplar
@@ -568,13 +571,17 @@ def synthesize_texture(exemplar: Tensor | Sequence[Tensor], size: tuple[int, int
     exemplar patches (connected veins, continuous mortar, but washed out, with many near-copies) and the finish's
     ψ ascent, which makes every target patch receive the same share of synthesis patches, undoes the wash-out and
     the copying while keeping the structure (Adam, ``FINISH_LR`` decayed linearly, ``FINISH_PSI_STEPS`` ascent
-    steps per iteration after ``FINISH_WARMUP``). Measured in ``benchmarks/bench_structure.py`` and
-    ``benchmarks/bench_texture.py``: with ``n_iter=150, finish_n_iter=60`` the structure distance at 256² reaches
-    the semi-dual baseline's 500-iteration end on all seven bundled exemplars (veins' blotches become line
-    segments, brick walls a clean grid), but the patch sliced-W2 rises on sparse or fine-grained exemplars (hubble
-    0.013 → 0.037, its bright objects fade; gravel 0.005 → 0.012), so it is off by default. Applies to one
-    exemplar (or a mix with one non-zero weight), not with given ``targets``; ``result.finished`` says whether
-    it ran. ``callback`` receives its steps after the flow's (numbered on, with the finish's per-scale costs).
+    steps per iteration after ``FINISH_WARMUP``). ``finish_colour_weight`` ``λ`` adds ``λ`` × the sliced W2² of
+    the pixel colours (:class:`imgmw.colour_loss.SlicedColourLoss`) to the finish's image step: without it the
+    finish faded sparse bright details and fine grain (256², 150 MW2 steps, 60 finish iterations, seed 0, patch
+    sliced-W2 / structure distance: hubble 0.0383 / 0.0275 with ``λ = 0``, 0.0099 / 0.0312 with 100; gravel
+    0.0123 / 0.1129 and 0.0059 / 0.1219); larger ``λ`` trades structure for patch statistics (veins 0.0088 /
+    0.0380 at 30, 0.0067 / 0.0424 at 100), hence the default 50. ``benchmarks/bench_texture.py`` with these
+    defaults (300 MW2 steps, 60 finish iterations, ``λ = 50``) is no worse than the 500-iteration semi-dual
+    baseline on both scores on wood, brick and gravel, and better on one of the two on veins, bricks and hubble;
+    stripes is worse on both (see the README). Applies to one exemplar (or a mix with one non-zero weight), not
+    with given ``targets``; ``result.finished`` says whether it ran. ``callback`` receives its steps after the
+    flow's (numbered on, with the finish's per-scale costs).
 
     ``targets``: given per-scale patch mixtures (e.g. a folder's prior, :mod:`imgmw.prior`) replace the
     exemplar's fits (:class:`PatchMW2Loss`); the exemplar still gives the noise start. Not with ``stages > 1``.
@@ -626,6 +633,9 @@ def synthesize_texture(exemplar: Tensor | Sequence[Tensor], size: tuple[int, int
     for name, value in (("refine_n_iter", refine_n_iter), ("finish_n_iter", finish_n_iter)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    if isinstance(finish_colour_weight, bool) or not isinstance(finish_colour_weight, (int, float)) \
+            or not 0 <= finish_colour_weight < math.inf:
+        raise ValueError(f"finish_colour_weight must be a finite number >= 0, got {finish_colour_weight!r}")
     common: dict[str, Any] = dict(patch=patch, n_components=n_components, n_patches=n_patches, lr=lr,
                   optimizer=optimizer, periodic=periodic, mix=lam, fixed_weights=fixed_weights, policy=policy,
                   generator=generator, targets=targets)
@@ -662,7 +672,8 @@ def synthesize_texture(exemplar: Tensor | Sequence[Tensor], size: tuple[int, int
         done = semidual_finish(result.image, used[0], n_iter=finish_n_iter, lr=FINISH_LR, schedule="linear",
                                psi_steps=FINISH_PSI_STEPS, psi_warmup=FINISH_WARMUP,
                                n_scales=_finish_scales(used[0], (height, width)), periodic=periodic,
-                               generator=generator, callback=None if callback is None else (
+                               colour_weight=finish_colour_weight, generator=generator,
+                               callback=None if callback is None else (
                                    lambda step, per_scale, image: callback(offset + step, per_scale, image)))
         result.image, result.finished = done.image, True
         result.finish_seconds, result.finish_losses = done.seconds, done.losses

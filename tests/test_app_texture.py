@@ -121,6 +121,8 @@ def bad_files(tmp_path_factory) -> dict[str, Path]:
     (None, ["--optimizer", "sgd"], "optimizer"),
     (None, ["--patch", "0"], "patch"),
     (None, ["--iters", "-3"], "iters"),
+    (None, ["--finish-colour-weight", "-1"], "finish-colour-weight"),
+    (None, ["--finish-colour-weight", "nan"], "finish-colour-weight"),
     (None, ["--scales", "6"], "too small"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(case, flags, match, bad_files, exemplar, tmp_path, capsys):

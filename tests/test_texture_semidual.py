@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from imgmw.colour_loss import SlicedColourLoss
 from imgmw.patches import extract_patches, gaussian_pyramid
 from imgmw.texture import synthesize_texture
 from imgmw.texture_semidual import SemiDualPatchOT, semidual_cost, semidual_finish
@@ -98,6 +99,32 @@ def test_synthesize_texture_finish_flag():
     assert steps == list(range(11))  # the finish's steps count on after the MW2 flow's
     with pytest.raises(ValueError, match="finish_n_iter"):
         synthesize_texture(ex, (32, 32), finish_n_iter=-1, **kw)
+    for bad in (-0.5, float("nan"), "30"):
+        with pytest.raises(ValueError, match="finish_colour_weight"):
+            synthesize_texture(ex, (32, 32), finish_n_iter=3, finish_colour_weight=bad, **kw)
+
+
+@pytest.mark.parametrize("pixels", [None, 500])
+def test_finish_colour_term_restores_rare_bright_colours(pixels, monkeypatch):
+    if pixels is not None:  # a random subset of the 1600 pixels per step, as in large images
+        monkeypatch.setattr("imgmw.texture_semidual.COLOUR_PIXELS", pixels)
+    # an exemplar of dark noise with 3 % bright pixels; the start is the dark noise alone (what a wash-out leaves)
+    g = torch.Generator().manual_seed(4)
+    ex = 0.1 + 0.05 * torch.rand(3, 48, 48, generator=g)
+    bright = torch.rand(48, 48, generator=g) < 0.03
+    ex[:, bright] = torch.tensor([0.95, 0.8, 0.5])[:, None]
+    start = 0.1 + 0.05 * torch.rand(3, 40, 40, generator=g)
+    colour = SlicedColourLoss(ex, n_directions=64, seed=1)  # other directions than the finish's term
+    kw = dict(n_iter=20, lr=0.03, n_scales=1, n_targets=256, psi_steps=2, image_patches=512)
+    plain = semidual_finish(start, ex, generator=torch.Generator().manual_seed(0), **kw)
+    zero = semidual_finish(start, ex, colour_weight=0.0, generator=torch.Generator().manual_seed(0), **kw)
+    tinted = semidual_finish(start, ex, colour_weight=30.0, generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.equal(plain.image, zero.image)  # weight 0 is the plain finish
+    before, without, with_term = (float(colour(img[None])) for img in (start, plain.image, tinted.image))
+    assert with_term < 0.5 * without and with_term < 0.5 * before
+    # the bright share of the pixels moves towards the exemplar's 3 %
+    share = [float((img.mean(0) > 0.5).float().mean()) for img in (plain.image, tinted.image)]
+    assert share[1] > share[0] + (0.01 if pixels is None else 0.001)  # a subset moves fewer pixels per step
 
 
 def test_mix_of_two_exemplars_skips_the_finish():
@@ -119,7 +146,10 @@ def test_benchmark_baseline_is_the_library_class():
 
 @pytest.mark.parametrize("kwargs, match", [({"lr": 0.0}, "lr"), ({"lr": float("nan")}, "lr"),
                                            ({"schedule": "cosine"}, "schedule"), ({"psi_warmup": True}, "psi_warmup"),
-                                           ({"psi_warmup": -1}, "psi_warmup")])
+                                           ({"psi_warmup": -1}, "psi_warmup"),
+                                           ({"colour_weight": -1.0}, "colour_weight"),
+                                           ({"colour_weight": float("inf")}, "colour_weight"),
+                                           ({"colour_weight": True}, "colour_weight")])
 def test_finish_rejects_bad_settings_before_any_work(monkeypatch, kwargs, match):
     import imgmw.texture_semidual as semidual
 
