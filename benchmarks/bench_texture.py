@@ -7,9 +7,10 @@ patches, 4 levels), evaluated every ``--eval-every`` steps outside the timed reg
 
 * **imgmw**: :func:`imgmw.texture.synthesize_texture` with its defaults (4×4 patches, K=4, all scales,
   2048 patches per scale per step, Adam lr 0.03 decayed linearly to 0 over ``--iters`` steps, then the 8×8
-  patch projection of :mod:`imgmw.texture_refine`, kept only if it does not raise the patch sliced-W2; with
-  ``--finish-iters N`` the projection, then N iterations of :mod:`imgmw.texture_semidual`'s finish). Its
-  time includes the target fits, the projection and the finish. The ablation ``MW2 only`` is the same run's
+  patch projection of :mod:`imgmw.texture_refine` and ``--finish-iters`` (default 60) iterations of
+  :mod:`imgmw.texture_semidual`'s finish with the sliced colour term; ``--finish-iters 0``: no finish, the
+  projection kept only if it does not raise the patch sliced-W2). Its time includes the target fits, the
+  projection and the finish. The ablation ``MW2 only`` is the same run's
   result before the projection (``result.unrefined``), ``projection always`` the projection of it whatever its score.
 * **baseline** (written here after Houdard, Leclaire, Papadakis & Rabin's multi-scale patch optimal
   transport synthesis): 4 scales; at scale ``s`` the target is ``Y_s`` = 2000 random 4×4 exemplar
@@ -38,6 +39,7 @@ baseline's time to it (target: >= 20×), whether the default imgmw run takes <= 
 
 Usage: PYTHONPATH=. python benchmarks/bench_texture.py [--exemplars wood,brick,gravel,veins,stripes,bricks,hubble]
        [--size 256] [--iters 300] [--baseline-iters 500] [--threads 1] [--no-memory] [--memory-size 2048] [--quick]
+       [--gallery DIR]
 """
 from __future__ import annotations
 
@@ -93,7 +95,7 @@ def run_baseline(exemplar, init, iters: int, eval_every: int, seed: int) -> dict
             x.clamp_(0, 1)
         if (step + 1) % eval_every == 0 or step + 1 == iters:
             tracker.record(step + 1, x.detach()[0])
-    return tracker.result()
+    return tracker.result() | {"image": x.detach()[0]}
 
 
 # ---------------------------------------------------------------------------------------------------- imgmw
@@ -163,7 +165,7 @@ def run_imgmw(exemplar, size: tuple[int, int], iters: int, eval_every: int, seed
     out["init"] = result.init
     out["refined"], out["refine_seconds"] = result.refined, result.refine_seconds
     out["finished"], out["finish_seconds"] = result.finished, result.finish_seconds
-    out["copies"] = near_copy_fraction(result.image, exemplar)
+    out["copies"], out["image"] = near_copy_fraction(result.image, exemplar), result.image
     unrefined = next(row for row in tracker.trace if row[0] == iters)
     out["mw2_only"] = {"psw": unrefined[3], "structure": unrefined[4], "seconds": unrefined[1],
                        "copies": near_copy_fraction(result.unrefined, exemplar)}
@@ -220,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory-iters", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="128×128, 60 imgmw / 100 baseline steps (smoke test)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--gallery", type=Path, default=None,
+                   help="also write DIR/bench_texture_NAME.png per exemplar: exemplar | imgmw default | baseline")
     args = p.parse_args(argv)
     if args.quick:
         args.size, args.iters, args.baseline_iters, args.eval_every = 128, 60, 100, 10
@@ -242,6 +246,12 @@ def main(argv: list[str] | None = None) -> int:
         init = ours.pop("init")
         base = run_baseline(exemplar, init, args.baseline_iters, args.eval_every, args.seed) \
             if args.baseline_iters else None
+        images = [exemplar, ours.pop("image")] + ([] if base is None else [base.pop("image")])
+        if args.gallery:
+            from imgmw.image import save_image, side_by_side
+
+            args.gallery.mkdir(parents=True, exist_ok=True)
+            save_image(side_by_side(images, height=args.size), args.gallery / f"bench_texture_{name}.png")
         reach = None if base is None else time_to_reach(ours["trace"], base["psw"], base["structure"])
         results[name] = {"imgmw": ours, "baseline": base, "imgmw_reaches_baseline": reach}
         rows.append((name, ours, base, reach))

@@ -10,7 +10,7 @@
 # You will see the patch mixtures themselves, a synthesis and its loss, outputs of any size, tileable
 # outputs, a mix of two textures, and the structure metric that says what the patch statistics miss.
 #
-# **Run time:** two to three minutes on a 2-core CPU (six syntheses).
+# **Run time:** about four minutes on a 2-core CPU (six syntheses).
 
 # %%
 import os
@@ -90,6 +90,8 @@ show(fig, photo=True)
 # `synthesize_texture(exemplar, size)` fits those targets, starts from a Gaussian random field with the
 # exemplar's colour statistics (the *noise start*), and runs Adam on the pixels with a decaying step.
 # Every step draws 2048 random patches per level, takes one warm-started EM step on them and one MW2 step.
+# Two short stages follow the MW2 flow (section 5 shows what they do): a projection onto the exemplar's 8×8
+# patches and a semi-dual patch OT finish; `result.unrefined` is the image the MW2 flow left.
 
 # %%
 result = synthesize_texture(wood, (SIZE, SIZE), n_iter=ITERS, generator=torch.Generator().manual_seed(0))
@@ -175,8 +177,8 @@ gallery([stripes_s, mixed.image, veins_s], ["stripes", "mix 0.5 / 0.5", "veins"]
 # score 0, so `near_copy_fraction` reports how many patches nearly copy one; the honest reference level is
 # another crop of the same texture.
 #
-# The exemplar is the top-left quarter of `veins.png`, the reference crop the quarter beside it. Besides the
-# default, a
+# The exemplar is the top-left quarter of `veins.png`, the reference crop the quarter beside it. Compared: the MW2
+# flow's own result (`result.unrefined`), the default result after the projection and the finish, and a
 # coarse-to-fine run (`stages=3`: 40 % of the steps at a quarter of the size, then upsampled), which lays out
 # long structures where a 4×4 patch can still see them.
 
@@ -188,8 +190,8 @@ size = (c, c)
 plain = synthesize_texture(left, size, n_iter=ITERS, diagnose=False, generator=torch.Generator().manual_seed(0))
 staged = synthesize_texture(left, size, n_iter=ITERS, stages=3, diagnose=False,
                             generator=torch.Generator().manual_seed(0))
-candidates = {"noise start": plain.init, "synthesis": plain.image, "coarse to fine": staged.image,
-              "another crop": right}
+candidates = {"noise start": plain.init, "MW2 flow only": plain.unrefined, "default": plain.image,
+              "coarse to fine": staged.image, "another crop": right}
 print(f"{'image':<16}{'patch SW2':>11}{'structure':>11}{'near copies':>13}")
 for name, img in candidates.items():
     print(f"{name:<16}{patch_sliced_w2(img, left):>11.4f}{structure_distance(img, left):>11.4f}"
@@ -197,15 +199,17 @@ for name, img in candidates.items():
 gallery([left, *candidates.values()], ["exemplar", *candidates], "veins: structure", width=2.2)
 
 # %% [markdown]
-# Read the columns together: by patch SW2 the syntheses are as close to the exemplar as another crop, yet
-# their structure distance stays well above the crop's (veins broken into blotches); coarse to fine helps.
-# These are single-seed numbers, which move by several per cent with the seed.
+# Read the columns together: by patch SW2 the MW2 flow's result is as close to the exemplar as another crop,
+# yet its structure distance stays well above the crop's (veins broken into blotches). The two stages after the
+# flow close most of that gap, and coarse to fine closes more. These are single-seed numbers, which move by
+# several per cent with the seed.
 #
-# After the MW2 flow, `synthesize_texture` also tries a projection onto the exemplar's 8×8 patches
-# (`imgmw.texture_refine`, Kwatra et al.'s texture optimisation) and keeps it only when the 4×4 patch SW2 does
-# not rise (`result.refined` says which; `refine_n_iter=0` turns it off). In `benchmarks/bench_structure.py` it
-# reconnects the drawn stripes (structure 2.4× → 0.98× the crop's) and is rejected on veins, where it washes
-# the result out to flat green: the projection cannot create structure the MW2 layout lacks.
+# The stages after the MW2 flow: a projection onto the exemplar's 8×8 patches (`imgmw.texture_refine`, Kwatra
+# et al.'s texture optimisation), which snaps the layout onto real exemplar patches but washes it out towards
+# the commonest flat ones, then 60 iterations of semi-dual patch optimal transport (`imgmw.texture_semidual`,
+# Houdard et al.'s method, which gives every exemplar patch the same share of the result's patches) with a
+# sliced W2 term on the pixel colours, which undo the wash-out. `finish_n_iter=0` leaves only the projection,
+# kept when it does not raise the 4×4 patch SW2; `refine_n_iter=0` turns the projection off.
 #
 # ## What next
 #
