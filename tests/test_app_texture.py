@@ -75,7 +75,7 @@ def test_non_square_size_is_honoured(exemplar, tmp_path):
 @pytest.mark.slow
 def test_tileable_output_has_no_seam(exemplar, tmp_path):
     out = tmp_path / "tile"
-    assert _run(exemplar, out, "--size", "48", "--iters", "60", "--tileable") == 0
+    assert _run(exemplar, out, "--size", "48", "--iters", "60", "--finish-iters", "20", "--tileable") == 0
     result = load_image(out / "texture.png").double()
     assert seam_energy(result)["ratio"] < 2.5               # a plain crop of the init scores 4-5 here
     # the wrap-around edge is not an outlier among the image's column (row) edges
@@ -91,14 +91,15 @@ def test_tileable_output_has_no_seam(exemplar, tmp_path):
 def test_deterministic_for_a_fixed_seed(exemplar, tmp_path):
     runs = [tmp_path / "a", tmp_path / "b", tmp_path / "c"]
     for out, seed in zip(runs, ("3", "3", "4")):
-        assert _run(exemplar, out, "--size", "32", "--iters", "3", "--seed", seed, "--device", "cpu") == 0
+        assert _run(exemplar, out, "--size", "32", "--iters", "3", "--finish-iters", "5", "--seed", seed,
+                    "--device", "cpu") == 0
     a, b, c = (_pixels(out / "texture.png") for out in runs)
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
 def test_lbfgs_runs_and_lowers_the_loss(exemplar, tmp_path):
     out = tmp_path / "lbfgs"
-    assert _run(exemplar, out, "--size", "32", "--iters", "5", "--optimizer", "lbfgs") == 0
+    assert _run(exemplar, out, "--size", "32", "--iters", "5", "--optimizer", "lbfgs", "--finish-iters", "0") == 0
     loss = json.loads((out / "metrics.json").read_text())["loss"]
     assert sum(loss["final_per_scale"]) < sum(loss["first_per_scale"])
 
@@ -159,8 +160,8 @@ def test_subprocess_run_and_fast_help(exemplar, tmp_path):
     assert probe.stdout.strip() == "False"                             # --help does not import torch
     out = tmp_path / "sub"
     proc = subprocess.run([sys.executable, "-m", "apps.texture_synth", str(exemplar), "--size", "32",
-                           "--iters", "2", "--quiet", "--output", str(out)], cwd=ROOT, capture_output=True,
-                          text=True)
+                           "--iters", "2", "--finish-iters", "2", "--quiet", "--output", str(out)], cwd=ROOT,
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert str(out) in proc.stdout and (out / "texture.png").is_file()
     assert torch.equal(torch.tensor(load_image(out / "texture.png").shape), torch.tensor([3, 32, 32]))
