@@ -163,14 +163,11 @@ def semidual_cost(ot: SemiDualPatchOT, image: Tensor, psi: Sequence[Tensor] | No
 
 
 def _some_pixels(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    """``x [1, C, H, W]`` itself if it has at most :data:`COLOUR_PIXELS` pixels, else that many of its pixels drawn
-    uniformly with replacement (on ``generator``'s device, default CPU), as ``[1, C, 1, COLOUR_PIXELS]``."""
-    flat = x.flatten(2)
-    if flat.shape[-1] <= COLOUR_PIXELS:
+    """``x [1, C, H, W]`` itself if it has at most :data:`COLOUR_PIXELS` pixels, else that many distinct random
+    pixels of it (:func:`imgmw.patches.random_patches` with 1×1 patches) as ``[1, C, 1, COLOUR_PIXELS]``."""
+    if x.shape[-2] * x.shape[-1] <= COLOUR_PIXELS:
         return x
-    device = generator.device if generator is not None else torch.device("cpu")
-    idx = torch.randint(flat.shape[-1], (COLOUR_PIXELS,), generator=generator, device=device)
-    return flat[:, :, idx.to(x.device)].unsqueeze(2)
+    return random_patches(x, 1, COLOUR_PIXELS, generator).mT.unsqueeze(2)
 
 
 @dataclass
@@ -208,8 +205,8 @@ def semidual_finish(image: Tensor, exemplar: Tensor, *, n_iter: int, lr: float =
     16 directions): ψ shares the synthesis patches out evenly over the 2000 target patches, but a short finish
     from a projection (whose patches are the exemplar's commonest, low-contrast ones) leaves too few bright or
     rare colours, which the colour term restores (see :func:`imgmw.texture.synthesize_texture` for the
-    measurements). Images of more than :data:`COLOUR_PIXELS` pixels give the term that many pixels drawn at random
-    (with replacement) at every step: sorting the projections of all pixels raised the peak memory of a 2048²
+    measurements). Images of more than :data:`COLOUR_PIXELS` pixels give the term that many distinct random pixels
+    at every step: sorting the projections of all pixels raised the peak memory of a 2048²
     synthesis from 2.2 to 3.4 GB. A grey exemplar (three equal channels) with a grey start keeps a grey image (one
     channel optimised). ``callback(step, per_scale [S], image [1, 3, H, W])``
     after each step (the step's costs ``H_s``, detached, on the device; the image after the step).
