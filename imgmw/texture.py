@@ -49,7 +49,7 @@ from .texture_refine import REFINE_ITERS, REFINE_PATCH, refine_texture, resize_i
 from .texture_semidual import PATCH as SEMIDUAL_PATCH
 from .texture_semidual import SCALES as SEMIDUAL_SCALES
 from .texture_semidual import semidual_finish
-from .validation import check_choice, check_positive_int
+from .validation import check_choice, check_positive_int, check_weight
 from .warm import FitPolicy
 
 __all__ = ["gaussian_random_field", "fit_patch_gmms", "PatchMW2Loss", "synthesize_texture",
@@ -633,9 +633,7 @@ def synthesize_texture(exemplar: Tensor | Sequence[Tensor], size: tuple[int, int
     for name, value in (("refine_n_iter", refine_n_iter), ("finish_n_iter", finish_n_iter)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-    if isinstance(finish_colour_weight, bool) or not isinstance(finish_colour_weight, (int, float)) \
-            or not 0 <= finish_colour_weight < math.inf:
-        raise ValueError(f"finish_colour_weight must be a finite number >= 0, got {finish_colour_weight!r}")
+    check_weight("finish_colour_weight", finish_colour_weight)
     common: dict[str, Any] = dict(patch=patch, n_components=n_components, n_patches=n_patches, lr=lr,
                   optimizer=optimizer, periodic=periodic, mix=lam, fixed_weights=fixed_weights, policy=policy,
                   generator=generator, targets=targets)

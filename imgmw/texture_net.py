@@ -68,6 +68,7 @@ from .distributed import check_process_group, rank
 from .flow import StepTrainer, guarded_step
 from .patch_energy import NearestPatchEnergy
 from .texture import PatchMW2Loss
+from .validation import check_weight
 
 __all__ = ["TextureGenerator", "TextureGeneratorTrainer", "LR_FLOOR"]
 
@@ -239,12 +240,9 @@ class TextureGeneratorTrainer(StepTrainer):
                  colour_weight: float = 1.0) -> None:
         if not isinstance(batch, int) or batch < 1:
             raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
-        for name, weight in (("nearest_weight", nearest_weight), ("colour_weight", colour_weight)):
-            if isinstance(weight, bool) or not (isinstance(weight, (int, float)) and 0 <= weight < math.inf):
-                raise ValueError(f"{name} must be a finite number >= 0, got {weight!r}")
         self.net, self.loss, self.size, self.batch = net, loss, net.noise_shape(size), batch
-        self.nearest, self.nearest_weight = nearest, float(nearest_weight)
-        self.colour, self.colour_weight = colour, float(colour_weight)
+        self.nearest, self.nearest_weight = nearest, check_weight("nearest_weight", nearest_weight)
+        self.colour, self.colour_weight = colour, check_weight("colour_weight", colour_weight)
         param = next(net.parameters())
         self.device, self.dtype = param.device, param.dtype
         group = check_process_group(process_group)

@@ -41,7 +41,7 @@ from torch import Tensor
 from .colour_loss import SlicedColourLoss
 from .image import is_grey
 from .patches import extract_patches, gaussian_pyramid, patch_grid, random_patches
-from .validation import check_positive_int, single_image
+from .validation import check_positive_int, check_weight, single_image
 
 __all__ = ["SemiDualPatchOT", "semidual_cost", "semidual_finish", "FinishResult", "TARGET_PATCHES", "PSI_STEPS",
            "PSI_BATCH", "PSI_LR", "IMAGE_PATCHES", "IMAGE_LR", "SCALES", "PATCH", "COLOUR_PIXELS"]
@@ -219,10 +219,9 @@ def semidual_finish(image: Tensor, exemplar: Tensor, *, n_iter: int, lr: float =
         raise ValueError(f"psi_warmup must be an int >= 0, got {psi_warmup!r}")
     if schedule not in ("constant", "linear"):
         raise ValueError(f"schedule must be 'constant' or 'linear', got {schedule!r}")
-    for name, value, low in (("lr", lr, "> 0"), ("colour_weight", colour_weight, ">= 0")):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or value < 0 or (value == 0 and low == "> 0"):
-            raise ValueError(f"{name} must be a finite number {low}, got {value!r}")
+    if not (isinstance(lr, (int, float)) and 0 < lr < math.inf):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    check_weight("colour_weight", colour_weight)
     x0 = single_image(image, "image").detach().clamp(0, 1)
     u = single_image(exemplar, "exemplar").detach().to(x0)
     start = time.perf_counter()

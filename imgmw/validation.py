@@ -7,7 +7,7 @@ from torch import Tensor
 from .linalg import all_finite
 
 __all__ = ["check_points", "point_weights", "valid_counts", "check_valid_counts", "check_reg_covar", "check_choice",
-           "single_image"]
+           "single_image", "check_weight"]
 
 
 def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
@@ -21,6 +21,14 @@ def check_positive_int(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     return value
+
+
+def check_weight(name: str, value: float) -> float:
+    """``float(value)`` if it is a finite number >= 0 (not a bool), e.g. the weight of a loss term, else a
+    ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
 
 
 def check_reg_covar(reg_covar: float) -> float:
