@@ -141,7 +141,9 @@ class TextureJob:
         from imgmw.image import is_grey
         from imgmw.patch_energy import NearestPatchEnergy
         from imgmw.texture import DEFAULT_PATCHES, PatchMW2Loss, check_patch_counts, texture_n_scales
-        from imgmw.texture_net import TextureGenerator, TextureGeneratorTrainer
+        from imgmw.texture_net import (SEMIDUAL_IMAGE_PATCHES, SEMIDUAL_PSI_STEPS, TextureGenerator,
+                                       TextureGeneratorTrainer)
+        from imgmw.texture_semidual import SemiDualPatchOT
         from imgmw.texture_refine import refine_n_scales
 
         self.args = args
@@ -176,10 +178,19 @@ class TextureJob:
         if args.colour_weight > 0:
             self.loss_label += f" + {args.colour_weight:g} · sliced colour W2²"
             colour = SlicedColourLoss(self.exemplar, seed=args.seed)
+        semidual = None
+        if args.semidual_weight > 0:
+            self.loss_label += f" + {args.semidual_weight:g} · semi-dual patch OT"
+            try:
+                semidual = SemiDualPatchOT(self.exemplar, gen, psi_steps=SEMIDUAL_PSI_STEPS,
+                                           image_patches=SEMIDUAL_IMAGE_PATCHES, periodic=args.tileable)
+            except ValueError as err:
+                raise AppError(f"--image {args.image}: {err} (use --semidual-weight 0)") from None
         self.trainer = TextureGeneratorTrainer(net, self.loss, size=(args.size, args.size), batch=args.batch,
                                                lr=args.lr, seed=args.seed, total_steps=args.iters, process_group=group,
                                                nearest=nearest, nearest_weight=args.nearest_weight, colour=colour,
-                                               colour_weight=args.colour_weight)
+                                               colour_weight=args.colour_weight, semidual=semidual,
+                                               semidual_weight=args.semidual_weight)
 
     def _sample(self, size: int, seed: int) -> torch.Tensor:
         net = self.trainer.net

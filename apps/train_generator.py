@@ -25,6 +25,10 @@ colours of stripes, which four Gaussians per scale blend away. --nearest-weight 
 nearest-exemplar-patch energy (imgmw.patch_energy: mean squared distance of the sample's 8x8 patches, at up to 3
 pyramid levels, to their nearest exemplar patches): it keeps stripes connected where the Gaussians break them, at
 about 1.6x the time per step (data/stripes.png: --colour-weight 100 --nearest-weight 400, see the README).
+--semidual-weight (default 5) adds that times the multi-scale patch semi-dual OT of imgmw.texture_semidual (the
+semi-dual finish of apps.texture_synth, Houdard et al.'s texture-network loss): its duals share the sample's
+patches out evenly over 2000 exemplar patches per scale, which keeps long structures (mortar lines, bands) that
+four Gaussians per scale blur; training takes about 1.6x as long (see the README).
 
 Under torchrun (torchrun --standalone --nproc_per_node N -m apps.train_generator ...) the network is wrapped in
 DistributedDataParallel: every process generates --batch samples from its own noise, the MW2 loss fits the
@@ -52,12 +56,12 @@ from apps._cli import (AppError, AppParser, Interrupted, add_common_args, non_ne
 NAME = "train_generator"
 DATA = Path(__file__).resolve().parent.parent / "data"
 CHECKPOINT = "checkpoint.pt"
-DEFAULTS = {  # per data set: iters, k, batch, em, target, hidden, z_dim, lr (texture: size, colour_weight)
+DEFAULTS = {  # per data set: iters, k, batch, em, target, hidden, z_dim, lr (texture: size and the terms' weights)
     "gmm2d": dict(iters=1500, k=8, batch=512, em="warm", target="batch", hidden=128, z_dim=8, lr=1e-3),
     "patches": dict(iters=1500, k=4, batch=512, em="unrolled", target="batch", hidden=128, z_dim=8, lr=1e-3),
     "digits": dict(iters=600, k=128, batch=4096, em="warm", target="components", hidden=256, z_dim=16, lr=3e-3),
     "texture": dict(iters=1500, k=4, batch=1, em="warm", target="data", hidden=8, z_dim=3, lr=5e-3, size=192,
-                    colour_weight=1000.0),
+                    colour_weight=1000.0, semidual_weight=5.0),
 }
 # Settings a checkpoint must share with the command line to be resumed (the texture ones only for --data texture:
 # vector runs ignore them, and older vector checkpoints recorded --size 128).
@@ -96,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--colour-weight", type=non_negative_float,
                    help="--data texture: weight of the sliced W2² between the sample's and the exemplar's pixel "
                         "colours beside the MW2 loss (default 1000; 0: the MW2 loss alone)")
+    p.add_argument("--semidual-weight", type=non_negative_float,
+                   help="--data texture: weight of the multi-scale patch semi-dual OT term (imgmw.texture_semidual) "
+                        "beside the MW2 loss (default 5; 0: the MW2 and colour terms alone)")
     p.add_argument("--eval-samples", type=positive_int, default=2000,
                    help="generated and held-out samples of the sliced-W2 evaluation (default 2000)")
     p.add_argument("--resume", action="store_true", help=f"continue from OUTPUT/{CHECKPOINT} up to --iters steps")
@@ -114,8 +121,9 @@ def _check_args(args: argparse.Namespace) -> None:
     for key, value in DEFAULTS[args.data].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.colour_weight is None:  # a texture network's term only
-        args.colour_weight = 0.0
+    for flag in ("colour_weight", "semidual_weight"):  # a texture network's terms only
+        if getattr(args, flag) is None:
+            setattr(args, flag, 0.0)
     args.em_steps = (1 if args.em == "warm" else 5) if args.em_steps is None else args.em_steps
     if args.data != "texture" and args.target != "data" and args.batch < args.k * (1 + (args.target == "components")):
         raise AppError(f"--batch ({args.batch}) must be at least --k ({args.k}), twice that with --target components")
@@ -131,7 +139,8 @@ def _resume(trainer, path: Path, args: argparse.Namespace, device, group) -> dic
 
     keys = RESUME_KEYS + TEXTURE_RESUME_KEYS if args.data == "texture" else RESUME_KEYS
     state = read_resume_checkpoint(path, args, ("trainer", "extra"), keys, device)
-    for flag in ("nearest_weight", "colour_weight"):  # absent: written before the flag, trained without the term
+    # a flag absent from the checkpoint's settings was added after it was written: trained without the term
+    for flag in ("nearest_weight", "colour_weight", "semidual_weight"):
         if state["settings"].get(flag, 0.0) != getattr(args, flag):
             raise AppError(f"--resume: checkpoint {path} was trained with different --{flag.replace('_', '-')}")
     trainer.load_state_dict(state["trainer"])

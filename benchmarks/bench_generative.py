@@ -4,7 +4,8 @@ Texture (per exemplar): the same :class:`imgmw.texture_net.TextureGenerator` (sa
 samples, Adam lr 5e-3 decayed linearly in time to ``LR_FLOOR`` of it, fresh noise every step) trained for
 ``--seconds`` of wall time with
   * **mw2**: :class:`imgmw.texture.PatchMW2Loss` plus ``COLOUR_WEIGHT`` × :class:`imgmw.colour_loss.SlicedColourLoss`
-    (the app's default loss, what ``apps.train_generator --data texture`` trains);
+    plus ``SEMIDUAL_WEIGHT`` × the semi-dual patch OT term with the trainer's settings (2 ψ steps, 2048 patches per
+    scale and step): the app's default loss, what ``apps.train_generator --data texture`` trains;
   * **sliced**: multi-scale patch sliced W2 (4×4 patches, 4 scales, 4096 random patches of the sample and of
     the exemplar per scale and step, 64 random directions per step), the loss of sliced-Wasserstein texture
     networks;
@@ -53,6 +54,7 @@ SW_PATCHES = 4096
 SW_DIRECTIONS = 64
 LR = 5e-3  # the texture network's step size, as apps.train_generator --data texture
 COLOUR_WEIGHT = 1000.0  # the sliced colour term's weight, as apps.train_generator --data texture
+SEMIDUAL_WEIGHT = 5.0  # the semi-dual term's weight, as apps.train_generator --data texture
 DIGITS_LR = 3e-3
 
 
@@ -85,10 +87,11 @@ class SlicedPatchLoss:
 
 
 class SemiDualLoss:
-    """``bench_texture.SemiDualPatchOT`` as a loss of a generated image: ψ ascent (no gradient), then the cost."""
+    """``bench_texture.SemiDualPatchOT`` as a loss of a generated image: ψ ascent (no gradient), then the cost
+    (``settings``: :class:`SemiDualPatchOT`'s keyword arguments, its defaults for the baseline)."""
 
-    def __init__(self, exemplar: torch.Tensor, generator: torch.Generator) -> None:
-        self.ot = SemiDualPatchOT(exemplar, generator)
+    def __init__(self, exemplar: torch.Tensor, generator: torch.Generator, **settings) -> None:
+        self.ot = SemiDualPatchOT(exemplar, generator, **settings)
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         from imgmw.patches import gaussian_pyramid
@@ -101,11 +104,13 @@ class SemiDualLoss:
 def _texture_loss(kind: str, exemplar: torch.Tensor, seed: int):
     from imgmw.colour_loss import SlicedColourLoss
     from imgmw.texture import PatchMW2Loss
+    from imgmw.texture_net import SEMIDUAL_IMAGE_PATCHES, SEMIDUAL_PSI_STEPS
 
     gen = torch.Generator().manual_seed(seed)
     if kind == "mw2":
         mw2, colour = PatchMW2Loss(exemplar, patch=PATCH, generator=gen), SlicedColourLoss(exemplar, seed=seed)
-        return lambda image: mw2(image) + COLOUR_WEIGHT * colour(image)
+        semidual = SemiDualLoss(exemplar, gen, psi_steps=SEMIDUAL_PSI_STEPS, image_patches=SEMIDUAL_IMAGE_PATCHES)
+        return lambda image: mw2(image) + COLOUR_WEIGHT * colour(image) + SEMIDUAL_WEIGHT * semidual(image)
     return SlicedPatchLoss(exemplar, gen) if kind == "sliced" else SemiDualLoss(exemplar, gen)
 
 

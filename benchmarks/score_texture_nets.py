@@ -1,11 +1,12 @@
 """Score trained texture networks as the README's texture-network table does.
 
 For each ``apps.train_generator --data texture`` output directory: the app's own scores of its sample (from
-``metrics.json``) and the mean over 256×256 samples of noise seeds 1–3 (as ``bench_generative.py`` scores its
-networks), patch sliced-W2 / structure distance (:mod:`imgmw.metrics`) to the exemplar the run was trained on,
-with the training time and the time of a 512×512 sample (min of 5 after a warm-up, measured here).
+``metrics.json``) and the mean over 256×256 samples of noise seeds 1–3 (``--seeds N``: 1–N; as
+``bench_generative.py`` scores its networks), patch sliced-W2 / structure distance (:mod:`imgmw.metrics`) to the
+exemplar the run was trained on, the range of the samples' patch sliced-W2, the training time and the time of a
+512×512 sample (min of 5 after a warm-up, measured here).
 
-Usage: PYTHONPATH=. python benchmarks/score_texture_nets.py RUN_DIR [RUN_DIR ...] [--threads 1]
+Usage: PYTHONPATH=. python benchmarks/score_texture_nets.py RUN_DIR [RUN_DIR ...] [--threads 1] [--seeds 3]
 """
 from __future__ import annotations
 
@@ -15,14 +16,15 @@ import time
 from pathlib import Path
 
 SIZE = 256
-SEEDS = (1, 2, 3)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="output directories of apps.train_generator --data texture")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seeds", type=int, default=3, help="score the samples of noise seeds 1..N (default 3)")
     args = parser.parse_args()
+    seeds = range(1, args.seeds + 1)
 
     import torch
 
@@ -32,7 +34,8 @@ def main() -> None:
     from imgmw.texture_net import TextureGenerator
 
     torch.set_num_threads(args.threads)
-    print(f"{'run':>24} {'exemplar':>18} {'app sample':>15} {f'seeds {SEEDS}':>15} {'training':>9} {'512² sample':>11}")
+    print(f"{'run':>24} {'exemplar':>18} {'app sample':>15} {f'seeds 1-{args.seeds}':>15} {'patch SW range':>15} "
+          f"{'training':>9} {'512² sample':>11}")
     for run in args.runs:
         metrics = json.loads((run / "metrics.json").read_text())
         state = load_checkpoint(run / "checkpoint.pt")
@@ -41,7 +44,7 @@ def main() -> None:
         image = Path(metrics["settings"]["image"])
         exemplar = load_image(image)
         scores = []
-        for seed in SEEDS:
+        for seed in seeds:
             sample = net.sample(1, (SIZE, SIZE), torch.Generator().manual_seed(seed))[0]
             scores.append((patch_sliced_w2(sample, exemplar), structure_distance(sample, exemplar)))
         psw, structure = (sum(s[i] for s in scores) / len(scores) for i in range(2))
@@ -52,8 +55,10 @@ def main() -> None:
             net.sample(1, (512, 512))
             times.append(time.perf_counter() - start)
         app = metrics["trained"]
+        low, high = min(s[0] for s in scores), max(s[0] for s in scores)
         print(f"{run.name:>24} {image.name:>18} {app['patch_sliced_w2']:.4f}/{app['structure_distance']:.4f}".rjust(59)
-              + f" {psw:.4f}/{structure:.4f}".rjust(16) + f" {metrics['seconds_train']:>8.0f}s {min(times):>10.3f}s")
+              + f" {psw:.4f}/{structure:.4f}".rjust(16) + f" {low:.4f}-{high:.4f}".rjust(16)
+              + f" {metrics['seconds_train']:>8.0f}s {min(times):>10.3f}s")
 
 
 if __name__ == "__main__":

@@ -377,11 +377,12 @@ def test_generate_bad_checkpoints_exit_2(tmp_path, capsys):
         assert_clean_failure(_generate, capsys, [str(path)], out, fragment)
 
 
-@pytest.mark.parametrize("flag", ["--nearest-weight", "--colour-weight"])
+@pytest.mark.parametrize("flag", ["--nearest-weight", "--colour-weight", "--semidual-weight"])
 def test_texture_loss_term_weights_change_training_and_must_match_on_resume(tmp_path, capsys, flag):
-    """--nearest-weight (the nearest-exemplar-patch energy) and --colour-weight (the sliced colour W2²) add their
-    term to the MW2 loss: the same seed then gives another first-step objective (larger by the weighted term); each
-    is a resume setting, and a negative weight is refused."""
+    """--nearest-weight (the nearest-exemplar-patch energy), --colour-weight (the sliced colour W2²) and
+    --semidual-weight (the semi-dual patch OT) add their term to the MW2 loss: the same seed then gives another
+    first-step objective (larger by the weighted term); each is a resume setting, and a negative weight is
+    refused."""
     key = flag[2:].replace("-", "_")
     first = {}
     for weight in ("0", "100"):

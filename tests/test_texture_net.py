@@ -9,6 +9,7 @@ import torch
 from imgmw.texture import PatchMW2Loss
 from tests.app_checks import assert_resumes_exactly
 from imgmw.texture_net import TextureGenerator, TextureGeneratorTrainer
+from imgmw.texture_semidual import SemiDualPatchOT
 
 
 def _exemplar() -> torch.Tensor:
@@ -165,3 +166,44 @@ def test_grey_network_trains_one_channel_and_samples_grey():
         rebuilt.load_state_dict(state["net"])
     with pytest.raises(ValueError, match="out_channels"):
         TextureGenerator(out_channels=2)
+
+
+def _semidual_trainer(weight: float, seed: int = 0, batch: int = 1) -> TextureGeneratorTrainer:
+    """A small trainer with the semi-dual term; its duals draw from their own generator (seeded by ``seed``)."""
+    torch.manual_seed(seed)
+    net = TextureGenerator(n_scales=3, channels=4)
+    loss = PatchMW2Loss(_exemplar(), patch=3, n_components=2, n_scales=2, n_patches=256,
+                        generator=torch.Generator().manual_seed(seed))
+    ot = SemiDualPatchOT(_exemplar(), torch.Generator().manual_seed(seed + 1), n_scales=2, n_targets=300,
+                         psi_steps=2, psi_batch=200, image_patches=256)
+    return TextureGeneratorTrainer(net, loss, size=(32, 32), batch=batch, lr=5e-3, seed=seed, semidual=ot,
+                                   semidual_weight=weight)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_trainer_adds_the_weighted_semidual_term_of_the_same_samples(batch):
+    """The first step's objective is Σ_s MW2² + λ·mean_b Σ_s H_s(ψ̄_s, X_s): with λ = 10 it exceeds λ = 0's by 10 ×
+    the term that a copy of the untrained trainer's semi-dual state gives the same first samples after the same
+    ascent, and the ascent moved the duals (so the term is the dual-shifted cost, not the plain nearest patch)."""
+    base, weighted, probe = (_semidual_trainer(w, batch=batch) for w in (0.0, 10.0, 0.0))
+    image = probe.net(probe.net.noise(batch, probe.size, probe.rng))
+    expected = 10.0 * probe._semidual(image).item()
+    assert expected > 1e-3
+    assert weighted.step() - base.step() == pytest.approx(expected, rel=1e-4)
+    assert all(float(p.abs().max()) > 0 for p in weighted.semidual.psi)
+    assert all(float(p.abs().max()) == 0 for p in base.semidual.psi)  # weight 0: the term is not computed
+
+
+def test_semidual_training_resumes_exactly_and_needs_the_duals():
+    """The checkpoint carries the duals: a resumed run equals the uninterrupted one; a state without them (trained
+    without the term) is refused."""
+    state = assert_resumes_exactly(lambda: _semidual_trainer(10.0), 2, 2, copy.deepcopy)
+    assert len(state["semidual_psi"]) == 2
+    with pytest.raises(ValueError, match="semi-dual"):
+        _semidual_trainer(10.0).load_state_dict(_trainer().state_dict())
+
+
+def test_trainer_refuses_bad_semidual_weights():
+    for bad in (-1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="semidual_weight"):
+            _semidual_trainer(bad)

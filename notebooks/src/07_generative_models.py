@@ -180,7 +180,8 @@ show(fig)
 # ## What next
 #
 # - `python -m apps.train_generator --data texture --image data/wood.png` (1500 steps at 192×192, the patch MW2
-#   loss plus 1000× the sliced W2² of the pixel colours, `imgmw.colour_loss`), then
+#   loss plus 1000× the sliced W2² of the pixel colours, `imgmw.colour_loss`, and 5× the semi-dual patch OT of
+#   `imgmw.texture_semidual`), then
 #   `python -m apps.generate outputs/train_generator/checkpoint.pt --size 512` samples it; `--tileable`
 #   trains a generator of seamless tiles.
 # - `python -m apps.train_generator --data digits` (600 steps against the 128 components of one fit, plus a
