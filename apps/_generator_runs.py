@@ -183,7 +183,8 @@ class TextureJob:
             self.loss_label += f" + {args.semidual_weight:g} · semi-dual patch OT"
             try:
                 semidual = SemiDualPatchOT(self.exemplar, gen, psi_steps=SEMIDUAL_PSI_STEPS,
-                                           image_patches=SEMIDUAL_IMAGE_PATCHES, periodic=args.tileable)
+                                           image_patches=SEMIDUAL_IMAGE_PATCHES, periodic=args.tileable,
+                                           process_group=group)
             except ValueError as err:
                 raise AppError(f"--image {args.image}: {err} (use --semidual-weight 0)") from None
         self.trainer = TextureGeneratorTrainer(net, self.loss, size=(args.size, args.size), batch=args.batch,

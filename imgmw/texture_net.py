@@ -43,17 +43,19 @@ patches, 2000 exemplar patches per scale, Houdard et al.'s texture-network loss;
 synthesis with it): the duals ``ψ_s`` share the sample's patches out evenly over the exemplar patches, and the
 image term pulls each patch towards its ψ-shifted nearest exemplar patch, which keeps the long, thin structures
 (mortar lines, bands) that four Gaussians per scale blur. Its duals carry over from step to step and each step
-sees a fresh sample, so two ascent steps and 2048 patches per scale and step (``SEMIDUAL_PSI_STEPS``,
-``SEMIDUAL_IMAGE_PATCHES``; an image optimisation takes 10 and 4096) are enough. Measured with a scratch script
+sees a fresh sample, so the trainer takes two ascent steps and 2048 patches per scale and step
+(``SEMIDUAL_PSI_STEPS``, ``SEMIDUAL_IMAGE_PATCHES``; an image optimisation takes 10 and 4096): over the first 10
+steps on ``data/bricks.png`` (one thread) a step took 0.64 s, against 0.99 s with 10 and 4096 and 0.34 s without
+the term (the quality of 10 and 4096 in training was not measured). Measured with a scratch script
 (600 steps at 192², one thread, patch sliced-W2 / structure distance, mean of seeds 1–3; the term's weight):
 bricks 0.0166 / 0.0857 without it, 0.0142 / 0.0717 at 1, 0.0139 / 0.0477 at 5, 0.0142 / 0.0439 at 20,
 0.0151 / 0.0421 at 50 (thin mortar lines instead of rounded runs); hubble 0.0132 / 0.0397 without,
 0.0145 / 0.0345 at 5, 0.0211 / 0.0317 at 10, 0.0227 / 0.0298 at 20 (the bright objects fade into blotches); stripes
 0.0221 / 0.0600 at 10 and 0.0209 / 0.0602 at 20 (bands instead of the blotches of the README); so the default
 is 5. The app's default runs on the seven bundled exemplars took 635–868 s on one thread, two at a time, against
-421–497 s without the term (README). Under ``torchrun`` each process ascends
-its own duals on its own samples (the gradients are averaged as usual); checkpoints keep rank 0's, which every
-process starts from on ``--resume``.
+421–497 s without the term (README). Under ``torchrun`` the app gives the term the run's process group: the ψ
+ascent counts every process's patches, so all processes hold the same duals (and a checkpoint's are every
+rank's).
 
 Sampling (:meth:`TextureGenerator.sample`) runs without autograd on channels-last tensors: a 512² sample of the
 default network takes 0.36 s of CPU time on one thread, against 0.55 s for the autograd path's forward
@@ -96,7 +98,7 @@ __all__ = ["TextureGenerator", "TextureGeneratorTrainer", "LR_FLOOR", "SEMIDUAL_
 LR_FLOOR = 0.05
 # The semi-dual term's settings in training (imgmw.texture_semidual's defaults are 10 and 4096 for an image
 # optimisation): its duals carry over from step to step and every step sees a fresh sample, so fewer ascent steps
-# and patches per step cost less for the same estimate over the run (measured in the module docstring).
+# and patches per step are taken, at two thirds of the step time (see the module docstring).
 SEMIDUAL_PSI_STEPS = 2
 SEMIDUAL_IMAGE_PATCHES = 2048
 
@@ -259,7 +261,7 @@ class TextureGeneratorTrainer(StepTrainer):
             network's), added with weight ``semidual_weight``: every step first ascends its duals ``ψ_s`` on the
             step's samples (``psi_steps`` steps, no gradient; the duals carry over from step to step), then adds
             ``Σ_s H_s(ψ̄_s, X_s)`` of each sample, averaged over the batch. The checkpointed state covers its
-            generator and duals.
+            generator and duals. Under ``process_group`` build it with the same group (shared duals).
     """
 
     def __init__(self, net: TextureGenerator, loss: PatchMW2Loss, *, size: tuple[int, int] = (128, 128),
@@ -288,8 +290,8 @@ class TextureGeneratorTrainer(StepTrainer):
 
     def step(self) -> float:
         """One step on fresh noise; returns the objective of this step's samples, ``Σ_s MW2²`` plus
-        ``nearest_weight ×`` the nearest-patch energy and ``colour_weight ×`` the sliced colour loss when they
-        are given."""
+        ``nearest_weight ×`` the nearest-patch energy, ``colour_weight ×`` the sliced colour loss and
+        ``semidual_weight ×`` the semi-dual term when they are given."""
         self.net.train()
         if self.total_steps:
             for group in self.optimizer.param_groups:

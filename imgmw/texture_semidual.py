@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from .colour_loss import SlicedColourLoss
+from .distributed import all_reduce_sum, check_process_group
 from .image import is_grey
 from .patches import extract_patches, gaussian_pyramid, patch_grid, random_patches
 from .validation import check_positive_int, check_weight, single_image
@@ -70,6 +71,9 @@ class SemiDualPatchOT:
         psi_steps, psi_batch, psi_lr: the ascent on ``ψ`` (see the module docstring).
         image_patches: synthesis patches per level in :meth:`image_loss`.
         periodic: the synthesis's patches wrap around (a tileable output); the exemplar's never do.
+        process_group: ranks whose syntheses share the duals: every ψ ascent step counts the assignments of all
+            ranks' patches (one all-reduce per level and step), so all ranks hold the same ``ψ_s`` (their targets
+            must be the same: the same exemplar and generator seed on every rank).
 
     The draws are made in the order of the original benchmark (targets finest first, then per ascent step the
     levels in order), so a seed gives the same run.
@@ -78,8 +82,9 @@ class SemiDualPatchOT:
     def __init__(self, exemplar: Tensor, generator: torch.Generator | None = None, *, n_scales: int = SCALES,
                  patch: int | Sequence[int] = PATCH, n_targets: int = TARGET_PATCHES, psi_steps: int = PSI_STEPS,
                  psi_batch: int = PSI_BATCH, psi_lr: float = PSI_LR, image_patches: int = IMAGE_PATCHES,
-                 periodic: bool = False) -> None:
+                 periodic: bool = False, process_group=None) -> None:
         u = single_image(exemplar, "exemplar").detach()
+        self.process_group = check_process_group(process_group)
         for name, value in (("n_scales", n_scales), ("n_targets", n_targets), ("psi_steps", psi_steps),
                             ("psi_batch", psi_batch), ("image_patches", image_patches)):
             check_positive_int(name, value)
@@ -118,7 +123,8 @@ class SemiDualPatchOT:
 
     def ascend_psi(self, levels: Sequence[Tensor], n_steps: int | None = None) -> None:
         """``n_steps`` (default ``psi_steps``) averaged-SGD ascent steps on every ``ψ_s``, the image levels
-        ``[1, 3, h_s, w_s]`` held fixed; ``ψ̄_s`` becomes the average of these iterates."""
+        ``[1, 3, h_s, w_s]`` held fixed (each rank's own under a process group, the counts summed over the
+        ranks); ``ψ̄_s`` becomes the average of these iterates."""
         n_steps = self.psi_steps if n_steps is None else n_steps
         check_positive_int("n_steps", n_steps)
         self.psi_avg = [torch.zeros_like(p) for p in self.psi]
@@ -127,7 +133,9 @@ class SemiDualPatchOT:
                 for s, level in enumerate(levels):
                     idx = self.assign(s, self._patches(level.detach(), self.patches[s], self.psi_batch))
                     n_targets = self.psi[s].numel()
-                    share = torch.bincount(idx, minlength=n_targets).to(self.psi[s]) / idx.numel()
+                    counts = all_reduce_sum(torch.bincount(idx, minlength=n_targets).to(self.psi[s]),
+                                            self.process_group)
+                    share = counts / counts.sum()
                     self.psi[s] += self.psi_lr * (1.0 / n_targets - share)
                     self.psi_avg[s] += self.psi[s] / n_steps
 

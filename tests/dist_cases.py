@@ -37,6 +37,21 @@ def problems() -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
+def semidual_images() -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """An exemplar ``[3, 32, 32]`` and one synthesis ``[1, 3, 24, 24]`` per rank for the semi-dual duals."""
+    g = torch.Generator().manual_seed(77)
+    exemplar = torch.rand(3, 32, 32, generator=g)
+    return exemplar, [torch.rand(1, 3, 24, 24, generator=g) for _ in range(WORLD_SIZE)]
+
+
+def semidual_ot(process_group=None):
+    """The semi-dual state of the distributed case: 2 levels, 150 targets, 3 ascent steps over all patches."""
+    from imgmw.texture_semidual import SemiDualPatchOT
+
+    return SemiDualPatchOT(semidual_images()[0], torch.Generator().manual_seed(13), n_scales=2, n_targets=150,
+                           psi_steps=3, psi_batch=10**6, process_group=process_group)
+
+
 def start_gmm(x: torch.Tensor, k: int = 4):
     """A fixed starting GMM, computed identically on every process from the full data."""
     from imgmw.init import init_gmm
@@ -101,6 +116,11 @@ def run_cases(rank: int) -> dict:
         value.backward()
         values.append(value.detach())
     res["mw2loss"] = (torch.stack(values), xr.grad)
+    from imgmw.patches import gaussian_pyramid
+
+    ot = semidual_ot(WORLD)
+    ot.ascend_psi(gaussian_pyramid(semidual_images()[1][rank], ot.n_scales))
+    res["semidual"] = (ot.psi, ot.psi_avg)
     res["error/dimension"] = _error(lambda: imgmw.fit_gmm(x[..., :2 + rank], 2, process_group=WORLD))
     res["error/implicit"] = _error(lambda: imgmw.fit_gmm(x, 2, grad="implicit", process_group=WORLD))
     res["error/random"] = _error(lambda: imgmw.fit_gmm(x, 2, init="random", process_group=WORLD))

@@ -127,6 +127,35 @@ def test_mw2_loss_over_shards(ranks):
                                    rtol=1e-7, atol=1e-9)
 
 
+def test_semidual_duals_count_every_rank_patches(ranks):
+    """Under a process group the ψ ascent shares out the patches of all ranks: every rank ends with the duals of
+    one ascent whose counts are those of the two images' patches together (each step and level:
+    ψ += lr·(1/J − share)), not the duals of its own image alone."""
+    from imgmw.patches import extract_patches, gaussian_pyramid
+
+    ot = cases.semidual_ot()
+    levels = [gaussian_pyramid(img, ot.n_scales) for img in cases.semidual_images()[1]]
+
+    def ascend(images: list[list[torch.Tensor]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        psi = [p.clone() for p in ot.psi]
+        avg = [torch.zeros_like(p) for p in psi]
+        for _ in range(ot.psi_steps):
+            for s in range(ot.n_scales):
+                idx = torch.cat([ot.assign(s, extract_patches(lv[s], ot.patches[s])[0], psi[s]) for lv in images])
+                share = torch.bincount(idx, minlength=psi[s].numel()).to(psi[s]) / idx.numel()
+                psi[s] += ot.psi_lr * (1.0 / psi[s].numel() - share)
+                avg[s] += psi[s] / ot.psi_steps
+        return psi, avg
+
+    want_psi, want_avg = ascend(levels)
+    alone, _ = ascend(levels[:1])
+    assert max(float((a - b).abs().max()) for a, b in zip(alone, want_psi)) > 1e-3
+    for res in ranks:
+        got_psi, got_avg = res["semidual"]
+        for got, want in zip(got_psi + got_avg, want_psi + want_avg):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("case, words", [("dimension", "ranks disagree"), ("implicit", "grad='implicit'"),
                                          ("random", "init='random'"), ("init", "init GMM differs"),
                                          ("count", "exceeds the number of valid points")])
