@@ -86,21 +86,6 @@ class SlicedPatchLoss:
         return total
 
 
-class SemiDualLoss:
-    """``bench_texture.SemiDualPatchOT`` as a loss of a generated image: ψ ascent (no gradient), then the cost
-    (``settings``: :class:`SemiDualPatchOT`'s keyword arguments, its defaults for the baseline)."""
-
-    def __init__(self, exemplar: torch.Tensor, generator: torch.Generator, **settings) -> None:
-        self.ot = SemiDualPatchOT(exemplar, generator, **settings)
-
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        from imgmw.patches import gaussian_pyramid
-
-        with torch.no_grad():
-            self.ot.ascend_psi(gaussian_pyramid(image.detach(), SCALES))
-        return self.ot.image_loss(gaussian_pyramid(image, SCALES))
-
-
 def _texture_loss(kind: str, exemplar: torch.Tensor, seed: int):
     from imgmw.colour_loss import SlicedColourLoss
     from imgmw.texture import PatchMW2Loss
@@ -109,9 +94,10 @@ def _texture_loss(kind: str, exemplar: torch.Tensor, seed: int):
     gen = torch.Generator().manual_seed(seed)
     if kind == "mw2":
         mw2, colour = PatchMW2Loss(exemplar, patch=PATCH, generator=gen), SlicedColourLoss(exemplar, seed=seed)
-        semidual = SemiDualLoss(exemplar, gen, psi_steps=SEMIDUAL_PSI_STEPS, image_patches=SEMIDUAL_IMAGE_PATCHES)
+        semidual = SemiDualPatchOT(exemplar, gen, psi_steps=SEMIDUAL_PSI_STEPS,
+                                   image_patches=SEMIDUAL_IMAGE_PATCHES).loss
         return lambda image: mw2(image) + COLOUR_WEIGHT * colour(image) + SEMIDUAL_WEIGHT * semidual(image)
-    return SlicedPatchLoss(exemplar, gen) if kind == "sliced" else SemiDualLoss(exemplar, gen)
+    return SlicedPatchLoss(exemplar, gen) if kind == "sliced" else SemiDualPatchOT(exemplar, gen).loss
 
 
 def train_texture(kind: str, exemplar: torch.Tensor, seconds: float, seed: int = 0):

@@ -79,17 +79,13 @@ def run_baseline(exemplar, init, iters: int, eval_every: int, seed: int) -> dict
     """Run the baseline from ``init [3, H, W]``; returns the patch-SW trace and timings."""
     import torch
 
-    from imgmw.patches import gaussian_pyramid
-
     tracker = _Tracker(exemplar, _scores)
     ot = SemiDualPatchOT(exemplar, torch.Generator().manual_seed(seed))
     x = init[None].clone().requires_grad_(True)
     opt = torch.optim.Adam([x], lr=IMAGE_LR)
     for step in range(iters):
-        with torch.no_grad():
-            ot.ascend_psi(gaussian_pyramid(x, SCALES))
         opt.zero_grad(set_to_none=True)
-        ot.image_loss(gaussian_pyramid(x, SCALES)).backward()
+        ot.loss(x).backward()
         opt.step()
         with torch.no_grad():
             x.clamp_(0, 1)

@@ -87,7 +87,6 @@ from .colour_loss import SlicedColourLoss
 from .distributed import check_process_group, rank
 from .flow import StepTrainer, guarded_step
 from .patch_energy import NearestPatchEnergy
-from .patches import gaussian_pyramid
 from .texture import PatchMW2Loss
 from .texture_semidual import SemiDualPatchOT
 from .validation import check_weight
@@ -304,22 +303,10 @@ class TextureGeneratorTrainer(StepTrainer):
         if self.colour is not None and self.colour_weight > 0:
             objective = objective + self.colour_weight * self.colour(image)
         if self.semidual is not None and self.semidual_weight > 0:
-            objective = objective + self.semidual_weight * self._semidual(image)
+            objective = objective + self.semidual_weight * self.semidual.loss(image)
         value = guarded_step(objective, self.optimizer, list(self.net.parameters()), self.history)
         self.step_count += 1
         return value
-
-    def _semidual(self, image: Tensor) -> Tensor:
-        """The semi-dual patch OT term of ``image [b, 3, H, W]``: ψ ascent on each sample (no gradient), then the
-        mean over the samples of ``Σ_s H_s(ψ̄_s, X_s)``."""
-        ot = self.semidual
-        assert ot is not None
-        terms = []
-        for x in image.split(1):
-            levels = gaussian_pyramid(x, ot.n_scales, ot.periodic)
-            ot.ascend_psi([level.detach() for level in levels])
-            terms.append(ot.image_loss(levels))
-        return torch.stack(terms).mean()
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs: network (and its config), optimiser, the loss's warm starts and generator

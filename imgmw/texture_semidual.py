@@ -153,6 +153,17 @@ class SemiDualPatchOT:
         """``Σ_s H_s(ψ̄_s, X_s)`` (see :meth:`per_scale`): a 0-d tensor."""
         return self.per_scale(levels).sum()
 
+    def loss(self, images: Tensor) -> Tensor:
+        """The semi-dual patch OT of generated ``images [b, 3, H, W]`` as one loss: for each sample in turn,
+        :meth:`ascend_psi` on its (detached) pyramid, then :meth:`image_loss` of it; the mean over the ``b``
+        samples, differentiable in ``images`` (a 0-d tensor)."""
+        terms = []
+        for x in images.split(1):
+            levels = gaussian_pyramid(x, self.n_scales, self.periodic)
+            self.ascend_psi([level.detach() for level in levels])
+            terms.append(self.image_loss(levels))
+        return torch.stack(terms).mean()
+
 
 def semidual_cost(ot: SemiDualPatchOT, image: Tensor, psi: Sequence[Tensor] | None = None) -> Tensor:
     """``[H_s(ψ_s, X_s)]_s`` over **all** patches of ``image [3, H, W]`` (no gradient): ``[S]`` float64.

@@ -187,7 +187,7 @@ def test_trainer_adds_the_weighted_semidual_term_of_the_same_samples(batch):
     ascent, and the ascent moved the duals (so the term is the dual-shifted cost, not the plain nearest patch)."""
     base, weighted, probe = (_semidual_trainer(w, batch=batch) for w in (0.0, 10.0, 0.0))
     image = probe.net(probe.net.noise(batch, probe.size, probe.rng))
-    expected = 10.0 * probe._semidual(image).item()
+    expected = 10.0 * probe.semidual.loss(image).item()
     assert expected > 1e-3
     assert weighted.step() - base.step() == pytest.approx(expected, rel=1e-4)
     assert all(float(p.abs().max()) > 0 for p in weighted.semidual.psi)

@@ -50,6 +50,49 @@ def test_psi_ascent_raises_the_dual_and_makes_target_use_uniform():
     assert float(semidual_cost(ot, image).sum()) > before_cost
 
 
+def _small_ot(dtype: torch.dtype = torch.float32, periodic: bool = False) -> SemiDualPatchOT:
+    return SemiDualPatchOT(_exemplar(24).to(dtype), torch.Generator().manual_seed(3), n_scales=2, n_targets=50,
+                           psi_steps=2, psi_batch=100, image_patches=64, periodic=periodic)
+
+
+@pytest.mark.parametrize("periodic", [False, True])
+def test_loss_of_a_batch_ascends_on_each_sample_in_turn_and_averages(periodic):
+    """``loss`` of two samples is the mean of the two one-sample losses taken one after the other (the second
+    sample's ascent starts from the duals the first left), and leaves the same duals."""
+    images = torch.rand(2, 3, 24, 24, generator=torch.Generator().manual_seed(4))
+    batched, one_by_one = _small_ot(periodic=periodic), _small_ot(periodic=periodic)
+    value = batched.loss(images)
+    first, second = one_by_one.loss(images[:1]), one_by_one.loss(images[1:])
+    assert float(value) == pytest.approx(0.5 * float(first + second), rel=1e-6)
+    assert float(first) != pytest.approx(float(second), rel=1e-3)
+    for a, b in zip(batched.psi + batched.psi_avg, one_by_one.psi + one_by_one.psi_avg):
+        assert torch.equal(a, b) and float(a.abs().max()) > 0
+    # the value is the image cost at the ascended duals ψ̄ of the last sample
+    probe = _small_ot(periodic=periodic)
+    probe.loss(images[:1])
+    rng = probe.generator.get_state()
+    probe.ascend_psi([lv.detach() for lv in gaussian_pyramid(images[1:], 2, periodic)])
+    expected = probe.image_loss(gaussian_pyramid(images[1:], 2, periodic))
+    probe.generator.set_state(rng)
+    assert float(second) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_loss_gradient_passes_gradcheck_in_float64():
+    """The gradient of ``loss`` (duals and patch draws fixed: ψ is held constant, its envelope) against finite
+    differences in float64."""
+    ot = _small_ot(torch.float64)
+    image = torch.rand(1, 3, 24, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    start = ot.generator.get_state()
+
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        ot.generator.set_state(start)
+        ot.psi = [torch.zeros_like(p) for p in ot.psi]
+        return ot.loss(x)
+
+    assert float(loss(image)) > 0
+    assert torch.autograd.gradcheck(loss, (image.requires_grad_(True),), eps=1e-7, atol=1e-6)
+
+
 def test_finish_lowers_the_semidual_cost_and_is_deterministic():
     ex = _exemplar()
     start = torch.rand(3, 40, 40, generator=torch.Generator().manual_seed(2))
