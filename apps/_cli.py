@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Callable, Iterator, Sequence
 
-__all__ = ["AppError", "Interrupted", "AppParser", "seed", "check_output", "add_common_args", "check_input_file",
-           "resolve_device", "staged_output", "write_json", "settings", "read_resume_checkpoint", "run", "positive_int",
-           "non_negative_int", "positive_float", "check_pixel_adam_lr", "process_group_for"]
+__all__ = ["AppError", "Interrupted", "AppParser", "DefaultsHelpFormatter", "seed", "check_output", "add_common_args",
+           "check_input_file", "resolve_device", "staged_output", "write_json", "settings", "read_resume_checkpoint",
+           "run", "positive_int", "non_negative_int", "positive_float", "check_pixel_adam_lr", "process_group_for"]
 
 
 class AppError(Exception):
@@ -36,6 +36,18 @@ class AppParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise AppError(message)
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` to a flag's help only where it says something: not when the help already names
+    its default, not for an unset option (default ``None``) nor for a switch (``store_true``/``store_false``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        switch = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+        if "default" in text or switch or action.default is None or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
 
 
 def _int_at_least(text: str, least: int) -> int:

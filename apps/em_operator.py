@@ -18,9 +18,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from apps._cli import (AppError, AppParser, Interrupted, check_output, non_negative_int, positive_float,
-                       positive_int, read_resume_checkpoint, resolve_device, run, seed, settings, staged_output,
-                       write_json)
+from apps._cli import (AppError, AppParser, DefaultsHelpFormatter, Interrupted, check_output, non_negative_int,
+                       positive_float, positive_int, read_resume_checkpoint, resolve_device, run, seed, settings,
+                       staged_output, write_json)
 
 PROG = "em_operator"
 CHECKPOINT = "checkpoint.pt"
@@ -30,7 +30,7 @@ ARCH_KEYS = ("k", "dim", "iters", "hidden", "n_points", "batch", "lr", "seed", "
 
 def build_parser() -> argparse.ArgumentParser:
     p = AppParser(prog=f"python -m apps.{PROG}", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--k", type=positive_int, default=4, help="components K of the mixtures and of the layer")
     p.add_argument("--dim", type=positive_int, default=2, help="dimension D of the points")
     p.add_argument("--n-points", type=positive_int, default=256, help="points N per data set")

@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 from collections.abc import Sequence
 
-from apps._cli import AppError, AppParser, add_common_args, check_input_file, check_pixel_adam_lr, \
-    non_negative_float, non_negative_int, positive_float, positive_int, resolve_device, run, settings, staged_output, \
-    write_json
+from apps._cli import AppError, AppParser, DefaultsHelpFormatter, add_common_args, check_input_file, \
+    check_pixel_adam_lr, non_negative_float, non_negative_int, positive_float, positive_int, resolve_device, run, \
+    settings, staged_output, write_json
 
 PROG = "texture_synth"
 DEFAULT_EXEMPLAR = Path(__file__).resolve().parent.parent / "data" / "wood.png"
@@ -38,9 +38,10 @@ FLAG_NAMES = {"n_components": "--k", "n_patches": "--n-patches", "patch": "--pat
 
 def build_parser() -> argparse.ArgumentParser:
     p = AppParser(prog=f"python -m apps.{PROG}", description=__doc__.split("\n\n")[0],
-                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                  formatter_class=DefaultsHelpFormatter)
     p.add_argument("exemplar", nargs="*", type=Path, default=[DEFAULT_EXEMPLAR],
-                   help="exemplar image (any format Pillow reads); several with --mix: a texture between them")
+                   help="exemplar image (any format Pillow reads; default: data/wood.png); several with --mix: a "
+                        "texture between them")
     p.add_argument("--mix", type=float, nargs="+", default=None, metavar="W",
                    help="one weight >= 0 per exemplar (normalised; default equal): MW2 barycentre of their mixtures")
     p.add_argument("--size", default="256", help="output size: N (N×N) or WxH, e.g. 640x360")

@@ -148,3 +148,26 @@ def test_an_unwritable_output_is_refused_before_the_compute(tmp_path, capsys):
         assert len(err.splitlines()) == 1 and "cannot write to --output" in err, err
     finally:
         locked.chmod(0o700)
+
+
+def test_help_names_each_default_once_and_only_informative_ones():
+    """DefaultsHelpFormatter: ``(default: X)`` for a value (0 included), not for None, a switch, or a help text
+    that already names its default."""
+    import argparse
+
+    from apps._cli import DefaultsHelpFormatter
+
+    p = argparse.ArgumentParser(prog="p", formatter_class=DefaultsHelpFormatter)
+    p.add_argument("--k", type=int, default=4, help="components")
+    p.add_argument("--seed", type=int, default=0, help="seed")
+    p.add_argument("--lr", type=float, default=None, help="step (default: 0.03 for adam)")
+    p.add_argument("--scales", type=int, default=None, help="levels")
+    p.add_argument("--quiet", action="store_true", help="no bar")
+    p.add_argument("--final-only", action="store_false", help="one correction")
+    text = " ".join(p.format_help().split())
+    assert "components (default: 4)" in text and "seed (default: 0)" in text
+    assert text.count("default") == 3  # k, seed and lr's own
+    for name in ("texture_synth", "em_operator"):
+        help_text = importlib.import_module(f"apps.{name}").build_parser().format_help()
+        assert "(default: None)" not in help_text and "(default: False)" not in help_text
+        assert "(default: True)" not in help_text and "PosixPath" not in help_text
