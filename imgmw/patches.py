@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["extract_patches", "gather_patches", "random_patches", "patch_grid", "gaussian_pyramid",
-           "n_scales_for"]
+__all__ = ["extract_patches", "gather_patches", "random_patches", "patch_grid", "patch_coverage",
+           "gaussian_pyramid", "n_scales_for"]
 
 
 def _check_image(img: Tensor, patch: int) -> tuple[int, int, int, int]:
@@ -36,6 +36,26 @@ def _check_image(img: Tensor, patch: int) -> tuple[int, int, int, int]:
 def patch_grid(height: int, width: int, patch: int, periodic: bool = False) -> tuple[int, int]:
     """Number of top-left positions ``(rows, cols)``: ``(H − p + 1, W − p + 1)``, or ``(H, W)`` if periodic."""
     return (height, width) if periodic else (height - patch + 1, width - patch + 1)
+
+
+def patch_coverage(height: int, width: int, patch: int, periodic: bool = False, *,
+                   device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """How many ``p×p`` patches hold each pixel, relative to an interior pixel: ``[H, W]`` in ``(0, 1]``.
+
+    Along an axis of length ``n`` pixel ``i`` lies in ``min(i + 1, n − i, p, n − p + 1)`` of the valid patch
+    positions, an interior one in ``min(p, n − p + 1)``; the map is the outer product of the two axes' ratios
+    (a corner pixel: ``1/p²``). All ones when ``periodic`` (every pixel lies in ``p²`` patches)."""
+    if periodic:
+        return torch.ones(height, width, device=device, dtype=dtype)
+    if min(height, width) < patch:
+        raise ValueError(f"a {height}x{width} image holds no {patch}x{patch} patch")
+
+    def axis(n: int) -> Tensor:
+        i = torch.arange(n, device=device)
+        full = min(patch, n - patch + 1)
+        return torch.minimum(torch.minimum(i + 1, n - i), torch.tensor(full, device=device)).to(dtype) / full
+
+    return axis(height)[:, None] * axis(width)[None, :]
 
 
 def extract_patches(img: Tensor, patch: int, stride: int = 1, periodic: bool = False) -> Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from imgmw.patches import (extract_patches, gather_patches, gaussian_pyramid, n_scales_for, patch_grid,
+from imgmw.patches import (extract_patches, gather_patches, gaussian_pyramid, n_scales_for, patch_coverage, patch_grid,
                            random_patches)
 
 
@@ -140,3 +140,18 @@ def test_periodic_pyramid_commutes_with_wraparound_shifts():
 def test_pyramid_gradient():
     img = _img(b=1, c=1, h=8, w=8, dtype=torch.float64).requires_grad_()
     assert torch.autograd.gradcheck(lambda x: gaussian_pyramid(x, 3, periodic=True)[-1], (img,), fast_mode=True)
+
+
+@pytest.mark.parametrize("h, w, p", [(9, 12, 4), (5, 5, 4), (4, 7, 4), (16, 16, 1), (6, 9, 3)])
+def test_patch_coverage_counts_the_patches_holding_each_pixel(h, w, p):
+    """Against an independent count: fold(unfold(ones)) sums, at each pixel, the valid p×p patches that hold it."""
+    import torch.nn.functional as F
+
+    ones = torch.ones(1, 1, h, w, dtype=torch.float64)
+    counts = F.fold(F.unfold(ones, p), (h, w), p)[0, 0]
+    assert torch.allclose(patch_coverage(h, w, p, dtype=torch.float64), counts / counts.max())
+    if min(h, w) >= 2 * p - 1:  # an interior pixel exists: the corner's share is 1/p²
+        assert float(patch_coverage(h, w, p)[0, 0]) == pytest.approx(1 / p ** 2)
+    assert torch.equal(patch_coverage(h, w, p, periodic=True), torch.ones(h, w))
+    with pytest.raises(ValueError, match="holds no"):
+        patch_coverage(p - 1, w, p) if p > 1 else patch_coverage(0, w, p)
