@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["extract_patches", "gather_patches", "random_patches", "patch_grid", "patch_coverage",
-           "gaussian_pyramid", "n_scales_for"]
+           "coverage_scaled", "gaussian_pyramid", "n_scales_for"]
 
 
 def _check_image(img: Tensor, patch: int) -> tuple[int, int, int, int]:
@@ -56,6 +56,18 @@ def patch_coverage(height: int, width: int, patch: int, periodic: bool = False, 
         return torch.minimum(torch.minimum(i + 1, n - i), torch.tensor(full, device=device)).to(dtype) / full
 
     return axis(height)[:, None] * axis(width)[None, :]
+
+
+def coverage_scaled(x: Tensor, patch: int, periodic: bool = False) -> Tensor:
+    """``x [..., H, W]`` with its values and its gradient scaled per pixel by :func:`patch_coverage`:
+    ``x·c + sg(x)·(1 − c)`` (``sg``: stop-gradient; the values of ``x`` up to one rounding). A per-pixel loss of it
+    then pulls each pixel as strongly as a loss over all ``p×p`` patches does: a border pixel lies in fewer
+    patches (a corner in one of ``p²``), so unscaled such a loss outweighs the patch terms there. ``x`` itself
+    when ``periodic``."""
+    if periodic:
+        return x
+    c = patch_coverage(x.shape[-2], x.shape[-1], patch, device=x.device, dtype=x.dtype)
+    return x * c + x.detach() * (1 - c)
 
 
 def extract_patches(img: Tensor, patch: int, stride: int = 1, periodic: bool = False) -> Tensor:

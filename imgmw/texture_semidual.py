@@ -41,7 +41,7 @@ from torch import Tensor
 from .colour_loss import SlicedColourLoss
 from .distributed import all_reduce_sum, check_process_group
 from .image import is_grey
-from .patches import extract_patches, gaussian_pyramid, patch_coverage, patch_grid, random_patches
+from .patches import coverage_scaled, extract_patches, gaussian_pyramid, patch_grid, random_patches
 from .validation import check_positive_int, check_weight, single_image
 
 __all__ = ["SemiDualPatchOT", "semidual_cost", "semidual_finish", "FinishResult", "TARGET_PATCHES", "PSI_STEPS",
@@ -225,7 +225,7 @@ def semidual_finish(image: Tensor, exemplar: Tensor, *, n_iter: int, lr: float =
     from a projection (whose patches are the exemplar's commonest, low-contrast ones) leaves too few bright or
     rare colours, which the colour term restores (see :func:`imgmw.texture.synthesize_texture` for the
     measurements). The colour term's gradient is scaled per pixel by the share of level-0 patches that hold the
-    pixel (:func:`imgmw.patches.patch_coverage`; not when ``periodic``): unscaled, it outweighs the patch term at
+    pixel (:func:`imgmw.patches.coverage_scaled`; not when ``periodic``): unscaled, it outweighs the patch term at
     the borders, where a pixel lies in few patches, and Adam's per-pixel steps drew a line of off-colour specks
     along the image edges (stripes, hubble at 256²). Images of more than :data:`COLOUR_PIXELS` pixels give the
     term that many distinct random pixels at every step: sorting the projections of all pixels raised the peak
@@ -261,8 +261,6 @@ def semidual_finish(image: Tensor, exemplar: Tensor, *, n_iter: int, lr: float =
     # Its own Adam loop rather than imgmw.flow.run_flow: H rises while ψ ascends (a max over ψ inside the min over
     # x), which run_flow's divergence rules (a loss growing 10x above its start) would take for a divergence.
     x = var0.clone().requires_grad_(True)
-    # x·c + sg(x)·(1 − c): x's values, its gradient scaled by c (the colour term pulls a pixel as the patch term does)
-    cover = patch_coverage(x.shape[-2], x.shape[-1], ot.patches[0], periodic, device=x.device, dtype=x.dtype)
     opt = torch.optim.Adam([x], lr=lr)
     losses = []
     for step in range(n_iter):
@@ -272,7 +270,7 @@ def semidual_finish(image: Tensor, exemplar: Tensor, *, n_iter: int, lr: float =
             ot.ascend_psi(gaussian_pyramid(rgb(x.detach()), n_scales, periodic))
         terms = ot.per_scale(gaussian_pyramid(rgb(x), n_scales, periodic))
         objective = terms.sum() if colour is None else terms.sum() + colour_weight * colour(_some_pixels(
-            x * cover + x.detach() * (1 - cover), generator))
+            coverage_scaled(x, ot.patches[0], periodic), generator))
         opt.zero_grad(set_to_none=True)
         objective.backward()
         opt.step()

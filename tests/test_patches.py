@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from imgmw.patches import (extract_patches, gather_patches, gaussian_pyramid, n_scales_for, patch_coverage, patch_grid,
-                           random_patches)
+from imgmw.patches import (coverage_scaled, extract_patches, gather_patches, gaussian_pyramid, n_scales_for,
+                           patch_coverage, patch_grid, random_patches)
 
 
 def _naive_patches(img: torch.Tensor, p: int, stride: int, periodic: bool) -> torch.Tensor:
@@ -155,3 +155,13 @@ def test_patch_coverage_counts_the_patches_holding_each_pixel(h, w, p):
     assert torch.equal(patch_coverage(h, w, p, periodic=True), torch.ones(h, w))
     with pytest.raises(ValueError, match="holds no"):
         patch_coverage(p - 1, w, p) if p > 1 else patch_coverage(0, w, p)
+
+
+@pytest.mark.parametrize("periodic", [False, True])
+def test_coverage_scaled_keeps_values_and_scales_the_gradient(periodic):
+    x = torch.rand(2, 3, 10, 12, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(2, 3, 10, 12, dtype=torch.float64)
+    y = coverage_scaled(x, 4, periodic)
+    assert torch.allclose(y, x, rtol=1e-15, atol=0)
+    (grad,) = torch.autograd.grad((y * w).sum(), x)
+    assert torch.allclose(grad, w * patch_coverage(10, 12, 4, periodic, dtype=torch.float64))
