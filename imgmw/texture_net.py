@@ -87,7 +87,6 @@ from .colour_loss import SlicedColourLoss
 from .distributed import check_process_group, rank
 from .flow import StepTrainer, guarded_step
 from .patch_energy import NearestPatchEnergy
-from .patches import coverage_scaled
 from .texture import PatchMW2Loss
 from .texture_semidual import SemiDualPatchOT
 from .validation import check_weight
@@ -257,9 +256,7 @@ class TextureGeneratorTrainer(StepTrainer):
             weight ``nearest_weight`` (``None``, the default: the MW2 loss alone). Its queries are drawn from its
             own generator; give it the loss's (``loss.generator``) so that the checkpointed state covers both.
         colour: a :class:`imgmw.colour_loss.SlicedColourLoss` of the same exemplar, added with weight
-            ``colour_weight`` (``None``, the default: no colour term). Its gradient reaches each pixel scaled by
-            the share of the loss's ``p×p`` patches that hold it (:func:`imgmw.patches.coverage_scaled`; not
-            when ``periodic``): unscaled, this per-pixel term outweighs the patch terms at the borders.
+            ``colour_weight`` (``None``, the default: no colour term).
         semidual: a :class:`imgmw.texture_semidual.SemiDualPatchOT` of the same exemplar (its ``periodic`` the
             network's), added with weight ``semidual_weight``: every step first ascends its duals ``ψ_s`` on the
             step's samples (``psi_steps`` steps, no gradient; the duals carry over from step to step), then adds
@@ -304,8 +301,7 @@ class TextureGeneratorTrainer(StepTrainer):
         if self.nearest is not None and self.nearest_weight > 0:
             objective = objective + self.nearest_weight * self.nearest(image)
         if self.colour is not None and self.colour_weight > 0:
-            objective = objective + self.colour_weight * self.colour(
-                coverage_scaled(image, self.loss.patch, self.loss.periodic))
+            objective = objective + self.colour_weight * self.colour(image)
         if self.semidual is not None and self.semidual_weight > 0:
             objective = objective + self.semidual_weight * self.semidual.loss(image)
         value = guarded_step(objective, self.optimizer, list(self.net.parameters()), self.history)

@@ -207,35 +207,3 @@ def test_trainer_refuses_bad_semidual_weights():
     for bad in (-1.0, float("nan"), True):
         with pytest.raises(ValueError, match="semidual_weight"):
             _semidual_trainer(bad)
-
-
-@pytest.mark.parametrize("periodic", [False, True])
-def test_colour_term_pulls_each_pixel_as_the_patch_terms_cover_it(periodic):
-    """The colour term's gradient at a pixel is scaled by the share of the loss's p×p patches that hold it (a corner
-    pixel: 1/p²), so a per-pixel term does not outweigh the patch terms at the borders (unscaled, the hubble
-    network put its bright pixels in a band along the edges); periodic: unscaled. A network whose output is a
-    free canvas and a linear stand-in colour loss ``Σ y·probe``: the canvas gradient with the term minus without
-    it is ``λ · coverage · probe``."""
-    from imgmw.patches import patch_coverage
-
-    probe = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(9))
-
-    class Canvas(TextureGenerator):
-        def __init__(self) -> None:
-            super().__init__(n_scales=2, channels=2, periodic=periodic)
-            self.canvas = torch.nn.Parameter(torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3)))
-
-        def forward(self, noise, size=None):
-            return self.canvas
-
-    grads = []
-    for weight in (0.0, 2.0):
-        loss = PatchMW2Loss(_exemplar(), patch=3, n_components=2, n_scales=2, n_patches=256, periodic=periodic,
-                            generator=torch.Generator().manual_seed(0))
-        trainer = TextureGeneratorTrainer(Canvas(), loss, size=(32, 32), lr=1e-3, seed=0,
-                                          colour=lambda y: (y * probe).sum(), colour_weight=weight)
-        trainer.step()
-        grads.append(trainer.net.canvas.grad.clone())
-    cover = patch_coverage(32, 32, 3, periodic)
-    assert torch.allclose(grads[1] - grads[0], 2.0 * cover * probe, atol=1e-5)
-    assert float(cover[0, 0]) == pytest.approx(1.0 if periodic else 1 / 9)
