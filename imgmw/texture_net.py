@@ -37,7 +37,8 @@ wood 0.0080 / 0.0697 (0.0079 / 0.0663), brick 0.0052 / 0.0450 (0.0084 / 0.0477),
 0.0252 / 0.0867 (0.0455 / 0.0971), veins 0.0089 / 0.0551 (0.0130 / 0.0530), in 421–497 s on one thread (321–384 s):
 every patch sliced-W2 but wood's fell, and all seven were within 1.2× of ``texture_synth``'s result of the time
 (before its semi-dual finish) on both scores except the stripes' structure (1.69×). Against ``texture_synth``'s
-current default, which has the finish, only gravel was; with the semi-dual term below five of seven are (README).
+current default, which has the finish, only gravel was; with the semi-dual term below all seven are on the app's
+sample and six of seven on the mean over noise seeds 1–8, not hubble (README).
 
 The app also adds ``5 ×`` the multi-scale patch semi-dual OT of :mod:`imgmw.texture_semidual` (4 scales of 4×4
 patches, 2000 exemplar patches per scale, Houdard et al.'s texture-network loss; ``texture_synth`` finishes its
