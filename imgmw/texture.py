@@ -580,8 +580,8 @@ def synthesize_texture(exemplar: Tensor | Sequence[Tensor], size: tuple[int, int
     defaults (300 MW2 steps, 60 finish iterations, ``λ = 50``) is no worse than the 500-iteration semi-dual
     baseline on both scores on wood and gravel (brick's structure distance is 0.1 % above the baseline's), and
     better on one of the two on veins, bricks and hubble; stripes is worse on both (see the README). Applies to one
-    exemplar (or a mix with one non-zero weight), not with given ``targets``; ``result.finished`` says whether it ran. ``callback`` receives its steps after the
-    flow's (numbered on, with the finish's per-scale costs).
+    exemplar (or a mix with one non-zero weight), not with given ``targets``; ``result.finished`` says whether it
+    ran. ``callback`` receives its steps after the flow's (numbered on, with the finish's per-scale costs).
 
     ``targets``: given per-scale patch mixtures (e.g. a folder's prior, :mod:`imgmw.prior`) replace the
     exemplar's fits (:class:`PatchMW2Loss`); the exemplar still gives the noise start. Not with ``stages > 1``.
