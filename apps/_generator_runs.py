@@ -164,7 +164,7 @@ class TextureJob:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.seed)
             net = TextureGenerator(channels=args.hidden, noise_channels=args.z_dim, periodic=args.tileable,
-                                   out_channels=1 if self.grey else 3, margin=args.margin).to(device)
+                                   out_channels=1 if self.grey else 3).to(device)
         self.spec = {"kind": "texture", "config": net.config()}
         nearest = None
         if args.nearest_weight > 0:

@@ -49,9 +49,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from apps._cli import (AppError, AppParser, Interrupted, add_common_args, non_negative_float, non_negative_int,
-                       positive_float, positive_int, process_group_for, read_resume_checkpoint, run, settings,
-                       staged_output, write_json)
+from apps._cli import (AppError, AppParser, Interrupted, add_common_args, non_negative_float, positive_float,
+                       positive_int, process_group_for, read_resume_checkpoint, run, settings, staged_output,
+                       write_json)
 
 NAME = "train_generator"
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -61,7 +61,7 @@ DEFAULTS = {  # per data set: iters, k, batch, em, target, hidden, z_dim, lr (te
     "patches": dict(iters=1500, k=4, batch=512, em="unrolled", target="batch", hidden=128, z_dim=8, lr=1e-3),
     "digits": dict(iters=600, k=128, batch=4096, em="warm", target="components", hidden=256, z_dim=16, lr=3e-3),
     "texture": dict(iters=1500, k=4, batch=1, em="warm", target="data", hidden=8, z_dim=3, lr=5e-3, size=192,
-                    colour_weight=1000.0, semidual_weight=5.0, margin=0),
+                    colour_weight=1000.0, semidual_weight=5.0),
 }
 # Settings a checkpoint must share with the command line to be resumed (the texture ones only for --data texture:
 # vector runs ignore them, and older vector checkpoints recorded --size 128).
@@ -94,9 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--em-steps", type=positive_int, help="--target batch: differentiable EM steps per fit (1 or 5)")
     p.add_argument("--size", type=positive_int, help="--data texture: side of the training samples (default 192)")
     p.add_argument("--tileable", action="store_true", help="--data texture: circular padding, samples tile")
-    p.add_argument("--margin", type=non_negative_int,
-                   help="--data texture: pixels the network computes beyond each side of a sample and crops away, "
-                        "so that the loss never sees the pixels beside its padding (default 0; 0 with --tileable)")
     p.add_argument("--nearest-weight", type=non_negative_float, default=0.0,
                    help="--data texture: weight of the nearest-exemplar-patch energy beside the MW2 loss (default 0: "
                         "the MW2 loss alone; 100-400 for exemplars with long straight structures, see the README)")
@@ -124,17 +121,15 @@ def _check_args(args: argparse.Namespace) -> None:
     for key, value in DEFAULTS[args.data].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    for flag, absent in (("colour_weight", 0.0), ("semidual_weight", 0.0), ("margin", 0)):  # texture networks'
+    for flag in ("colour_weight", "semidual_weight"):  # a texture network's terms only
         if getattr(args, flag) is None:
-            setattr(args, flag, absent)
+            setattr(args, flag, 0.0)
     args.em_steps = (1 if args.em == "warm" else 5) if args.em_steps is None else args.em_steps
     if args.data != "texture" and args.target != "data" and args.batch < args.k * (1 + (args.target == "components")):
         raise AppError(f"--batch ({args.batch}) must be at least --k ({args.k}), twice that with --target components")
     if args.data == "texture" and (args.size % 16 or (args.tileable and args.size < 32)):
         raise AppError(f"--size {args.size} must be a multiple of 16 (the network's 5 noise scales), at least 32 "
                        "with --tileable")
-    if args.tileable and args.margin:
-        raise AppError(f"--margin {args.margin}: a --tileable network has no border to crop (use --margin 0)")
 
 
 def _resume(trainer, path: Path, args: argparse.Namespace, device, group) -> dict[str, Any]:
@@ -145,8 +140,8 @@ def _resume(trainer, path: Path, args: argparse.Namespace, device, group) -> dic
     keys = RESUME_KEYS + TEXTURE_RESUME_KEYS if args.data == "texture" else RESUME_KEYS
     state = read_resume_checkpoint(path, args, ("trainer", "extra"), keys, device)
     # a flag absent from the checkpoint's settings was added after it was written: trained without the term
-    for flag in ("nearest_weight", "colour_weight", "semidual_weight", "margin"):
-        if state["settings"].get(flag, 0) != getattr(args, flag):
+    for flag in ("nearest_weight", "colour_weight", "semidual_weight"):
+        if state["settings"].get(flag, 0.0) != getattr(args, flag):
             raise AppError(f"--resume: checkpoint {path} was trained with different --{flag.replace('_', '-')}")
     trainer.load_state_dict(state["trainer"])
     per_rank = state.get("rng_per_rank")

@@ -169,8 +169,6 @@ class TextureGenerator(nn.Module):
         max_channels: width cap of the finest blocks (their cost dominates sampling).
         out_channels: 3 (RGB) or 1 (grey: the network computes one channel and :meth:`forward` repeats it over
             the three, so its samples are exactly grey, as ``apps.texture_synth`` makes grey exemplars).
-        margin: pixels computed beyond every side of the requested size and cropped away (0 when ``periodic``):
-            a network trained so never shows the loss the pixels beside its padding.
 
     Without autograd (``torch.no_grad`` / ``torch.inference_mode``, e.g. :meth:`sample`) the forward pass runs on
     channels-last tensors, whose convolutions take about half the time on the CPU, with the instance
@@ -179,7 +177,7 @@ class TextureGenerator(nn.Module):
     """
 
     def __init__(self, n_scales: int = 5, channels: int = 8, noise_channels: int = 3, periodic: bool = False,
-                 max_channels: int = 32, out_channels: int = 3, margin: int = 0) -> None:
+                 max_channels: int = 32, out_channels: int = 3) -> None:
         super().__init__()
         for name, value in (("n_scales", n_scales), ("channels", channels), ("noise_channels", noise_channels),
                             ("max_channels", max_channels)):
@@ -189,9 +187,6 @@ class TextureGenerator(nn.Module):
         if out_channels not in (1, 3):
             raise ValueError(f"out_channels must be 1 (grey) or 3 (RGB), got {out_channels!r}")
         self.periodic, self.max_channels, self.out_channels = bool(periodic), max_channels, out_channels
-        if not isinstance(margin, int) or margin < 0 or (periodic and margin):
-            raise ValueError(f"margin must be an integer >= 0, and 0 when periodic, got {margin!r}")
-        self.margin = margin
         self.noise_blocks = nn.ModuleList(_Block(noise_channels, channels, self.periodic) for _ in range(n_scales))
         merged, width = [], channels
         for _ in range(n_scales - 1):
@@ -204,8 +199,7 @@ class TextureGenerator(nn.Module):
     def config(self) -> dict[str, Any]:
         """The constructor's arguments (stored in checkpoints)."""
         return {"n_scales": self.n_scales, "channels": self.channels, "noise_channels": self.noise_channels,
-                "periodic": self.periodic, "max_channels": self.max_channels, "out_channels": self.out_channels,
-                "margin": self.margin}
+                "periodic": self.periodic, "max_channels": self.max_channels, "out_channels": self.out_channels}
 
     @property
     def multiple(self) -> int:
@@ -213,12 +207,12 @@ class TextureGenerator(nn.Module):
         return 2 ** (self.n_scales - 1)
 
     def noise_shape(self, size: tuple[int, int]) -> tuple[int, int]:
-        """Full-resolution noise size for an output ``size = (H, W)``: each side plus twice :attr:`margin`, rounded
-        up to a multiple of :attr:`multiple` and to at least twice it (the coarsest noise image needs more than one
-        pixel for its instance normalisation)."""
-        if min(size) < 1:
+        """Full-resolution noise size for an output ``size = (H, W)``: each side rounded up to a multiple of
+        :attr:`multiple` and to at least twice it (the coarsest noise image needs more than one pixel for its
+        instance normalisation)."""
+        h, w = size
+        if min(h, w) < 1:
             raise ValueError(f"size must be positive, got {size}")
-        h, w = size[0] + 2 * self.margin, size[1] + 2 * self.margin
         m = self.multiple
         if self.periodic and (h % m or w % m or min(h, w) < 2 * m):
             raise ValueError(f"a tileable sample needs sides divisible by {m} (2^(n_scales-1)) and at least "
@@ -235,8 +229,7 @@ class TextureGenerator(nn.Module):
                             dtype=dtype).to(device) for s in range(self.n_scales)]
 
     def forward(self, noise: list[Tensor], size: tuple[int, int] | None = None) -> Tensor:
-        """Images ``[n, 3, H, W]`` in [0, 1] from :meth:`noise`: :attr:`margin` pixels cropped off the top and
-        left, then cropped to ``size`` (when ``None``, :attr:`margin` off the bottom and right too); a grey network
+        """Images ``[n, 3, H, W]`` in [0, 1] from :meth:`noise` (cropped to ``size`` when given); a grey network
         (``out_channels=1``) returns its channel repeated three times (an expanded view)."""
         if len(noise) != self.n_scales:
             raise ValueError(f"expected {self.n_scales} noise images, got {len(noise)}")
@@ -251,11 +244,8 @@ class TextureGenerator(nn.Module):
         out = torch.sigmoid(self.to_rgb(x))
         if fast:
             out = out.contiguous()
-        m = self.margin
         if size is not None:
-            out = out[..., m:m + size[0], m:m + size[1]]
-        elif m:
-            out = out[..., m:-m, m:-m]
+            out = out[..., :size[0], :size[1]]
         return out.expand(-1, 3, -1, -1) if self.out_channels == 1 else out
 
     @torch.no_grad()
@@ -297,8 +287,7 @@ class TextureGeneratorTrainer(StepTrainer):
                  semidual_weight: float = 1.0) -> None:
         if not isinstance(batch, int) or batch < 1:
             raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
-        net.noise_shape(size)  # checks the size
-        self.net, self.loss, self.size, self.batch = net, loss, size, batch
+        self.net, self.loss, self.size, self.batch = net, loss, net.noise_shape(size), batch
         self.nearest, self.nearest_weight = nearest, check_weight("nearest_weight", nearest_weight)
         self.colour, self.colour_weight = colour, check_weight("colour_weight", colour_weight)
         self.semidual, self.semidual_weight = semidual, check_weight("semidual_weight", semidual_weight)
@@ -322,7 +311,7 @@ class TextureGeneratorTrainer(StepTrainer):
         if self.total_steps:
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr * max(LR_FLOOR, 1.0 - self.step_count / self.total_steps)
-        image = self.model(self.net.noise(self.batch, self.size, self.rng, self.device, self.dtype), self.size)
+        image = self.model(self.net.noise(self.batch, self.size, self.rng, self.device, self.dtype))
         objective = self.loss(image)
         if self.nearest is not None and self.nearest_weight > 0:
             objective = objective + self.nearest_weight * self.nearest(image)

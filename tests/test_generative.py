@@ -339,27 +339,6 @@ def test_generate_digits_and_texture_end_to_end(tmp_path, capsys):
     assert "divisible by 16" in capsys.readouterr().err
 
 
-def test_texture_margin_is_a_network_setting(tmp_path, capsys):
-    """--margin m trains a network that crops m border pixels (recorded in the checkpoint's config, so that
-    apps.generate samples the asked size with it); a resume with another margin and a tileable network with a
-    margin are refused with one line and exit 2."""
-    run_dir = tmp_path / "m8"
-    assert _main(["--data", "texture", "--size", "48", "--iters", "2", "--margin", "8", "--output", str(run_dir),
-                  "--quiet"]) == 0
-    checkpoint = load_checkpoint(run_dir / "checkpoint.pt")
-    assert checkpoint["generator"]["config"]["margin"] == 8
-    assert json.loads((run_dir / "metrics.json").read_text())["settings"]["margin"] == 8
-    out = tmp_path / "gen"
-    assert _generate([str(run_dir / "checkpoint.pt"), "--size", "40x24", "--output", str(out), "--quiet"]) == 0
-    assert Image.open(out / "sample_000.png").size == (40, 24)
-    capsys.readouterr()
-    assert _main(["--data", "texture", "--size", "48", "--iters", "3", "--output", str(run_dir), "--quiet",
-                  "--resume"]) == 2
-    assert "--margin" in capsys.readouterr().err
-    _assert_clean_failure(capsys, ["--data", "texture", "--tileable", "--margin", "8"], tmp_path / "never",
-                          "--margin 8")
-
-
 def test_grey_exemplar_gives_grey_texture_samples(tmp_path):
     """A greyscale exemplar file trains a one-channel network (recorded in the checkpoint) whose samples, from
     the training app and from apps.generate after a checkpoint round trip, have three equal channels."""

@@ -74,48 +74,6 @@ def test_output_does_not_depend_on_the_noise_scale():
     assert torch.allclose(a, b, atol=1e-6)
 
 
-def test_margin_crops_the_border_of_a_larger_output():
-    """A network with ``margin=m`` computes ``m`` pixels beyond every side and crops them: its output equals the
-    centre of the same weights' output without a margin on the same (larger) noise, in both forward paths and in
-    :meth:`sample`; the margin is part of the config; a periodic network refuses one."""
-    torch.manual_seed(0)
-    plain = TextureGenerator(n_scales=3, channels=4).double()
-    cropped = TextureGenerator(n_scales=3, channels=4, margin=4).double()
-    cropped.load_state_dict(plain.state_dict())
-    size = (24, 18)
-    assert cropped.noise_shape(size) == (32, 28) and plain.noise_shape(size) == (24, 20)
-    noise = cropped.noise(2, size, torch.Generator().manual_seed(5), dtype=torch.float64)
-    full = plain(noise)
-    assert full.shape[-2:] == (32, 28)
-    out = cropped(noise, size)
-    assert out.shape == (2, 3, *size) and torch.equal(out, full[..., 4:28, 4:22])
-    assert torch.equal(cropped(noise), full[..., 4:-4, 4:-4])
-    with torch.no_grad():
-        assert torch.allclose(cropped(noise, size), out, atol=1e-10)
-    sampled = cropped.sample(2, size, torch.Generator().manual_seed(5))
-    assert torch.allclose(sampled, out.detach(), atol=1e-10)
-    assert TextureGenerator(**cropped.config()).margin == 4
-    for bad in (dict(margin=-1), dict(margin=2, periodic=True), dict(margin=1.5)):
-        with pytest.raises(ValueError, match="margin"):
-            TextureGenerator(n_scales=3, **bad)
-
-
-def test_trainer_shows_the_loss_the_cropped_sample():
-    """With a margin the trainer's loss sees the ``size`` crop: the first step's objective is the loss of the
-    cropped sample of the same noise (a copy of the untrained trainer gives it), not of the whole output."""
-    def make() -> TextureGeneratorTrainer:
-        torch.manual_seed(0)
-        net = TextureGenerator(n_scales=3, channels=4, margin=5)  # 42 rounds up to 44
-        loss = PatchMW2Loss(_exemplar(), patch=3, n_components=2, n_scales=2, n_patches=256,
-                            generator=torch.Generator().manual_seed(0))
-        return TextureGeneratorTrainer(net, loss, size=(32, 32), lr=5e-3, seed=0)
-
-    trainer, probe = make(), make()
-    image = probe.net(probe.net.noise(1, probe.size, probe.rng), probe.size)
-    assert image.shape == (1, 3, 32, 32)
-    assert trainer.step() == pytest.approx(probe.loss(image).item(), rel=1e-5)
-
-
 def _trainer(seed: int = 0) -> TextureGeneratorTrainer:
     torch.manual_seed(seed)
     net = TextureGenerator(n_scales=3, channels=4)
@@ -228,7 +186,7 @@ def test_trainer_adds_the_weighted_semidual_term_of_the_same_samples(batch):
     the term that a copy of the untrained trainer's semi-dual state gives the same first samples after the same
     ascent, and the ascent moved the duals (so the term is the dual-shifted cost, not the plain nearest patch)."""
     base, weighted, probe = (_semidual_trainer(w, batch=batch) for w in (0.0, 10.0, 0.0))
-    image = probe.net(probe.net.noise(batch, probe.size, probe.rng), probe.size)
+    image = probe.net(probe.net.noise(batch, probe.size, probe.rng))
     expected = 10.0 * probe.semidual.loss(image).item()
     assert expected > 1e-3
     assert weighted.step() - base.step() == pytest.approx(expected, rel=1e-4)
