@@ -3,8 +3,9 @@
 For each ``apps.train_generator --data texture`` output directory: the app's own scores of its sample (from
 ``metrics.json``) and the mean over 256×256 samples of noise seeds 1–3 (``--seeds N``: 1–N; as
 ``bench_generative.py`` scores its networks), patch sliced-W2 / structure distance (:mod:`imgmw.metrics`) to the
-exemplar the run was trained on, the range of the samples' patch sliced-W2, the training time and the time of a
-512×512 sample (min of 5 after a warm-up, measured here).
+exemplar the run was trained on, the range of the samples' patch sliced-W2, the same mean over the central 256×256
+crops of 512×512 samples of the same seeds (the interior of a larger texture, far from the network's padding),
+the training time and the time of a 512×512 sample (min of 5 after a warm-up, measured here).
 
 Usage: PYTHONPATH=. python benchmarks/score_texture_nets.py RUN_DIR [RUN_DIR ...] [--threads 1] [--seeds 3]
 """
@@ -35,7 +36,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     print(f"{'run':>24} {'exemplar':>18} {'app sample':>15} {f'seeds 1-{args.seeds}':>15} {'patch SW range':>15} "
-          f"{'training':>9} {'512² sample':>11}")
+          f"{'512² centres':>15} {'training':>9} {'512² sample':>11}")
     for run in args.runs:
         metrics = json.loads((run / "metrics.json").read_text())
         state = load_checkpoint(run / "checkpoint.pt")
@@ -43,11 +44,15 @@ def main() -> None:
         net.load_state_dict(state["trainer"]["net"])
         image = Path(metrics["settings"]["image"])
         exemplar = load_image(image)
-        scores = []
+        scores, centres = [], []
         for seed in seeds:
             sample = net.sample(1, (SIZE, SIZE), torch.Generator().manual_seed(seed))[0]
             scores.append((patch_sliced_w2(sample, exemplar), structure_distance(sample, exemplar)))
+            large = net.sample(1, (2 * SIZE, 2 * SIZE), torch.Generator().manual_seed(seed))[0]
+            centre = large[:, SIZE // 2:SIZE // 2 + SIZE, SIZE // 2:SIZE // 2 + SIZE]
+            centres.append((patch_sliced_w2(centre, exemplar), structure_distance(centre, exemplar)))
         psw, structure = (sum(s[i] for s in scores) / len(scores) for i in range(2))
+        c_psw, c_structure = (sum(s[i] for s in centres) / len(centres) for i in range(2))
         net.sample(1, (512, 512))  # warm-up
         times = []
         for _ in range(5):
@@ -58,6 +63,7 @@ def main() -> None:
         low, high = min(s[0] for s in scores), max(s[0] for s in scores)
         print(f"{run.name:>24} {image.name:>18} {app['patch_sliced_w2']:.4f}/{app['structure_distance']:.4f}".rjust(59)
               + f" {psw:.4f}/{structure:.4f}".rjust(16) + f" {low:.4f}-{high:.4f}".rjust(16)
+              + f" {c_psw:.4f}/{c_structure:.4f}".rjust(16)
               + f" {metrics['seconds_train']:>8.0f}s {min(times):>10.3f}s")
 
 
