@@ -14,20 +14,25 @@ synthesised from the left half (:func:`imgmw.texture.synthesize_texture`, seed 0
 
 Rows per exemplar: the crop; ``MW2 only`` (the flow alone); ``projection always`` (the patch projection of that
 same MW2 result, :func:`imgmw.texture_refine.refine_texture`, whatever it does); ``default`` (the library's default:
-the projection kept only if it does not raise the patch sliced-W2); then each ``--variants`` setting (e.g.
-``n_iter=150,finish_n_iter=60``: the projection, then the semi-dual patch OT finish of
-:mod:`imgmw.texture_semidual`). Times are
-wall seconds of the whole call (``MW2 only``: without the projection and the finish).
+the projection, then the semi-dual patch OT finish of :mod:`imgmw.texture_semidual`); then each ``--variants``
+setting (e.g. ``finish_colour_weight=0``); with ``--baseline-iters N`` also ``semi-dual baseline``:
+``bench_texture.py``'s baseline (the multi-scale 4×4 patch semi-dual OT of Houdard et al., the same class as the
+finish) run for ``N`` iterations from the default's own noise start, which tells whether the reference method
+keeps the structure at this size. Times are wall seconds of the whole call (``MW2 only``: without the projection
+and the finish).
 
 Also writes ``--gallery DIR/texture_structure.png`` (exemplar | MW2 only | default per row, structured
-exemplars) and, with ``--mix``, ``DIR/texture_mix.png``: stripes → veins at mixing weights 1, ¾, ½, ¼, 0.
+exemplars; | baseline with ``--baseline-iters``) and, with ``--mix``, ``DIR/texture_mix.png``: stripes → veins
+at mixing weights 1, ¾, ½, ¼, 0.
 
 Usage: PYTHONPATH=. python benchmarks/bench_structure.py [--exemplars veins,stripes] [--variants
-       "stages=3,n_components=8"] [--iters 300] [--threads 1] [--gallery docs/gallery] [--mix]
+       "stages=3,n_components=8"] [--iters 300] [--baseline-iters 500] [--threads 1] [--gallery docs/gallery]
+       [--mix]
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -49,6 +54,8 @@ def main() -> None:
     parser.add_argument("--exemplars", default=EXEMPLARS, help="comma-separated names of data/*.png")
     parser.add_argument("--variants", nargs="*", default=[], help="extra settings, e.g. n_components=8,stages=3")
     parser.add_argument("--iters", type=int, default=None, help="MW2 steps (default: the library's)")
+    parser.add_argument("--baseline-iters", type=int, default=0,
+                        help="also run the semi-dual baseline for this many iterations (0: not)")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--gallery", type=Path)
@@ -62,6 +69,9 @@ def main() -> None:
     from imgmw.texture_refine import refine_texture
 
     torch.set_num_threads(args.threads)
+    if args.baseline_iters:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_texture import run_baseline
     if args.iters is None:
         from imgmw.texture import MW2_ITERS
 
@@ -97,8 +107,13 @@ def main() -> None:
                 t1 = time.perf_counter()
                 always = refine_texture(result.unrefined, exemplar, generator=torch.Generator().manual_seed(0))
                 show("projection always", always, mw2_seconds + time.perf_counter() - t1)
+                shown = [exemplar, result.unrefined, result.image]
+                if args.baseline_iters:
+                    base = run_baseline(exemplar, result.init, args.baseline_iters, args.baseline_iters, seed=0)
+                    show(f"semi-dual baseline ({args.baseline_iters} it.)", base["image"], base["seconds"])
+                    shown.append(base["image"])
                 if name in STRUCTURED:
-                    rows.append(side_by_side([exemplar, result.unrefined, result.image], height=size[0]))
+                    rows.append(side_by_side(shown, height=size[0]))
             how = "projection + finish" if result.finished else ("projected" if result.refined else "MW2 kept")
             show(f"{label} ({how})", result.image, seconds)
     if args.gallery:
