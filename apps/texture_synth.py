@@ -3,8 +3,9 @@
 From a Gaussian random field, the pixels are optimised so that at every pyramid scale a Gaussian mixture of their
 ``p×p`` patches matches the exemplar's in MW2; then a projection onto 8×8 exemplar patches (``--refine-iters 0``:
 none) reconnects structures, and a short semi-dual patch optimal transport phase with a sliced colour term
-(``--finish-iters``, default 60; 0: none) spreads the result over all exemplar patches and colours
-(:mod:`imgmw.texture`, :mod:`imgmw.texture_refine`, :mod:`imgmw.texture_semidual`).
+(``--finish-iters``, default 60; 0: none) spreads the result over all exemplar patches and colours, and the
+single off-colour pixels it leaves are replaced (``--no-despeckle``: kept) (:mod:`imgmw.texture`,
+:mod:`imgmw.texture_refine`, :mod:`imgmw.texture_semidual`, :mod:`imgmw.texture_despeckle`).
 
 Writes ``texture.png``, ``comparison.png`` (exemplar | result [| 2×2 tiling]), ``loss.png`` and ``metrics.json``
 (settings, timings, losses; per exemplar: patch sliced-W2, structure distance, near-copy fraction of the noise,
@@ -63,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finish-colour-weight", type=non_negative_float, default=None, metavar="W",
                    help="weight of the sliced colour W2² in the finish (default: imgmw.texture.FINISH_COLOUR_WEIGHT; "
                         "0: none); it keeps rare bright colours that the finish would fade")
+    p.add_argument("--no-despeckle", dest="despeckle", action="store_false",
+                   help="keep the single off-colour pixels the finish leaves (default: replace them)")
     p.add_argument("--prior", type=Path, default=None, metavar="PRIOR.pt",
                    help="target the per-scale patch mixtures of an apps.fit_prior prior (its patch, scales, K)")
     p.add_argument("--fixed-weights", action="store_true", help="keep uniform mixture weights (the paper's choice)")
@@ -160,7 +163,7 @@ def _write(args, stage: Path, exemplars, result, size, device, start: float) -> 
                  "final_total": float(losses[-1].sum())}, "final_loss": float(losses[-1].sum()),
         "refit_mw2": float(result.refit_mw2.sum()), "refit_mw2_per_scale": result.refit_mw2.tolist(),
         "projection_kept": result.refined,  # without a finish: kept only if the 4×4 patch sliced-W2 does not rise
-        "finished": result.finished, "finish_final_per_scale": (
+        "finished": result.finished, "speckles_replaced": result.speckles, "finish_final_per_scale": (
             None if result.finish_losses is None else result.finish_losses[-1].tolist()),
         "fit_keeping": result.fit, **{key: [sc[key] for sc in scores] for key in scores[0]},  # per exemplar, in order
         "seam_energy": {"init": seam_energy(init), "mw2_only": seam_energy(mw2_only), "result": seam_energy(image)},
@@ -202,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 optimizer=args.optimizer, periodic=args.tileable, mix=args.mix, fixed_weights=args.fixed_weights,
                 stages=args.stages, generator=torch.Generator().manual_seed(args.seed), callback=callback,
                 targets=targets, refine_n_iter=args.refine_iters, finish_n_iter=args.finish_iters,
-                finish_colour_weight=args.finish_colour_weight)
+                finish_colour_weight=args.finish_colour_weight, despeckle=args.despeckle)
         finally:
             bar.close()
         scores = _write(args, stage, exemplars, result, size, device, start)

@@ -156,6 +156,8 @@ def run_imgmw(exemplar, size: tuple[int, int], iters: int, eval_every: int, seed
                                 callback=callback, finish_n_iter=finish_iters)
     if not result.finished:
         tracker.record(iters, result.image)      # after the projection (the same image if it was not kept)
+    elif result.speckles:
+        tracker.record(total, result.image)      # after the speckle removal that follows the finish's last step
     out = tracker.result()
     out["init_psw"] = patch_sliced_w2(result.init, exemplar)
     out["init"] = result.init

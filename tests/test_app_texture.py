@@ -97,6 +97,19 @@ def test_deterministic_for_a_fixed_seed(exemplar, tmp_path):
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
+def test_no_despeckle_keeps_the_finished_image(exemplar, tmp_path):
+    runs = {flag: tmp_path / name for flag, name in ((None, "default"), ("--no-despeckle", "kept"))}
+    for flag, out in runs.items():
+        assert _run(exemplar, out, "--size", "40", "--iters", "3", "--finish-iters", "8",
+                    "--finish-colour-weight", "400", *([flag] if flag else [])) == 0
+    metrics = {flag: json.loads((out / "metrics.json").read_text()) for flag, out in runs.items()}
+    kept = metrics["--no-despeckle"]
+    assert kept["speckles_replaced"] == 0 and not kept["settings"]["despeckle"]
+    assert metrics[None]["settings"]["despeckle"]
+    changed = (_pixels(runs[None] / "texture.png") != _pixels(runs["--no-despeckle"] / "texture.png")).any(-1).sum()
+    assert changed <= metrics[None]["speckles_replaced"]
+
+
 def test_lbfgs_runs_and_lowers_the_loss(exemplar, tmp_path):
     out = tmp_path / "lbfgs"
     assert _run(exemplar, out, "--size", "32", "--iters", "5", "--optimizer", "lbfgs", "--finish-iters", "0") == 0

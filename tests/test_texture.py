@@ -373,3 +373,26 @@ def test_texture_scores_report_every_image_given():
     assert set(scores) == {"patch_sliced_w2", "structure_distance", "near_copy_fraction"}
     assert scores["structure_distance"]["result"] == 0.0 and scores["near_copy_fraction"]["result"] == 1.0
     assert scores["structure_distance"]["init"] > 0 and "mw2_only" in scores["patch_sliced_w2"]
+
+
+def test_despeckle_replaces_only_the_counted_pixels_after_the_finish(monkeypatch):
+    """``despeckle`` runs after the finish only; it changes exactly ``result.speckles`` pixels of the finished
+    image (the same run without it), each to a colour of the exemplar."""
+    import imgmw.texture as texture
+    from imgmw.image import load_image
+
+    ex = load_image(Path(__file__).resolve().parents[1] / "data" / "stripes.png")[:, :64, :64]
+    run = lambda **kw: synthesize_texture(ex, (48, 48), n_scales=2, n_iter=20, diagnose=False,  # noqa: E731
+                                          generator=torch.Generator().manual_seed(0), finish_n_iter=20, **kw)
+    # a short finish with a heavy colour term leaves a grain of off-colour pixels on the flat bands
+    monkeypatch.setattr(texture, "FINISH_LR", 0.05)
+    plain, cleaned = run(despeckle=False, finish_colour_weight=400.0), run(finish_colour_weight=400.0)
+    assert plain.speckles == 0 and cleaned.speckles > 0
+    changed = (plain.image != cleaned.image).any(0)
+    assert int(changed.sum()) <= cleaned.speckles
+    colours = ex.reshape(3, -1).T
+    new = cleaned.image[:, changed].T
+    assert bool((torch.cdist(new.double(), colours.double()).min(1).values < 1e-6).all())
+    unfinished = synthesize_texture(ex, (48, 48), n_scales=2, n_iter=5, diagnose=False, finish_n_iter=0,
+                                    generator=torch.Generator().manual_seed(0))
+    assert unfinished.speckles == 0 and not unfinished.finished
