@@ -590,9 +590,10 @@ def synthesize_texture(exemplar: Tensor | Sequence[Tensor], size: tuple[int, int
     ``despeckle``: after the finish, replace the single pixels whose ``3×3`` neighbourhood the exemplar has
     except for their own colour (:func:`imgmw.texture_despeckle.remove_speckles`, threshold calibrated on the
     exemplar; ``result.speckles`` counts them, its time is in ``finish_seconds``). The colour term leaves such a
-    grain on flat regions (128², seed 0: 1147 pixels on stripes, structure distance / crop 1.08 → 1.00, patch
-    sliced-W2 0.0316 → 0.0337; bricks 935, 1.86 → 1.80, 0.0135 → 0.0154), and none on stochastic
-    textures (gravel 3, hubble 7, wood 0).
+    grain on flat regions (applied to ``benchmarks/bench_structure.py``'s 128² seed-0 results: 1181 pixels on
+    stripes, structure distance / crop 1.08 → 1.00, patch sliced-W2 0.0316 → 0.0336; bricks 959, 1.86 → 1.80,
+    0.0135 → 0.0154), and next to none on stochastic textures (gravel 12, hubble 13, wood 0); at 256² see the
+    README.
 
     ``targets``: given per-scale patch mixtures (e.g. a folder's prior, :mod:`imgmw.prior`) replace the
     exemplar's fits (:class:`PatchMW2Loss`); the exemplar still gives the noise start. Not with ``stages > 1``.

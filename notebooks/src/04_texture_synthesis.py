@@ -208,8 +208,11 @@ gallery([left, *candidates.values()], ["exemplar", *candidates], "veins: structu
 # et al.'s texture optimisation), which snaps the layout onto real exemplar patches but washes it out towards
 # the commonest flat ones, then 60 iterations of semi-dual patch optimal transport (`imgmw.texture_semidual`,
 # Houdard et al.'s method, which gives every exemplar patch the same share of the result's patches) with a
-# sliced W2 term on the pixel colours, which undo the wash-out. `finish_n_iter=0` leaves only the projection,
-# kept when it does not raise the 4×4 patch SW2; `refine_n_iter=0` turns the projection off.
+# sliced W2 term on the pixel colours, which undo the wash-out. The colour term leaves single off-colour pixels on
+# flat regions; a last step replaces those whose 3×3 neighbourhood the exemplar has except for their own colour
+# (`imgmw.texture_despeckle`; `despeckle=False` keeps them, `result.speckles` counts them). `finish_n_iter=0`
+# leaves only the projection, kept when it does not raise the 4×4 patch SW2; `refine_n_iter=0` turns the
+# projection off.
 #
 # ## What next
 #
